@@ -1,0 +1,36 @@
+# `make bench` and `make test` work on a fresh machine: each creates .venv when missing.
+# CI pins the CPU build of torch through .ci/constraints.txt; set CONSTRAINTS= to use your own torch (GPU).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONSTRAINTS ?= .ci/constraints.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+export HYPOTHESIS_PROFILE ?= ci
+
+.PHONY: setup bench test lint test-core test-kernels clean
+
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(PIP_C) -e ".[test,plot]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+bench: setup
+	$(BIN)/flowloss bench $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+test-core: setup
+	$(BIN)/pytest -q -m "not triton_interpreter"
+
+# Triton's interpreter must be switched on before triton is imported: a process of its own.
+test-kernels: setup
+	TRITON_INTERPRET=1 $(BIN)/pytest -q -m triton_interpreter
+
+test: lint test-core test-kernels
+
+clean:
+	rm -rf $(VENV) build dist site .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Triton kernels (no autograd, no loss logic). Importable as ``flowloss.kernels``."""

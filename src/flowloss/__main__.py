@@ -1,0 +1,5 @@
+import sys
+
+from flowloss.cli import main
+
+sys.exit(main())

@@ -1,0 +1,220 @@
+"""Plain float64 reference implementations: the oracle every fast path is tested against.
+
+Written to be obviously right rather than fast: Python loops over sequences and tokens, one formula per line,
+float64 throughout. Every function is differentiable with autograd (through float64 copies of its inputs), so
+tests compare values *and* gradients. Nothing here validates its input; the public functions do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+F64 = torch.float64
+
+
+def _kept_tokens(mask_row: torch.Tensor) -> list[int]:
+    return [t for t in range(mask_row.shape[0]) if bool(mask_row[t])]
+
+
+def sequence_logprob(logprobs: torch.Tensor, mask: torch.Tensor, *, normalize: bool) -> torch.Tensor:
+    """``[B, T] -> [B]``: ``sum_t`` (or ``mean_t`` when ``normalize``) of the kept tokens; 0 for an empty row."""
+    out = []
+    for i in range(logprobs.shape[0]):
+        tokens = _kept_tokens(mask[i])
+        total = torch.zeros((), dtype=F64)
+        for t in tokens:
+            total = total + logprobs[i, t].to(F64)
+        if normalize and tokens:
+            total = total / len(tokens)
+        out.append(total)
+    return torch.stack(out) if out else torch.zeros(0, dtype=F64)
+
+
+def group_normalize_rewards(rewards: torch.Tensor, group_ids: list[int], *, eps: float, scale: bool = True):
+    """``(r - mean_g) / (std_g + eps)``, unbiased std; a group of one has mean 0 and std 1."""
+    r = [float(v) for v in rewards]
+    out = []
+    for i, g in enumerate(group_ids):
+        members = [r[j] for j, h in enumerate(group_ids) if h == g]
+        n = len(members)
+        if n == 1:
+            mean, std = 0.0, 1.0
+        else:
+            mean = sum(members) / n
+            std = math.sqrt(sum((v - mean) ** 2 for v in members) / (n - 1))
+        out.append((r[i] - mean) / (std + eps) if scale else r[i] - mean)
+    return torch.tensor(out, dtype=F64)
+
+
+def importance_weights(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: str,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    max_weight: float = 10.0,
+    rollout_logprobs: torch.Tensor | None = None,
+    tis_cap: float = 2.0,
+) -> torch.Tensor:
+    """Per-sequence weights, one mode at a time, straight from the formulas (see ``flowloss.importance``)."""
+    out = []
+    for i in range(logprobs.shape[0]):
+        tokens = _kept_tokens(mask[i])
+        ratios = [float(logprobs[i, t]) - float(old_logprobs[i, t]) for t in tokens]
+        log_sum = sum(ratios)
+        log_mean = log_sum / len(tokens) if tokens else 0.0
+        if mode == "none":
+            log_w = 0.0
+        elif mode == "sequence":
+            log_w = min(log_sum, math.log(torch.finfo(F64).max) - 1.0)
+        elif mode == "sequence_capped":
+            log_w = min(log_sum, math.log(max_weight))
+        elif mode == "sequence_clipped":
+            log_w = min(max(log_sum, math.log(1 - eps_low)), math.log(1 + eps_high))
+        elif mode == "geometric_clipped":
+            log_w = min(max(log_mean, math.log(1 - eps_low)), math.log(1 + eps_high))
+        else:
+            raise ValueError(mode)
+        if rollout_logprobs is not None:
+            tis = [float(old_logprobs[i, t]) - float(rollout_logprobs[i, t]) for t in tokens]
+            log_tis = sum(tis) / len(tokens) if (mode == "geometric_clipped" and tokens) else sum(tis)
+            log_w = log_w + min(log_tis, math.log(tis_cap))
+        out.append(math.exp(min(log_w, math.log(torch.finfo(F64).max) - 1.0)))
+    return torch.tensor(out, dtype=F64)
+
+
+def penalty(delta: torch.Tensor, name: str, *, linex_alpha: float = 1.0, huber_delta: float = 1.0):
+    if name == "squared":
+        return delta**2
+    if name == "shifted_cosh":
+        return 2 * (torch.cosh(delta) - 1)
+    if name == "linex":
+        a = linex_alpha
+        return 2 * (torch.exp(a * delta) - a * delta - 1) / a**2
+    if name == "huber":
+        k = huber_delta
+        return delta**2 if abs(float(delta)) <= k else k * (2 * delta.abs() - k)
+    raise ValueError(name)
+
+
+def trajectory_balance_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    log_z: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = 15.0,
+    weights: torch.Tensor | None = None,
+    length_normalization: bool = True,
+    penalty_name: str = "squared",
+    reduction: str = "mean",
+    normalizer: float | None = None,
+) -> torch.Tensor:
+    """``sum_i w_i g(log Z_i + l_i - beta r_i - l_ref_i) / N`` over rows with at least one kept token."""
+    log_z = log_z.reshape(-1)
+    per_seq = []
+    valid = []
+    for i in range(logprobs.shape[0]):
+        tokens = _kept_tokens(mask[i])
+        valid.append(bool(tokens))
+        lp = sum((logprobs[i, t].to(F64) for t in tokens), torch.zeros((), dtype=F64))
+        ref = sum((ref_logprobs[i, t].to(F64) for t in tokens), torch.zeros((), dtype=F64))
+        if length_normalization and tokens:
+            lp, ref = lp / len(tokens), ref / len(tokens)
+        delta = log_z[i].to(F64) + lp - beta * rewards[i].to(F64) - ref
+        w = 1.0 if weights is None else weights[i].to(F64)
+        per_seq.append(w * penalty(delta, penalty_name) if tokens else torch.zeros((), dtype=F64))
+    stacked = torch.stack(per_seq)
+    if reduction == "none":
+        return stacked
+    total = stacked.sum()
+    if normalizer is not None:
+        return total / normalizer
+    if reduction == "sum":
+        return total
+    return total / max(sum(valid), 1)
+
+
+def reverse_kl_surrogate(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = 15.0,
+    baseline: float = 0.0,
+    weights: torch.Tensor | None = None,
+    length_normalization: bool = False,
+) -> torch.Tensor:
+    """``(1/N) sum_i w_i sg(l_i - l_ref_i - beta r_i - b) l_i`` over rows with at least one kept token."""
+    terms = []
+    for i in range(logprobs.shape[0]):
+        tokens = _kept_tokens(mask[i])
+        if not tokens:
+            continue
+        lp = sum((logprobs[i, t].to(F64) for t in tokens), torch.zeros((), dtype=F64))
+        ref = sum((float(ref_logprobs[i, t]) for t in tokens), 0.0)
+        if length_normalization:
+            lp, ref = lp / len(tokens), ref / len(tokens)
+        coefficient = float(lp) - ref - beta * float(rewards[i]) - baseline
+        w = 1.0 if weights is None else float(weights[i])
+        terms.append(w * coefficient * lp)
+    if not terms:
+        return torch.zeros((), dtype=F64)
+    return torch.stack(terms).sum() / len(terms)
+
+
+def vargrad_log_z(logprobs, ref_logprobs, rewards, mask, group_ids: list[int], *, beta: float, normalize: bool):
+    """``mean_k [beta r_k - (l_k - l_ref_k)]`` over the non-empty members of each row's group."""
+    lp = sequence_logprob(logprobs, mask, normalize=normalize)
+    ref = sequence_logprob(ref_logprobs, mask, normalize=normalize)
+    out = []
+    for i, g in enumerate(group_ids):
+        members = [j for j, h in enumerate(group_ids) if h == g and bool(mask[j].any())]
+        values = [beta * float(rewards[j]) - (float(lp[j]) - float(ref[j])) for j in members]
+        out.append(sum(values) / len(values) if values else 0.0)
+    return torch.tensor(out, dtype=F64)
+
+
+def pool_prompt_hidden_states(hidden_states: torch.Tensor, prompt_mask: torch.Tensor, *, drop_last_token=False):
+    """Mean over each row's prompt tokens (optionally without the last one); zeros for an empty row."""
+    out = []
+    for i in range(hidden_states.shape[0]):
+        tokens = _kept_tokens(prompt_mask[i])
+        if drop_last_token and tokens:
+            tokens = tokens[:-1]
+        row = torch.zeros(hidden_states.shape[-1], dtype=F64)
+        for t in tokens:
+            row = row + hidden_states[i, t].to(F64)
+        out.append(row / len(tokens) if tokens else row)
+    return torch.stack(out)
+
+
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``log softmax(z / T)[label]`` and entropy ``-sum_v p_v log p_v`` in float64.
+
+    ``logits [N, V]``, ``labels [N]``. Rows whose label equals ``ignore_index`` give 0 and 0. Each row is
+    ``z - logsumexp(z)`` of its own float64 copy, so the result is exact to float64 rounding.
+    """
+    logprobs, entropies = [], []
+    for i in range(logits.shape[0]):
+        label = int(labels[i])
+        if label == ignore_index:
+            logprobs.append(torch.zeros((), dtype=F64))
+            entropies.append(torch.zeros((), dtype=F64))
+            continue
+        z = logits[i].to(F64) / temperature
+        log_p = z - torch.logsumexp(z, dim=0)
+        p = torch.exp(log_p)
+        logprobs.append(log_p[label])
+        entropies.append(-(torch.where(p > 0, p * log_p, torch.zeros_like(p))).sum())
+    if not logprobs:
+        return torch.zeros(0, dtype=F64), torch.zeros(0, dtype=F64)
+    return torch.stack(logprobs), torch.stack(entropies)

@@ -1,0 +1,43 @@
+"""Shared test set-up: hypothesis profiles and tolerance helpers.
+
+Profiles: ``dev`` (quick, the default outside CI) and ``ci`` (hundreds of examples per property; ``make test``
+selects it through HYPOTHESIS_PROFILE=ci).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# Absolute/relative tolerances per input dtype, against the float64 reference.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (1e-4, 1e-5),  # inputs are rounded to bf16 first; accumulation is fp32
+    torch.float16: (1e-4, 1e-5),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype, what: str, scale=1.0):
+    """Compare in float64 with the tolerance of ``dtype``; the message names the formula under test."""
+    atol, rtol = TOLERANCES[dtype]
+    a, e = actual.detach().to(torch.float64), expected.detach().to(torch.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    err = (a - e).abs()
+    bound = atol * scale + rtol * e.abs()
+    if not bool((err <= bound).all()):
+        worst = int(torch.argmax(err - bound).item()) if err.numel() else 0
+        raise AssertionError(
+            f"{what}: max abs error {err.max().item():.3e} (at flat index {worst}: got "
+            f"{a.flatten()[worst].item():.10g}, expected {e.flatten()[worst].item():.10g}); "
+            f"tolerance atol={atol * scale:.1e} rtol={rtol:.1e} for {dtype}"
+        )
