@@ -7,7 +7,7 @@ CONSTRAINTS ?= .ci/constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 export HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: setup bench test lint test-core test-kernels clean
+.PHONY: setup bench test lint test-core test-kernels test-adapters docs clean
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,13 +24,27 @@ lint: setup
 	$(BIN)/ruff check .
 
 test-core: setup
-	$(BIN)/pytest -q -m "not triton_interpreter"
+	$(BIN)/pytest -q -m "not triton_interpreter" --ignore=tests/adapters
 
 # Triton's interpreter must be switched on before triton is imported: a process of its own.
 test-kernels: setup
 	TRITON_INTERPRET=1 $(BIN)/pytest -q -m triton_interpreter
 
-test: lint test-core test-kernels
+# Framework adapters: one virtual environment per framework (their pins conflict), made by .ci/install-<fw>.sh.
+FRAMEWORKS := trl verl openrlhf
+.venv-%/.installed: .ci/install-%.sh pyproject.toml $(CONSTRAINTS)
+	bash .ci/install-$*.sh .venv-$* $(CONSTRAINTS)
+	touch $@
+
+test-adapter-%: .venv-%/.installed
+	FLOWLOSS_REQUIRE_FRAMEWORKS=1 .venv-$*/bin/pytest -q tests/adapters/$*
+
+test-adapters: $(addprefix test-adapter-,$(FRAMEWORKS))
+
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site
+
+test: lint test-core test-kernels test-adapters
 
 clean:
 	rm -rf $(VENV) build dist site .pytest_cache .hypothesis
