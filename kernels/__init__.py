@@ -1,1 +1,22 @@
-"""Triton kernels (no autograd, no loss logic). Importable as ``flowloss.kernels``."""
+"""Triton kernels (no autograd, no loss logic). Importable as ``flowloss.kernels``.
+
+- ``logprob_forward``: per-row log-prob of the chosen token, log-sum-exp and entropy in one pass.
+- ``logprob_backward``: ``dlogits`` recomputed from the saved log-sum-exp (optionally in place).
+
+Importing this package never needs triton; the launchers below are ``None`` when triton is missing
+(``HAS_TRITON`` tells which), and importing a kernel module directly raises ``ImportError`` then.
+"""
+
+from __future__ import annotations
+
+try:
+    from .logprob_backward import logprob_backward
+    from .logprob_forward import logprob_forward
+
+    HAS_TRITON = True
+except ImportError:  # triton not installed (e.g. macOS/Windows CPU builds)
+    logprob_forward = None
+    logprob_backward = None
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "logprob_backward", "logprob_forward"]

@@ -1,0 +1,141 @@
+"""Forward Triton kernel: per-row log-prob of the chosen token, log-sum-exp and (optionally) entropy.
+
+For one row of logits ``x [V]``, temperature ``T`` and label ``y``, ``z = x / T`` (after the fp32 upcast)::
+
+    lse      = log sum_v exp(z_v)                                  [N] fp32
+    logprob  = z_y - lse                                           [N] fp32
+    entropy  = -sum_v p_v log p_v = lse - sum_v p_v z_v,  p = softmax(z)   [N] fp32 (optional)
+
+One pass over the vocabulary in blocks of ``BLOCK_V`` columns (the tiling depends on ``V`` only, never on
+``N``, so a row's result does not change with the batch it is in). The pass keeps, in fp32 and base 2
+(``u = z * log2(e)``, so every exponential is an ``exp2``):
+
+    m = max_v u_v                     running maximum
+    s = sum_v 2^(u_v - m)             rescaled by 2^(m_old - m_new) whenever m grows
+    t = sum_v 2^(u_v - m) (u_v - m)   (entropy only) rescaled as t' = a (t + (m_old - m_new) s)
+                                      with a = 2^(m_old - m_new)
+
+so that ``lse = ln2 (m + log2 s)`` and ``entropy = ln2 (log2 s - t / s)``. Keeping ``t`` relative to the
+running maximum avoids the cancellation of ``lse - sum p z`` when logits are large (|z| ~ 1e4).
+
+``-inf`` logits are legal (padded vocabularies): a block that is all ``-inf`` while the running maximum
+is still ``-inf`` would give ``2^(-inf - -inf) = NaN``; the rescale uses a "safe" maximum (0 while it is
+``-inf``) and ``-inf`` entries contribute exactly 0 to ``s`` and ``t``. Columns ``>= vocab_size`` are read
+as ``-inf``. Rows whose label is negative or equals ``ignore_index`` are skipped: their logits are never read
+and they get ``logprob = lse = entropy = 0``. A chosen logit of ``-inf`` gives ``logprob = -inf``. A row
+whose kept logits are all ``-inf`` gives ``lse = -inf``, ``logprob = -inf`` and ``entropy = 0``.
+
+Memory: reads each kept row once (plus the label's element, a cache hit), writes O(N) fp32. No atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Tiling. One program per row walks the row in blocks of BLOCK_V columns: 4096 columns x 2 B (bf16) is
+# 8 KiB per block; with 8 warps (256 threads) that is 16 elements per thread, i.e. two 16-byte vector loads
+# per thread per block. Several programs are resident per SM, so enough bytes are in flight to saturate HBM,
+# while few registers are live per thread (~16 fp32 values for x/u/e) and occupancy stays high. The block
+# reductions (max, s, t) cost shuffles + shared memory once per 4096 columns, small next to the 8-16 KiB
+# load. One program per row keeps the grid 1-D (N up to 2^31) and each row's result independent of N.
+DEFAULT_BLOCK_V = 4096
+DEFAULT_NUM_WARPS = 8
+
+
+@triton.jit
+def _logprob_forward_kernel(
+    logits_ptr,  # [N, V] fp32/bf16/fp16, last dim contiguous, row stride `stride_row`
+    labels_ptr,  # [N] int32/int64
+    logprobs_ptr,  # [N] fp32 out
+    lse_ptr,  # [N] fp32 out (natural log)
+    entropy_ptr,  # [N] fp32 out (unused unless WITH_ENTROPY)
+    stride_row,
+    vocab_size,  # columns >= vocab_size read as -inf
+    ignore_index,
+    scale,  # fp32: log2(e) / T
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    skip = (label < 0) | (label == ignore_index)
+    # A skipped row loops zero times: its logits are never read.
+    n_cols = tl.where(skip, 0, vocab_size)
+    row_ptr = logits_ptr + row * stride_row
+
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    t = tl.zeros((), tl.float32)
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + offs
+        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf"))
+        u = x.to(tl.float32) * scale
+        m_new = tl.maximum(m, tl.max(u, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)  # 0 while m is -inf (then s = t = 0 anyway)
+        e = tl.exp2(u - m_safe)  # exactly 0 for -inf entries
+        if WITH_ENTROPY:
+            shift = tl.where(m == float("-inf"), 0.0, m - m_safe)  # finite; s = 0 when m = -inf
+            t = alpha * (t + shift * s) + tl.sum(tl.where(e > 0.0, e * (u - m_safe), 0.0), axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+
+    log2_s = tl.log2(s)  # -inf when the row is all -inf (or skipped)
+    lse2 = m + log2_s
+    safe_label = tl.where(skip, 0, label)
+    u_label = tl.load(row_ptr + safe_label, mask=~skip, other=0.0).to(tl.float32) * scale
+    logprob = (u_label - lse2) * LN2
+    logprob = tl.where(lse2 == float("-inf"), float("-inf"), logprob)
+    tl.store(logprobs_ptr + row, tl.where(skip, 0.0, logprob))
+    tl.store(lse_ptr + row, tl.where(skip, 0.0, lse2 * LN2))
+    if WITH_ENTROPY:
+        entropy = (log2_s - t / s) * LN2
+        entropy = tl.where(s > 0.0, entropy, 0.0)
+        tl.store(entropy_ptr + row, tl.where(skip, 0.0, entropy))
+
+
+def logprob_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    with_entropy: bool = False,
+    block_v: int = DEFAULT_BLOCK_V,
+    num_warps: int = DEFAULT_NUM_WARPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch the forward kernel; no validation, no autograd (see ``flowloss.ops.triton_logprobs``).
+
+    ``logits [N, V]`` with ``logits.stride(1) == 1``; ``labels [N]`` int32/int64, negative or ``ignore_index``
+    = skip the row. Returns fp32 ``(logprobs [N], lse [N], entropy [N] or None)``; ``lse`` is the natural
+    log-sum-exp of ``logits / temperature`` over the first ``vocab_size`` columns (all of them by default).
+    """
+    n_rows, n_cols = logits.shape
+    vocab = n_cols if vocab_size is None else int(vocab_size)
+    logprobs = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty(n_rows, dtype=torch.float32, device=logits.device) if with_entropy else None
+    if n_rows == 0:
+        return logprobs, lse, entropy
+    _logprob_forward_kernel[(n_rows,)](
+        logits,
+        labels,
+        logprobs,
+        lse,
+        entropy if entropy is not None else lse,
+        logits.stride(0),
+        vocab,
+        int(ignore_index),
+        float(LOG2E / float(temperature)),
+        WITH_ENTROPY=with_entropy,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    return logprobs, lse, entropy
