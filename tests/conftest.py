@@ -26,9 +26,30 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype, what: str, scale=1.0):
-    """Compare in float64 with the tolerance of ``dtype``; the message names the formula under test."""
-    atol, rtol = TOLERANCES[dtype]
+# Gradients land in the leaf's dtype: a bf16/fp16 leaf holds its gradient rounded to 8/11 mantissa bits.
+GRAD_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (1e-3, 8e-3),
+    torch.float16: (1e-3, 1e-3),
+}
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    what: str,
+    scale: float = 1.0,
+    grad: bool = False,
+):
+    """Compare in float64 with the tolerance of ``dtype``; the message names the formula under test.
+
+    ``scale`` multiplies the absolute tolerance (use the magnitude of the terms that cancel); ``grad`` selects
+    the gradient tolerances (the gradient of a low-precision leaf is rounded to its dtype).
+    """
+    atol, rtol = (GRAD_TOLERANCES if grad else TOLERANCES)[dtype]
     a, e = actual.detach().to(torch.float64), expected.detach().to(torch.float64)
     if a.shape != e.shape:
         raise AssertionError(f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")

@@ -16,7 +16,8 @@ mode                          ``w_i``                                           
 ============================  =====================================================  ==============================
 
 ``"sequence"`` is exact (``pi/pi_old``) and keeps Proposition 1 true off-policy; it is the only mode whose
-weight can be huge: ``log w`` is capped at ``log(finfo(dtype).max) - 1`` so ``w`` stays finite.
+weight can be huge. So that the *loss* stays finite (not just ``w``), its ``log w`` is capped at
+``UNCLIPPED_LOG_WEIGHT_LIMIT = 20`` (``w <= 4.9e8``), a bound only policies that have already diverged reach.
 
 Truncated importance sampling (TIS) against the inference engine: with ``rollout_logprobs`` given, ``w_i`` is
 multiplied by ``min(exp(agg_t (log pi_old - log pi_rollout)), tis_cap)``, ``agg`` being the mode's aggregation
@@ -54,6 +55,8 @@ DEFAULT_EPS_HIGH = 0.28
 DEFAULT_MAX_WEIGHT = 10.0
 # verl's default truncated-IS cap (`tis_imp_ratio_cap`).
 DEFAULT_TIS_CAP = 2.0
+# Cap of log w in the "unclipped" sequence mode: keeps w * g(delta) finite in float32.
+UNCLIPPED_LOG_WEIGHT_LIMIT = 20.0
 
 
 class ImportanceWeights(NamedTuple):
@@ -129,11 +132,11 @@ def importance_weights_with_stats(
         high = log_w > cap
         clipped = log_w.clamp_max(cap)
     else:
-        clipped = log_w.clamp_max(math.log(torch.finfo(dtype).max) - 1.0)
+        high = log_w > UNCLIPPED_LOG_WEIGHT_LIMIT
+        clipped = log_w.clamp_max(UNCLIPPED_LOG_WEIGHT_LIMIT)
     if rollout_logprobs is not None:
         log_tis = _masked_log_ratio(old_logprobs, rollout_logprobs, m, dtype, mean=geometric)
         clipped = clipped + log_tis.clamp_max(math.log(tis_cap))
-        clipped = clipped.clamp_max(math.log(torch.finfo(dtype).max) - 1.0)
     return ImportanceWeights(torch.exp(clipped), log_w, low, high)
 
 

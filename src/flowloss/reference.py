@@ -70,7 +70,7 @@ def importance_weights(
         if mode == "none":
             log_w = 0.0
         elif mode == "sequence":
-            log_w = min(log_sum, math.log(torch.finfo(F64).max) - 1.0)
+            log_w = min(log_sum, 20.0)  # the documented cap of the unclipped mode
         elif mode == "sequence_capped":
             log_w = min(log_sum, math.log(max_weight))
         elif mode == "sequence_clipped":
@@ -83,7 +83,7 @@ def importance_weights(
             tis = [float(old_logprobs[i, t]) - float(rollout_logprobs[i, t]) for t in tokens]
             log_tis = sum(tis) / len(tokens) if (mode == "geometric_clipped" and tokens) else sum(tis)
             log_w = log_w + min(log_tis, math.log(tis_cap))
-        out.append(math.exp(min(log_w, math.log(torch.finfo(F64).max) - 1.0)))
+        out.append(math.exp(log_w))
     return torch.tensor(out, dtype=F64)
 
 
@@ -97,7 +97,7 @@ def penalty(delta: torch.Tensor, name: str, *, linex_alpha: float = 1.0, huber_d
         return 2 * (torch.exp(a * delta) - a * delta - 1) / a**2
     if name == "huber":
         k = huber_delta
-        return delta**2 if abs(float(delta)) <= k else k * (2 * delta.abs() - k)
+        return delta**2 if abs(float(delta.detach())) <= k else k * (2 * delta.abs() - k)
     raise ValueError(name)
 
 
@@ -161,7 +161,7 @@ def reverse_kl_surrogate(
         ref = sum((float(ref_logprobs[i, t]) for t in tokens), 0.0)
         if length_normalization:
             lp, ref = lp / len(tokens), ref / len(tokens)
-        coefficient = float(lp) - ref - beta * float(rewards[i]) - baseline
+        coefficient = float(lp.detach()) - ref - beta * float(rewards[i]) - baseline
         w = 1.0 if weights is None else float(weights[i])
         terms.append(w * coefficient * lp)
     if not terms:
@@ -176,7 +176,7 @@ def vargrad_log_z(logprobs, ref_logprobs, rewards, mask, group_ids: list[int], *
     out = []
     for i, g in enumerate(group_ids):
         members = [j for j, h in enumerate(group_ids) if h == g and bool(mask[j].any())]
-        values = [beta * float(rewards[j]) - (float(lp[j]) - float(ref[j])) for j in members]
+        values = [beta * float(rewards[j]) - (float(lp[j].detach()) - float(ref[j].detach())) for j in members]
         out.append(sum(values) / len(values) if values else 0.0)
     return torch.tensor(out, dtype=F64)
 

@@ -1,0 +1,144 @@
+"""Bad input gets a clear ValueError/TypeError naming the argument (and shapes/dtypes), never a NaN or a crash."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowloss import (
+    LogZHead,
+    clipped_importance_weights,
+    group_normalize_rewards,
+    pool_prompt_hidden_states,
+    reduce_sequences,
+    reverse_kl_surrogate,
+    sequence_logprobs,
+    trajectory_balance_loss,
+    vargrad_log_z,
+)
+
+B, T = 3, 4
+
+
+def good():
+    return dict(
+        logprobs=-torch.rand(B, T),
+        ref_logprobs=-torch.rand(B, T),
+        rewards=torch.randn(B),
+        log_z=torch.zeros(B),
+        mask=torch.ones(B, T, dtype=torch.bool),
+    )
+
+
+def call(**overrides):
+    args = good()
+    options = {k: overrides.pop(k) for k in list(overrides) if k not in args}
+    args.update(overrides)
+    return trajectory_balance_loss(
+        args["logprobs"], args["ref_logprobs"], args["rewards"], args["log_z"], args["mask"], **options
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "pattern"),
+    [
+        # shapes
+        (dict(logprobs=-torch.rand(B)), ValueError, r"`logprobs` must be a \[B, T\].*shape=\(3,\)"),
+        (dict(ref_logprobs=-torch.rand(B, T + 1)), ValueError, r"`ref_logprobs`.*\(3, 4\).*\(3, 5\)"),
+        (dict(rewards=torch.randn(B + 1)), ValueError, r"`rewards` must have shape \(3,\).*shape=\(4,\)"),
+        (dict(rewards=torch.randn(B, 1)), ValueError, r"`rewards`"),
+        (dict(log_z=torch.zeros(B, 2)), ValueError, r"`log_z` must have shape \(3,\) or \(3, 1\)"),
+        (dict(mask=torch.ones(B, T - 1)), ValueError, r"`mask` must have the same shape"),
+        (dict(old_logprobs=torch.zeros(B, 1)), ValueError, r"`old_logprobs` must have the same shape"),
+        # dtypes and types
+        (dict(logprobs=torch.zeros(B, T, dtype=torch.int64)), TypeError, r"`logprobs`.*floating-point.*int64"),
+        (dict(rewards=torch.ones(B, dtype=torch.int32)), TypeError, r"`rewards`.*floating-point"),
+        (dict(log_z=[0.0, 0.0, 0.0]), TypeError, r"`log_z` must be a torch.Tensor, got list"),
+        (dict(mask=torch.full((B, T), 2)), ValueError, r"`mask` must hold only 0/1"),
+        # non-finite values
+        (dict(rewards=torch.tensor([0.0, float("nan"), 1.0])), ValueError, r"`rewards` must be finite.*1 non-finite"),
+        (dict(log_z=torch.tensor([0.0, float("inf"), 1.0])), ValueError, r"`log_z` must be finite"),
+        (dict(logprobs=torch.tensor([[float("-inf")] * T] * B)), ValueError, r"`logprobs \(at unmasked positions\)`"),
+        # invalid options
+        (dict(beta=float("nan")), ValueError, r"`beta` must be a finite number"),
+        (dict(penalty="cubic"), ValueError, r"`penalty` must be one of"),
+        (dict(reduction="max"), ValueError, r"`reduction` must be one of"),
+        (dict(importance_weights="ppo"), ValueError, r"`importance_weights` must be one of"),
+        (dict(importance_weights="sequence_clipped"), ValueError, r"needs `old_logprobs`"),
+        (dict(old_logprobs=torch.zeros(B, T), eps_low=1.5), ValueError, r"`eps_low` must be a number in \[0.0, 1.0\)"),
+        (dict(old_logprobs=torch.zeros(B, T), eps_high=-0.1), ValueError, r"`eps_high`"),
+        (dict(old_logprobs=torch.zeros(B, T), max_weight=0.0), ValueError, r"`max_weight`"),
+        (dict(token_clip_mask=True), ValueError, r"`token_clip_mask=True` needs `old_logprobs`"),
+        (dict(rollout_logprobs=torch.zeros(B, T)), ValueError, r"`rollout_logprobs`.*needs `old_logprobs`"),
+        (dict(normalizer=0), ValueError, r"`normalizer` must be a positive number"),
+        (dict(normalizer=torch.zeros(2)), ValueError, r"`normalizer` must be a scalar"),
+        (dict(penalty="linex", linex_alpha=0.0), ValueError, r"`linex_alpha` must be non-zero"),
+    ],
+)
+def test_trajectory_balance_loss_rejects_bad_input(overrides, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call(**overrides)
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available() and not torch.cuda.is_available(), reason="needs a 2nd device")
+def test_device_mismatch_is_refused():
+    other = "cuda" if torch.cuda.is_available() else "mps"
+    with pytest.raises(ValueError, match="is on"):
+        call(rewards=torch.randn(B, device=other))
+
+
+def test_device_mismatch_is_refused_on_meta_device():
+    """A CPU-only stand-in for a device mismatch: the meta device."""
+    with pytest.raises(ValueError, match=r"`ref_logprobs` is on meta but `logprobs` is on cpu"):
+        call(ref_logprobs=torch.empty(B, T, device="meta"))
+
+
+def test_group_normalize_rewards_rejects_bad_groups():
+    with pytest.raises(ValueError, match=r"group size\) 4 does not divide the batch size 6"):
+        group_normalize_rewards(torch.randn(6), 4)
+    with pytest.raises(ValueError, match=r"`groups` \(group size\) must be >= 1"):
+        group_normalize_rewards(torch.randn(6), 0)
+    with pytest.raises(ValueError, match=r"`groups` \(group ids\) must have shape \(6,\)"):
+        group_normalize_rewards(torch.randn(6), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"`groups` \(group ids\) must be an integer tensor"):
+        group_normalize_rewards(torch.randn(6), torch.zeros(6))
+    with pytest.raises(ValueError, match=r"`rewards` must be finite"):
+        group_normalize_rewards(torch.tensor([1.0, float("inf")]), 2)
+    with pytest.raises(ValueError, match=r"`eps` must be a number >= 0"):
+        group_normalize_rewards(torch.randn(2), 2, eps=-1.0)
+
+
+def test_other_functions_reject_bad_input():
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        clipped_importance_weights(torch.zeros(B, T), torch.zeros(B, T), torch.ones(B, T), mode="token")
+    with pytest.raises(ValueError, match="`old_logprobs` must have the same shape"):
+        clipped_importance_weights(torch.zeros(B, T), torch.zeros(B, T + 1), torch.ones(B, T))
+    with pytest.raises(ValueError, match="`reduction` must be one of"):
+        sequence_logprobs(torch.zeros(B, T), torch.ones(B, T), reduction="max")
+    with pytest.raises(ValueError, match=r"`prompt_mask` must have shape \(3, 4\)"):
+        pool_prompt_hidden_states(torch.zeros(B, T, 8), torch.ones(B, T + 1))
+    with pytest.raises(ValueError, match=r"`hidden_states` must be a \[B, T, H\]"):
+        pool_prompt_hidden_states(torch.zeros(B, 8), torch.ones(B, T))
+    with pytest.raises(ValueError, match="`hidden_size` must be an int >= 1"):
+        LogZHead(0)
+    with pytest.raises(ValueError, match="`dropout` must be in"):
+        LogZHead(4, dropout=1.0)
+    with pytest.raises(ValueError, match="does not divide"):
+        vargrad_log_z(torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B), torch.ones(B, T), 2)
+    with pytest.raises(ValueError, match="`baseline` must have shape"):
+        reverse_kl_surrogate(torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B), torch.ones(B, T),
+                             baseline=torch.zeros(B + 1))
+    with pytest.raises(ValueError, match="`reduction` must be one of"):
+        reduce_sequences(torch.zeros(B), torch.ones(B, dtype=torch.bool), reduction="avg")
+
+
+def test_masked_padding_may_hold_anything():
+    """-inf/NaN padding outside the mask is legal: selected away, not multiplied by zero."""
+    args = good()
+    args["logprobs"][:, -1] = float("nan")
+    args["ref_logprobs"][:, -1] = float("-inf")
+    args["mask"][:, -1] = False
+    lp = args["logprobs"].requires_grad_()
+    loss = trajectory_balance_loss(lp, args["ref_logprobs"], args["rewards"], args["log_z"], args["mask"])
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
