@@ -20,6 +20,7 @@ from flowloss.grouping import group_normalize_rewards
 from flowloss.importance import clipped_importance_weights, ratio_clip_token_mask
 from flowloss.log_partition import LogZHead, LogZTable, pool_prompt_hidden_states, vargrad_log_z
 from flowloss.losses import reverse_kl_surrogate, trajectory_balance_loss
+from flowloss.ops.token_logprobs import token_logprobs
 from flowloss.reductions import (
     count_valid_sequences,
     length_normalize,
@@ -46,6 +47,7 @@ __all__ = [
     "reduce_sequences",
     "reverse_kl_surrogate",
     "sequence_logprobs",
+    "token_logprobs",
     "trajectory_balance_loss",
     "vargrad_log_z",
 ]
