@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Build the virtual environment for the TRL adapter tests: `bash .ci/install-trl.sh <venv> <constraints>`.
+# Idempotent (re-running upgrades nothing that is already satisfied); fails loudly on any error.
+set -euo pipefail
+
+VENV="${1:?usage: install-trl.sh <venv dir> <constraints file>}"
+CONSTRAINTS="${2:?usage: install-trl.sh <venv dir> <constraints file>}"
+PYTHON="${PYTHON:-python3}"
+
+test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS")
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+# The CPU build of torch first (pinned by the constraints), so nothing below can pull a CUDA build.
+"${PIP[@]}" torch
+# TRL and what the tiny end-to-end test needs: transformers' Qwen2, a locally trained BPE tokenizer, datasets.
+# transformers < 5.11 keeps the TRL venv on the same transformers line as verl 0.9.1.
+"${PIP[@]}" "trl>=1.10" "transformers>=4.56,<5.11" accelerate datasets tokenizers
+# flowloss itself (editable) and the test runner; its docs/lint extras are not needed here.
+"${PIP[@]}" -e . "pytest>=8" "hypothesis>=6.100"
+"$VENV/bin/python" - <<'PY'
+import torch, transformers, trl, flowloss
+assert "+cpu" in torch.__version__ or not torch.cuda.is_available(), torch.__version__
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+      f"flowloss {flowloss.__version__}")
+PY
