@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create the verl adapter's virtual environment: bash .ci/install-verl.sh <venv-dir> <constraints-file>
+# verl 0.9 with its own dependencies (Ray, tensordict, transformers < 5.11, hydra, ...); torch stays the CPU build
+# pinned by the constraints file. Idempotent: re-running reuses the venv and only installs what is missing.
+set -euo pipefail
+
+VENV="${1:?usage: install-verl.sh <venv-dir> <constraints-file>}"
+CONSTRAINTS="${2:?usage: install-verl.sh <venv-dir> <constraints-file>}"
+VERL_VERSION="${VERL_VERSION:-0.9.1}"
+
+test -x "$VENV/bin/python" || python3 -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --progress-bar off -c "$CONSTRAINTS")
+
+"$VENV/bin/python" -m pip install --quiet --progress-bar off --upgrade pip
+# torch first, from the constraints (CPU build), so nothing below can pull a CUDA build.
+"${PIP[@]}" torch
+"${PIP[@]}" "verl==${VERL_VERSION}"
+# flowloss itself (editable) and what the tests import; the docs/lint extras are not needed here.
+"${PIP[@]}" --no-deps -e .
+"${PIP[@]}" "einops>=0.7" "rich>=13" "pytest>=8" "hypothesis>=6.100"
+
+# Fail loudly if the environment cannot do what the tests need.
+"$VENV/bin/python" - <<'PY'
+import torch
+import verl
+from verl.trainer.ppo.core_algos import get_policy_loss_fn, register_policy_loss  # noqa: F401
+
+import flowloss
+
+assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__
+print(f"verl {verl.__version__}, torch {torch.__version__}, flowloss {flowloss.__version__}: ok")
+PY

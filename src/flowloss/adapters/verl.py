@@ -1,0 +1,585 @@
+"""FlowRL for verl (>= 0.9, engine-based workers): a loss function, a registered policy loss, a log-Z head.
+
+verl's actor worker computes its loss with ``loss_fn(model_output, data, dp_group)`` (by default
+``partial(verl.workers.utils.losses.ppo_loss, config=actor_config)``). This module translates that call into
+:func:`flowloss.trajectory_balance_loss`; the math lives in flowloss. Per micro-batch, with ``B`` sequences
+and ``T`` the longest response::
+
+    log_probs [B, T]       <- model_output["log_probs"] (nested, sliced to the response like ppo_loss does)
+    ref_log_prob [B, T]    <- data["ref_log_prob"]  (needs a reference policy: use_kl_loss=True)
+    old_log_probs [B, T]   <- data["old_log_probs"] (importance weights w_i, "sequence_clipped" by default)
+    r_hat [B]              <- masked mean of data["advantages"] over the response (GRPO: the group z-score,
+                              constant along the response, which is what FlowRL uses as its reward)
+    log Z [B]              <- model_output["log_z"] (the head, see FlowRLFSDPEngine) or the VarGrad estimate
+    loss = sum_i w_i delta_i^2 / (global_batch_size / dp_size)
+
+verl's FSDP/Megatron engines back-propagate every micro-batch loss as is and data-parallel gradients are
+averaged over ``dp_size`` ranks, so dividing the local sum by ``global_batch_size / dp_size`` (the number of
+sequences in the whole mini-batch, over all ranks, from ``data["global_batch_size"]`` and ``data["dp_size"]``)
+makes the accumulated gradient that of the mean over the whole mini-batch, as verl's own ``agg_loss`` does.
+
+What verl's policy-loss registry can serve: a registered function receives ``old_log_prob, log_prob,
+advantages, response_mask, loss_agg_mode, config, rollout_is_weights`` only - no reference log-probs, no
+log Z, no group ids. :func:`register_flowrl_policy_loss` registers ``"flowrl_old_ref"``: the
+trajectory-balance loss with the *old* policy standing in for ``pi_ref`` and a detached micro-batch VarGrad
+constant for ``log Z``.
+It is not FlowRL's target; it is what the registry can express (see docs/adapters/verl.md).
+
+Importing this module imports verl (and torch); ``import flowloss`` never does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from flowloss._validation import describe, require_choice, require_finite_number, require_positive
+from flowloss.importance import (
+    DEFAULT_EPS_HIGH,
+    DEFAULT_EPS_LOW,
+    DEFAULT_MAX_WEIGHT,
+    DEFAULT_TIS_CAP,
+    IMPORTANCE_MODES,
+    ImportanceMode,
+)
+from flowloss.log_partition import LogZHead, pool_prompt_hidden_states, vargrad_log_z
+from flowloss.losses import DEFAULT_BETA, trajectory_balance_loss
+from flowloss.reductions import masked_mean
+
+__all__ = [
+    "HEAD_ATTRIBUTE",
+    "REGISTERED_POLICY_LOSS",
+    "FlowRLConfig",
+    "FlowRLFSDPEngine",  # noqa: F822 (built on first access by the module __getattr__)
+    "attach_log_z_head",
+    "flowrl_loss",
+    "make_flowrl_loss_fn",
+    "packed_prompt_log_z",
+    "register_flowrl_engine",
+    "register_flowrl_policy_loss",
+    "sequence_rewards",
+    "set_flowrl_loss_fn",
+]
+
+# Name under which the log-Z head is attached to the Hugging Face model (and so in its state dict).
+HEAD_ATTRIBUTE = "flowrl_log_z_head"
+# Name of the policy loss registered in verl's registry by :func:`register_flowrl_policy_loss`.
+REGISTERED_POLICY_LOSS = "flowrl_old_ref"
+
+LogZSource = Literal["head", "vargrad"]
+
+
+@dataclass
+class FlowRLConfig:
+    """FlowRL options for verl; every default is the paper's / authors' value (flowloss spec).
+
+    Attributes:
+        beta: reward temperature ``beta`` (15, hard-coded in the authors' code "as per paper").
+        log_z: ``"head"`` (the authors' MLP head on pooled prompt hidden states; needs
+            :class:`FlowRLFSDPEngine`) or ``"vargrad"`` (parameter-free, TBA arXiv 2503.18929; needs group ids
+            ``data["uid"]``).
+        importance_weights: ``w_i`` mode; ``"sequence_clipped"`` is the paper's
+            ``clip(pi/pi_old, 1-eps, 1+eps)``.
+        eps_low, eps_high: clip range 0.2 / 0.28 (the authors' ``clip_ratio_low/high``).
+        max_weight, tis_cap: caps for the ``"sequence_capped"`` mode (10) and truncated IS (2).
+        token_clip_mask: the CISPO-style token mask of verl PR #3924 (off by default).
+        length_normalization: token-mean log-likelihoods (True, the paper).
+        use_rollout_log_probs: multiply ``w`` by ``min(pi_old / pi_rollout, tis_cap)`` from
+            ``data["rollout_log_probs"]`` (off by default; the authors' dev variant).
+        head_num_layers, head_dropout, head_init_log_z: :class:`~flowloss.LogZHead` options (3 / 0.1 / 0.0).
+        drop_last_prompt_token: leave each prompt's last token out of the pooling (the authors' slicing).
+    """
+
+    beta: float = DEFAULT_BETA
+    log_z: LogZSource = "head"
+    importance_weights: ImportanceMode = "sequence_clipped"
+    eps_low: float = DEFAULT_EPS_LOW
+    eps_high: float = DEFAULT_EPS_HIGH
+    max_weight: float = DEFAULT_MAX_WEIGHT
+    tis_cap: float = DEFAULT_TIS_CAP
+    token_clip_mask: bool = False
+    length_normalization: bool = True
+    use_rollout_log_probs: bool = False
+    head_num_layers: int = 3
+    head_dropout: float = 0.1
+    head_init_log_z: float = 0.0
+    drop_last_prompt_token: bool = False
+
+    def __post_init__(self) -> None:
+        require_finite_number("beta", self.beta)
+        require_choice("log_z", self.log_z, ("head", "vargrad"))
+        require_choice("importance_weights", self.importance_weights, IMPORTANCE_MODES)
+        require_positive("eps_low", self.eps_low)
+        require_positive("eps_high", self.eps_high)
+        if self.eps_low >= 1:
+            raise ValueError(f"`eps_low` must be in (0, 1), got {self.eps_low!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> FlowRLConfig:
+        """Build from a dict / OmegaConf node (e.g. a Hydra ``config.flowrl``); unknown keys raise."""
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown FlowRL option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def trajectory_balance_kwargs(self) -> dict[str, Any]:
+        return {
+            "beta": self.beta,
+            "importance_weights": self.importance_weights,
+            "eps_low": self.eps_low,
+            "eps_high": self.eps_high,
+            "max_weight": self.max_weight,
+            "tis_cap": self.tis_cap,
+            "token_clip_mask": self.token_clip_mask,
+            "length_normalization": self.length_normalization,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# The worker's loss function
+# ----------------------------------------------------------------------------------------------------
+
+
+def sequence_rewards(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T] -> [B]``: verl's token-level advantages reduced to one reward per sequence (masked mean).
+
+    verl's GRPO estimator writes the group z-score ``(s - mean_g) / (std_g + 1e-6)`` on every response token,
+    so the masked mean returns it exactly; an all-masked row gives 0.
+    """
+    return masked_mean(advantages.detach(), response_mask)
+
+
+def _has(data: Any, key: str) -> bool:
+    """``key in data`` for a TensorDict (which refuses the ``in`` operator) or a dict."""
+    return key in data.keys()  # noqa: SIM118
+
+
+def _group_ids(data: Any, batch: int, device: torch.device) -> torch.Tensor:
+    """``data["uid"]`` (a tensor, or a list / array / NonTensorStack of hashables) -> ``[B]`` int64 ids."""
+    if not _has(data, "uid"):
+        raise ValueError(
+            "FlowRL `log_z='vargrad'` needs the prompt group of each sequence in the micro-batch as "
+            "data['uid'] (keep 'uid' in the fields sent to update_actor), or use `log_z='head'` with "
+            "FlowRLFSDPEngine"
+        )
+    uid = data["uid"]
+    if isinstance(uid, torch.Tensor) and not uid.is_nested:
+        values: Sequence[Hashable] = uid.reshape(-1).tolist()
+    else:
+        raw = uid.tolist() if hasattr(uid, "tolist") else list(uid)
+        values = [v.item() if isinstance(v, torch.Tensor) else v for v in raw]
+    if len(values) != batch:
+        raise ValueError(f"data['uid'] must hold one group id per sequence ({batch}), got {len(values)}")
+    index: dict[Hashable, int] = {}
+    ids = [index.setdefault(v, len(index)) for v in values]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _global_normalizer(data: Any) -> float | None:
+    """``global_batch_size / dp_size``: this rank's share of the mini-batch's sequences (None: local mean)."""
+    dp_size = int(data["dp_size"]) if _has(data, "dp_size") and data["dp_size"] is not None else 1
+    gbs = data["global_batch_size"] if _has(data, "global_batch_size") else None
+    if gbs is None:
+        if dp_size > 1:
+            raise ValueError(f"data['global_batch_size'] is required when data['dp_size'] = {dp_size} > 1")
+        return None
+    gbs = float(gbs)
+    if not gbs > 0:
+        raise ValueError(f"data['global_batch_size'] must be > 0, got {gbs}")
+    return gbs / dp_size
+
+
+def flowrl_loss(
+    config: Any,
+    model_output: dict[str, torch.Tensor],
+    data: Any,
+    dp_group: Any = None,
+    *,
+    flowrl: FlowRLConfig | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl worker loss ``loss_fn(model_output, data, dp_group)`` computing FlowRL's trajectory-balance loss.
+
+    Bind ``config`` (verl's ``ActorConfig``) and ``flowrl`` with :func:`make_flowrl_loss_fn`. Reads
+    ``model_output["log_probs"]`` (and ``model_output["log_z"]`` ``[B]`` for ``log_z="head"``) and the
+    micro-batch TensorDict fields ``prompts, responses, response_mask, old_log_probs, ref_log_prob,
+    advantages``; returns ``(loss, metrics)`` like verl's ``ppo_loss``;
+    ``loss = sum_i w_i delta_i^2 / (global_batch_size / dp_size)``
+    (see the module docstring); the KL loss of ``ppo_loss`` is added only when ``use_kl_loss`` with a non-zero
+    ``kl_loss_coef`` (FlowRL's runs keep it off: the reference enters through ``delta``).
+    """
+    from verl.trainer.ppo.core_algos import agg_loss, kl_penalty
+    from verl.utils.metric import AggregationType, Metric
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    flowrl = flowrl if flowrl is not None else FlowRLConfig()
+    if not _has(data, "ref_log_prob"):
+        raise ValueError(
+            "FlowRL needs the reference policy's log-probs (data['ref_log_prob']): set "
+            "actor_rollout_ref.actor.use_kl_loss=True (kl_loss_coef=0.0 keeps the KL term off)"
+        )
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)
+    normalizer = _global_normalizer(data)
+    wanted = ["response_mask", "old_log_probs", "advantages", "ref_log_prob"]
+    if flowrl.use_rollout_log_probs:
+        if not _has(data, "rollout_log_probs"):
+            raise ValueError("`use_rollout_log_probs=True` needs data['rollout_log_probs']")
+        wanted.append("rollout_log_probs")
+    group_ids = _group_ids(data, log_prob.shape[0], log_prob.device) if flowrl.log_z == "vargrad" else None
+    padded = data.select(*wanted).to_padded_tensor()
+    mask = padded["response_mask"].to(torch.bool)
+    if mask.shape != log_prob.shape:
+        raise ValueError(
+            f"response_mask {tuple(mask.shape)} does not match the sliced log_probs {describe(log_prob)}"
+        )
+    ref = padded["ref_log_prob"]
+    old = padded["old_log_probs"]
+    rewards = sequence_rewards(padded["advantages"], mask)
+    rollout = padded["rollout_log_probs"] if flowrl.use_rollout_log_probs else None
+
+    if flowrl.log_z == "head":
+        if "log_z" not in model_output:
+            raise ValueError(
+                "FlowRL `log_z='head'` needs model_output['log_z']: use FlowRLFSDPEngine (or an engine that "
+                "emits the head's output), or set `log_z='vargrad'`"
+            )
+        log_z = model_output["log_z"]
+    else:
+        assert group_ids is not None
+        log_z = vargrad_log_z(
+            log_prob, ref, rewards, mask, group_ids,
+            beta=flowrl.beta, length_normalization=flowrl.length_normalization,
+        )
+
+    loss, stats = trajectory_balance_loss(
+        log_prob,
+        ref,
+        rewards,
+        log_z,
+        mask,
+        old_logprobs=old,
+        rollout_logprobs=rollout,
+        normalizer=normalizer,
+        return_stats=True,
+        **flowrl.trajectory_balance_kwargs(),
+    )
+    global_info = {
+        "dp_size": data["dp_size"] if _has(data, "dp_size") else 1,
+        "batch_num_tokens": data["batch_num_tokens"] if _has(data, "batch_num_tokens") else None,
+        "global_batch_size": data["global_batch_size"] if _has(data, "global_batch_size") else None,
+    }
+    aggregation = AggregationType.SUM if normalizer is not None else AggregationType.MEAN
+    metrics: dict[str, Any] = {"actor/pg_loss": Metric(value=loss.detach(), aggregation=aggregation)}
+    for key, value in stats.items():
+        if key != "loss":
+            metrics[f"flowrl/{key}"] = Metric(value=value.detach().float(), aggregation=AggregationType.MEAN)
+
+    if getattr(config, "use_kl_loss", False) and float(getattr(config, "kl_loss_coef", 0.0)) != 0.0:
+        kld = kl_penalty(logprob=log_prob, ref_logprob=ref, kl_penalty=config.kl_loss_type)
+        kl_loss = agg_loss(loss_mat=kld, loss_mask=mask, loss_agg_mode=config.loss_agg_mode, **global_info)
+        loss = loss + kl_loss * config.kl_loss_coef
+        metrics["kl_loss"] = Metric(value=kl_loss.detach(), aggregation=aggregation)
+    return loss, metrics
+
+
+def make_flowrl_loss_fn(actor_config: Any, flowrl: FlowRLConfig | dict[str, Any] | None = None) -> Callable:
+    """``partial(flowrl_loss, config=actor_config, flowrl=...)``: what the worker's ``set_loss_fn`` takes."""
+    if not isinstance(flowrl, FlowRLConfig):
+        flowrl = FlowRLConfig.from_dict(flowrl)
+    return partial(flowrl_loss, config=actor_config, flowrl=flowrl)
+
+
+def set_flowrl_loss_fn(worker: Any, flowrl: FlowRLConfig | dict[str, Any] | None = None) -> Callable:
+    """Replace the ``ppo_loss`` of an ``ActorRolloutRefWorker`` (in the worker process, after ``init_model``).
+
+    Uses the actor config the worker built its own loss with (``worker.loss_fn.keywords["config"]``).
+    """
+    current = getattr(worker, "loss_fn", None)
+    config = getattr(current, "keywords", {}).get("config") if current is not None else None
+    if config is None:
+        raise ValueError("`worker` has no loss_fn bound to an actor config: call it after init_model()")
+    loss_fn = make_flowrl_loss_fn(config, flowrl)
+    worker.loss_fn = loss_fn
+    worker.actor.set_loss_fn(loss_fn)
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------------
+# The registered policy loss (what verl's registry can reach)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _old_ref_policy_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    *,
+    flowrl: FlowRLConfig,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Trajectory balance with ``pi_old`` as the reference and a micro-batch VarGrad ``log Z`` (detached).
+
+    ``delta_i = log Z_hat + l_i - beta r_hat_i - l_old_i`` with
+    ``log Z_hat = mean_j (beta r_hat_j - (l_j - l_old_j))`` over the micro-batch (one group: the registry sees
+    no group ids). ``loss_agg_mode`` is ignored (FlowRL is a sequence mean); aggregation over ranks uses
+    ``config.global_batch_info`` like verl's losses.
+    """
+    mask = response_mask.to(torch.bool)
+    rewards = sequence_rewards(advantages, mask)
+    batch = log_prob.shape[0]
+    log_z = vargrad_log_z(
+        log_prob, old_log_prob, rewards, mask, torch.zeros(batch, dtype=torch.long, device=log_prob.device),
+        beta=flowrl.beta, length_normalization=flowrl.length_normalization,
+    )
+    info = dict(getattr(config, "global_batch_info", None) or {}) if config is not None else {}
+    dp_size = int(info.get("dp_size") or 1)
+    gbs = info.get("global_batch_size")
+    if gbs is None and dp_size > 1:
+        raise ValueError(f"global_batch_info['global_batch_size'] is needed when dp_size = {dp_size} > 1")
+    normalizer = None if gbs is None else float(gbs) / dp_size
+    loss, stats = trajectory_balance_loss(
+        log_prob, old_log_prob.detach(), rewards, log_z, mask,
+        old_logprobs=old_log_prob, normalizer=normalizer, return_stats=True,
+        **flowrl.trajectory_balance_kwargs(),
+    )
+    metrics = {f"flowrl/{k}": float(v) for k, v in stats.items() if k != "loss"}
+    return loss, metrics
+
+
+def register_flowrl_policy_loss(
+    flowrl: FlowRLConfig | dict[str, Any] | None = None, *, name: str = REGISTERED_POLICY_LOSS
+) -> Callable:
+    """Register the old-policy-as-reference TB loss in verl's registry (``policy_loss.loss_mode=<name>``).
+
+    Call it in every worker process before the loss is looked up (e.g. from a module named in verl's
+    ``external_lib`` option, or at the top of the trainer entry point when workers share the process).
+    """
+    from verl.trainer.ppo.core_algos import register_policy_loss
+
+    if not isinstance(flowrl, FlowRLConfig):
+        flowrl = FlowRLConfig.from_dict(flowrl)
+    fn = partial(_old_ref_policy_loss, flowrl=flowrl)
+    register_policy_loss(name)(fn)
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------------
+# The log-Z head: attached to the model before FSDP wrapping, run inside the model's forward
+# ----------------------------------------------------------------------------------------------------
+
+
+class _HeadContext:
+    """Prompt layout of the current micro-batch, and the head's output, shared by the engine and the hook."""
+
+    def __init__(self) -> None:
+        self.prompt_lens: torch.Tensor | None = None  # [B]
+        self.seq_lens: torch.Tensor | None = None  # [B]
+        self.log_z: torch.Tensor | None = None  # [B]
+
+
+def packed_prompt_log_z(
+    head: LogZHead,
+    hidden_states: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    drop_last_prompt_token: bool = False,
+) -> torch.Tensor:
+    """``log Z`` from packed (padding-free) hidden states: ``[1, N, H]`` or ``[N, H]`` -> ``[B]``.
+
+    Sequence ``i`` occupies ``seq_lens[i]`` consecutive rows (prompt first, ``prompt_lens[i]`` tokens), as in
+    verl's remove-padding layout. The prompt rows are gathered into ``[B, P, H]`` with a mask and pooled by
+    :func:`~flowloss.pool_prompt_hidden_states`; the head maps ``[B, H] -> [B]``.
+    """
+    h = hidden_states.squeeze(0) if hidden_states.dim() == 3 else hidden_states
+    prompt_lens = prompt_lens.to(device=h.device, dtype=torch.long)
+    seq_lens = seq_lens.to(device=h.device, dtype=torch.long)
+    if prompt_lens.shape != seq_lens.shape or int(seq_lens.sum()) != h.shape[0]:
+        raise ValueError(
+            f"packed layout mismatch: seq_lens {seq_lens.tolist()} sum to {int(seq_lens.sum())} rows, hidden "
+            f"states have {h.shape[0]} ({describe(hidden_states)}); prompt_lens {prompt_lens.tolist()}"
+        )
+    starts = torch.cumsum(seq_lens, 0) - seq_lens
+    width = max(int(prompt_lens.max()) if prompt_lens.numel() else 0, 1)
+    offsets = torch.arange(width, device=h.device)
+    prompt_mask = offsets.unsqueeze(0) < prompt_lens.unsqueeze(1)  # [B, P]
+    rows = (starts.unsqueeze(1) + offsets.unsqueeze(0)).clamp_max(h.shape[0] - 1)  # [B, P]
+    gathered = h[rows]  # [B, P, H]
+    pooled = pool_prompt_hidden_states(gathered, prompt_mask, drop_last_token=drop_last_prompt_token)
+    return head(pooled)
+
+
+def _last_hidden_state(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None and isinstance(output, (tuple, list)):
+        hidden = output[0]
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"no last hidden state in the base model's output ({type(output).__name__})")
+    return hidden
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    base = getattr(model, "base_model_prefix", None)
+    inner = getattr(model, base, None) if isinstance(base, str) else None
+    if not isinstance(inner, nn.Module) or inner is model:
+        raise ValueError(
+            f"cannot find the base model of {type(model).__name__} (base_model_prefix={base!r}); the log-Z "
+            "head reads the last hidden state of the base model (e.g. Qwen2ForCausalLM.model)"
+        )
+    return inner
+
+
+def attach_log_z_head(model: nn.Module, flowrl: FlowRLConfig | None = None) -> tuple[LogZHead, _HeadContext]:
+    """Add a :class:`~flowloss.LogZHead` to a Hugging Face causal LM as ``model.flowrl_log_z_head``.
+
+    Do it before FSDP wrapping so the head is sharded, optimized (it shares the policy's optimizer, as in the
+    authors' runs) and saved with the model. A forward hook on the base model computes ``log Z`` from its last
+    hidden state, inside the model's forward (so FSDP has the head's parameters gathered), for the prompt
+    layout set in the returned context (``ctx.prompt_lens``, ``ctx.seq_lens``); the result is left in
+    ``ctx.log_z``.
+    Gradients flow from the head into the LLM (no detach), as in the reference code.
+    """
+    flowrl = flowrl if flowrl is not None else FlowRLConfig()
+    hidden_size = int(model.config.hidden_size)
+    head = LogZHead(
+        hidden_size,
+        num_layers=flowrl.head_num_layers,
+        dropout=flowrl.head_dropout,
+        init_log_z=flowrl.head_init_log_z,
+    )
+    try:
+        param = next(model.parameters())
+        if param.device.type != "meta":
+            head = head.to(device=param.device)
+    except StopIteration:
+        pass
+    model.add_module(HEAD_ATTRIBUTE, head)
+    ctx = _HeadContext()
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        ctx.log_z = None
+        if ctx.prompt_lens is None or ctx.seq_lens is None:
+            return
+        ctx.log_z = packed_prompt_log_z(
+            head, _last_hidden_state(output), ctx.prompt_lens, ctx.seq_lens,
+            drop_last_prompt_token=flowrl.drop_last_prompt_token,
+        )
+
+    _base_model(model).register_forward_hook(hook)
+    return head, ctx
+
+
+def _prompt_and_sequence_lengths(micro_batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence prompt and total lengths of a verl micro-batch (nested or left/right-padded layout)."""
+    prompts, responses = micro_batch["prompts"], micro_batch["responses"]
+    if prompts.is_nested:
+        prompt_lens = prompts.offsets().diff()
+        response_lens = responses.offsets().diff()
+    else:
+        attention_mask = micro_batch["attention_mask"]
+        prompt_lens = attention_mask[:, : prompts.shape[1]].sum(dim=1)
+        response_lens = attention_mask[:, prompts.shape[1] :].sum(dim=1)
+    return prompt_lens, prompt_lens + response_lens
+
+
+def _engine_base() -> type:
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    return FSDPEngineWithLMHead
+
+
+class _FlowRLEngineMixin:
+    """Adds the log-Z head to verl's FSDP language-model engine and emits ``model_output["log_z"]``.
+
+    * ``_build_module``: the Hugging Face model from verl, plus the head (:func:`attach_log_z_head`), before
+      FSDP wrapping - so the optimizer and the checkpoint manager see it;
+    * ``prepare_model_inputs``: records the micro-batch's prompt layout for the hook;
+    * ``prepare_model_outputs``: adds ``log_z [B]`` to verl's outputs (log-probs, entropy);
+    * ``get_per_tensor_param``: leaves the head out of the weight sync to the rollout engine (vLLM/SGLang).
+    """
+
+    flowrl_config: FlowRLConfig = FlowRLConfig()
+
+    def _build_module(self):  # type: ignore[no-untyped-def]
+        module = super()._build_module()  # type: ignore[misc]
+        self._flowrl_head, self._flowrl_ctx = attach_log_z_head(module, self.flowrl_config)
+        return module
+
+    def prepare_model_inputs(self, micro_batch):  # type: ignore[no-untyped-def]
+        ctx = getattr(self, "_flowrl_ctx", None)
+        if ctx is not None:
+            use_remove_padding = _non_tensor(micro_batch, "use_remove_padding", True)
+            if not use_remove_padding:
+                raise ValueError("FlowRLFSDPEngine needs use_remove_padding=True (the packed layout)")
+            ctx.prompt_lens, ctx.seq_lens = _prompt_and_sequence_lengths(micro_batch)
+            ctx.log_z = None
+        return super().prepare_model_inputs(micro_batch)  # type: ignore[misc]
+
+    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):  # type: ignore[no-untyped-def]
+        model_output = super().prepare_model_outputs(  # type: ignore[misc]
+            output, output_args, micro_batch, logits_processor_func
+        )
+        ctx = getattr(self, "_flowrl_ctx", None)
+        if ctx is not None and ctx.log_z is not None:
+            model_output["log_z"] = ctx.log_z
+            ctx.log_z = None
+        return model_output
+
+    def get_per_tensor_param(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        params, peft_config = super().get_per_tensor_param(*args, **kwargs)  # type: ignore[misc]
+        return _without_head(params), peft_config
+
+
+def _without_head(params: Any) -> Any:
+    is_items = not hasattr(params, "items")
+    items = params if is_items else params.items()
+    kept = ((name, tensor) for name, tensor in items if HEAD_ATTRIBUTE not in name)
+    return kept if is_items else dict(kept)
+
+
+def _non_tensor(data: Any, key: str, default: Any) -> Any:
+    from verl.utils import tensordict_utils as tu
+
+    return tu.get_non_tensor_data(data=data, key=key, default=default)
+
+
+def __getattr__(name: str) -> Any:
+    # FlowRLFSDPEngine subclasses a verl class: build it on first use so importing this module stays cheap.
+    if name == "FlowRLFSDPEngine":
+        cls = type("FlowRLFSDPEngine", (_FlowRLEngineMixin, _engine_base()), {"__module__": __name__})
+        cls.__doc__ = _FlowRLEngineMixin.__doc__
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register_flowrl_engine(
+    flowrl: FlowRLConfig | dict[str, Any] | None = None,
+    *,
+    backend: Sequence[str] = ("fsdp", "fsdp2"),
+    device: Sequence[str] = ("cuda", "npu"),
+) -> type:
+    """Make :class:`FlowRLFSDPEngine` verl's ``language_model`` engine for ``backend``/``device``.
+
+    verl builds the actor's (and the reference's) engine through ``EngineRegistry``; after this call both get
+    the head (the reference's copy is unused). Call it in each worker process before ``init_model``.
+    """
+    from verl.workers.engine.base import EngineRegistry
+
+    if not isinstance(flowrl, FlowRLConfig):
+        flowrl = FlowRLConfig.from_dict(flowrl)
+    base = __getattr__("FlowRLFSDPEngine")
+    cls = type("FlowRLFSDPEngine", (base,), {"flowrl_config": flowrl, "__module__": __name__})
+    EngineRegistry.register(model_type="language_model", backend=list(backend), device=list(device))(cls)
+    return cls
