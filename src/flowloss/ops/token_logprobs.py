@@ -19,7 +19,7 @@ with ``inplace_backward=True``. Its extra memory is one block's fp32 working set
 :data:`DEFAULT_CHUNK_BYTES`), plus ``dlogits`` in backward, which any implementation must return.
 
 Dispatch (``impl=``): ``"auto"`` picks the fused Triton kernels (``flowloss.ops.triton_logprobs``) for CUDA
-logits when triton is importable, else ``"chunked"``; ``"reference"`` is the float64 oracle
+logits (not float64) when triton is importable, else ``"chunked"``; ``"reference"`` is the float64 oracle
 (:func:`flowloss.reference.token_logprobs`, slow, for tests).
 """
 
@@ -295,9 +295,13 @@ def _triton_available() -> bool:
 
 
 def resolve_impl(impl: str, logits: torch.Tensor) -> str:
-    """``"auto"`` -> ``"triton"`` for CUDA logits with triton importable, else ``"chunked"``."""
+    """``"auto"`` -> ``"triton"`` for CUDA fp32/bf16/fp16 logits with triton importable, else ``"chunked"``.
+
+    float64 logits stay on the chunked path (the kernels compute in fp32; float64 is for checking).
+    """
     if impl == "auto":
-        return "triton" if logits.is_cuda and _triton_available() else "chunked"
+        fast = logits.is_cuda and logits.dtype != torch.float64
+        return "triton" if fast and _triton_available() else "chunked"
     if impl == "triton" and not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"`impl='triton'` needs CUDA logits (or TRITON_INTERPRET=1 for the interpreter), got "
