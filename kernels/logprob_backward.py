@@ -1,7 +1,7 @@
 """Backward Triton kernel: gradient of the per-row log-prob (and entropy) with respect to the logits.
 
-With ``z = x / T``, ``p = softmax(z)`` recomputed from the saved fp32 ``lse`` (no ``[N, V]`` buffer is kept
-from the forward), upstream gradients ``g [N]`` (of the log-prob) and ``g_H [N]`` (of the entropy)::
+With ``z = x / T``, ``p = softmax(z)`` recomputed from the forward's fp32 base-2 ``lse2`` (no ``[N, V]``
+buffer is kept from the forward), upstream gradients ``g [N]`` (of the log-prob), ``g_H [N]`` (of entropy)::
 
     d logprob / d z_v = onehot(y)_v - p_v
     d entropy / d z_v = -p_v (log p_v + H)
@@ -11,7 +11,7 @@ One read of the logits and one write of ``dlogits`` per kept row; skipped rows (
 ``ignore_index``) are not read and get a zero gradient; columns ``>= vocab_size`` (padded vocabulary) get 0.
 ``-inf`` logits have ``p = 0`` and a zero gradient (``p log p -> 0``). ``dlogits`` may alias ``logits``
 (in-place backward): each element is read before it is written, by the same program, so no second ``[N, V]``
-buffer is needed. A row whose ``lse`` is ``-inf`` (all logits ``-inf``) gets ``g`` on its label, 0 elsewhere.
+buffer is needed. A row whose ``lse2`` is ``-inf`` (all logits ``-inf``) gets ``g`` on its label, 0 elsewhere.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _logprob_backward_kernel(
     logits_ptr,  # [N, V] read
     dlogits_ptr,  # [N, V] written (may be logits_ptr)
     labels_ptr,  # [N]
-    lse_ptr,  # [N] fp32, natural log
+    lse2_ptr,  # [N] fp32, base-2 log-sum-exp from the forward
     grad_logprobs_ptr,  # [N] fp32 (unused unless HAS_GRAD_LOGPROBS)
     entropy_ptr,  # [N] fp32 (unused unless HAS_GRAD_ENTROPY)
     grad_entropy_ptr,  # [N] fp32 (unused unless HAS_GRAD_ENTROPY)
@@ -53,7 +53,7 @@ def _logprob_backward_kernel(
     row_ptr = logits_ptr + row * stride_row
     drow_ptr = dlogits_ptr + row * stride_drow
 
-    lse2 = tl.load(lse_ptr + row) * LOG2E
+    lse2 = tl.load(lse2_ptr + row)
     lse2_safe = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # all -inf row: p = 2^(-inf - inf) = 0
     g = 0.0
     if HAS_GRAD_LOGPROBS:
@@ -78,7 +78,7 @@ def _logprob_backward_kernel(
 def logprob_backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    lse2: torch.Tensor,
     grad_logprobs: torch.Tensor | None,
     *,
     entropy: torch.Tensor | None = None,
@@ -93,8 +93,8 @@ def logprob_backward(
     """Launch the backward kernel; no validation, no autograd (see ``flowloss.ops.triton_logprobs``).
 
     Returns ``dlogits`` of ``logits``' shape and dtype: a new tensor, or ``logits`` itself (overwritten) when
-    ``inplace``. ``grad_logprobs`` / ``grad_entropy`` of ``None`` mean zero upstream gradient; ``entropy`` is
-    the forward's fp32 entropy, needed only with ``grad_entropy``.
+    ``inplace``. ``lse2`` is the forward's base-2 log-sum-exp. ``grad_logprobs`` / ``grad_entropy`` of
+    ``None`` mean zero upstream gradient; ``entropy`` (the forward's) is needed only with ``grad_entropy``.
     """
     n_rows, n_cols = logits.shape
     vocab = n_cols if vocab_size is None else int(vocab_size)
@@ -108,10 +108,10 @@ def logprob_backward(
         logits,
         dlogits,
         labels,
-        lse,
-        grad_logprobs if grad_logprobs is not None else lse,
-        entropy if has_grad_entropy else lse,
-        grad_entropy if has_grad_entropy else lse,
+        lse2,
+        grad_logprobs if grad_logprobs is not None else lse2,
+        entropy if has_grad_entropy else lse2,
+        grad_entropy if has_grad_entropy else lse2,
         logits.stride(0),
         dlogits.stride(0),
         n_cols,

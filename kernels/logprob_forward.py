@@ -2,7 +2,7 @@
 
 For one row of logits ``x [V]``, temperature ``T`` and label ``y``, ``z = x / T`` (after the fp32 upcast)::
 
-    lse      = log sum_v exp(z_v)                                  [N] fp32
+    lse      = log sum_v exp(z_v)                                  [N] fp32, stored as lse2 = lse / ln 2
     logprob  = z_y - lse                                           [N] fp32
     entropy  = -sum_v p_v log p_v = lse - sum_v p_v z_v,  p = softmax(z)   [N] fp32 (optional)
 
@@ -15,8 +15,11 @@ One pass over the vocabulary in blocks of ``BLOCK_V`` columns (the tiling depend
     t = sum_v 2^(u_v - m) (u_v - m)   (entropy only) rescaled as t' = a (t + (m_old - m_new) s)
                                       with a = 2^(m_old - m_new)
 
-so that ``lse = ln2 (m + log2 s)`` and ``entropy = ln2 (log2 s - t / s)``. Keeping ``t`` relative to the
-running maximum avoids the cancellation of ``lse - sum p z`` when logits are large (|z| ~ 1e4).
+so that ``lse2 = m + log2 s`` and ``entropy = ln2 (log2 s - t / s)``. The log-sum-exp is stored in base 2
+(``lse2 = lse / ln 2``) because the backward recomputes ``p = 2^(u - lse2)`` from it: a round trip through the
+natural log would cost an fp32 rounding of ``|lse|`` (5e-4 at 1e4), i.e. a 1e-3 relative error in ``p``.
+Keeping ``t`` relative to the running maximum avoids the cancellation of ``lse - sum p z`` when logits
+are large (|z| ~ 1e4).
 
 ``-inf`` logits are legal (padded vocabularies): a block that is all ``-inf`` while the running maximum
 is still ``-inf`` would give ``2^(-inf - -inf) = NaN``; the rescale uses a "safe" maximum (0 while it is
@@ -52,7 +55,7 @@ def _logprob_forward_kernel(
     logits_ptr,  # [N, V] fp32/bf16/fp16, last dim contiguous, row stride `stride_row`
     labels_ptr,  # [N] int32/int64
     logprobs_ptr,  # [N] fp32 out
-    lse_ptr,  # [N] fp32 out (natural log)
+    lse2_ptr,  # [N] fp32 out: base-2 log-sum-exp of u = z log2(e)
     entropy_ptr,  # [N] fp32 out (unused unless WITH_ENTROPY)
     stride_row,
     vocab_size,  # columns >= vocab_size read as -inf
@@ -93,7 +96,7 @@ def _logprob_forward_kernel(
     logprob = (u_label - lse2) * LN2
     logprob = tl.where(lse2 == float("-inf"), float("-inf"), logprob)
     tl.store(logprobs_ptr + row, tl.where(skip, 0.0, logprob))
-    tl.store(lse_ptr + row, tl.where(skip, 0.0, lse2 * LN2))
+    tl.store(lse2_ptr + row, tl.where(skip, 0.0, lse2))
     if WITH_ENTROPY:
         entropy = (log2_s - t / s) * LN2
         entropy = tl.where(s > 0.0, entropy, 0.0)
@@ -114,22 +117,23 @@ def logprob_forward(
     """Launch the forward kernel; no validation, no autograd (see ``flowloss.ops.triton_logprobs``).
 
     ``logits [N, V]`` with ``logits.stride(1) == 1``; ``labels [N]`` int32/int64, negative or ``ignore_index``
-    = skip the row. Returns fp32 ``(logprobs [N], lse [N], entropy [N] or None)``; ``lse`` is the natural
-    log-sum-exp of ``logits / temperature`` over the first ``vocab_size`` columns (all of them by default).
+    = skip the row. Returns fp32 ``(logprobs [N], lse2 [N], entropy [N] or None)``; ``lse2 * ln 2`` is the
+    natural log-sum-exp of ``logits / temperature`` over the first ``vocab_size`` columns (all by default),
+    kept in base 2 for :func:`logprob_backward` (see the module docstring). Skipped rows hold 0 in all three.
     """
     n_rows, n_cols = logits.shape
     vocab = n_cols if vocab_size is None else int(vocab_size)
     logprobs = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse2 = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(n_rows, dtype=torch.float32, device=logits.device) if with_entropy else None
     if n_rows == 0:
-        return logprobs, lse, entropy
+        return logprobs, lse2, entropy
     _logprob_forward_kernel[(n_rows,)](
         logits,
         labels,
         logprobs,
-        lse,
-        entropy if entropy is not None else lse,
+        lse2,
+        entropy if entropy is not None else lse2,
         logits.stride(0),
         vocab,
         int(ignore_index),
@@ -138,4 +142,4 @@ def logprob_forward(
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
-    return logprobs, lse, entropy
+    return logprobs, lse2, entropy

@@ -39,7 +39,7 @@ class TritonTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, vocab_size, with_entropy, inplace, block_v):
-        logprobs, lse, entropy = logprob_forward(
+        logprobs, lse2, entropy = logprob_forward(
             logits,
             labels,
             temperature=temperature,
@@ -49,14 +49,14 @@ class TritonTokenLogprobs(torch.autograd.Function):
             block_v=block_v,
         )
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(logits, labels, lse, entropy if with_entropy else None)
+        ctx.save_for_backward(logits, labels, lse2, entropy if with_entropy else None)
         ctx.options = (temperature, ignore_index, vocab_size, inplace, block_v)
         return (logprobs, entropy) if with_entropy else logprobs
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logprobs, grad_entropy=None):
-        logits, labels, lse, entropy = ctx.saved_tensors
+        logits, labels, lse2, entropy = ctx.saved_tensors
         temperature, ignore_index, vocab_size, inplace, block_v = ctx.options
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
@@ -67,7 +67,7 @@ class TritonTokenLogprobs(torch.autograd.Function):
         dlogits = logprob_backward(
             logits,
             labels,
-            lse,
+            lse2,
             grad_logprobs,
             entropy=entropy,
             grad_entropy=grad_entropy,

@@ -1,0 +1,474 @@
+"""Fused Triton log-prob kernels vs the float64 reference (values and gradients).
+
+Runs under Triton's interpreter on CPU (``TRITON_INTERPRET=1``, set by ``make test-kernels`` before triton is
+imported) or on a CUDA device. Shapes are small: the interpreter executes every program in Python.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip(
+        "Triton kernels need TRITON_INTERPRET=1 (set before triton is imported; `make test-kernels`) or CUDA",
+        allow_module_level=True,
+    )
+pytest.importorskip("triton", reason="triton is not installed")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from flowloss import reference  # noqa: E402
+from flowloss.ops.triton_logprobs import triton_token_logprobs  # noqa: E402
+
+pytestmark = [
+    pytest.mark.triton_interpreter,
+    # numpy warns about 0 * inf / log2(0) in branches tl.where discards; the results are checked below.
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+F64 = torch.float64
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (atol, rtol) of fp32 outputs against the float64 reference on the same (rounded) inputs; accumulation is
+# fp32 for every input dtype, so the error does not depend on it.
+VALUE_TOL = (2e-5, 2e-6)
+# Gradients are stored in the logits' dtype: rounding to 24/8/11 mantissa bits dominates.
+GRAD_TOL = {torch.float32: (2e-6, 2e-5), torch.bfloat16: (1e-4, 8e-3), torch.float16: (1e-5, 1e-3)}
+
+
+def close(actual, expected, *, atol, rtol, what):
+    """Compare in float64, NaN/inf positions must agree; the message names the formula under test."""
+    a = actual.detach().to(F64).cpu()
+    e = expected.detach().to(F64).cpu()
+    if a.shape != e.shape:
+        raise AssertionError(f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    same_special = (a == e) | (a.isnan() & e.isnan())
+    if not bool((a.isfinite() == e.isfinite()).all() and (same_special | e.isfinite()).all()):
+        raise AssertionError(f"{what}: non-finite values differ:\n got {a}\n expected {e}")
+    fin = e.isfinite()
+    err = torch.where(fin, (a - e).abs(), torch.zeros_like(a))
+    bound = atol + rtol * e.abs().nan_to_num(0.0, 0.0, 0.0)
+    if not bool((err <= bound).all()):
+        worst = int(torch.argmax(err - bound))
+        raise AssertionError(
+            f"{what}: max abs error {err.max().item():.3e} (at flat index {worst}: got "
+            f"{a.flatten()[worst].item():.10g}, expected {e.flatten()[worst].item():.10g}); "
+            f"tolerance atol={atol:.1e} rtol={rtol:.1e}"
+        )
+
+
+def analytic_grad(logits, labels, temperature, g, g_h, vocab_size=None):
+    """float64 ``(g (onehot - p) - g_H p (log p + H)) / T``, ``p log p = 0`` at ``p = 0``; 0 on skipped rows.
+
+    Used where autograd through the reference gives NaN (``-inf`` logits make ``0 * -inf`` in the entropy's
+    backward); ``test_analytic_gradient_matches_autograd_reference`` checks it against autograd elsewhere.
+    """
+    n, v = logits.shape
+    vocab = v if vocab_size is None else vocab_size
+    out = torch.zeros(n, v, dtype=F64)
+    for i in range(n):
+        y = int(labels[i])
+        if y < 0:
+            continue
+        z = logits[i, :vocab].to(F64) / temperature
+        lse = torch.logsumexp(z, 0)
+        if lse == float("-inf"):
+            out[i, y] = float(g[i]) / temperature
+            continue
+        log_p = z - lse
+        p = log_p.exp()
+        plogp = torch.where(p > 0, p * log_p, torch.zeros_like(p))
+        h = -plogp.sum()
+        onehot = torch.zeros(vocab, dtype=F64)
+        onehot[y] = 1.0
+        term_h = torch.where(p > 0, p * (log_p + h), torch.zeros_like(p))
+        out[i, :vocab] = (float(g[i]) * (onehot - p) - float(g_h[i]) * term_h) / temperature
+    return out
+
+
+def make_logits(n, v, dtype, *, scale=3.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, v, generator=gen, dtype=torch.float32) * scale).to(dtype)
+
+
+def make_labels(n, v, dtype=torch.int64, *, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, v, (n,), generator=gen).to(dtype)
+
+
+def run_kernel(logits, labels, *, seed=2, **kwargs):
+    """Forward + backward with random upstream gradients; returns (logprobs, entropy, dlogits, g, g_h)."""
+    x = logits.detach().clone().to(DEVICE).requires_grad_(True)
+    lp, ent = triton_token_logprobs(x, labels.to(DEVICE), return_entropy=True, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(lp.shape, generator=gen)
+    g_h = torch.randn(lp.shape, generator=gen)
+    torch.autograd.backward([lp, ent], [g.to(DEVICE), g_h.to(DEVICE)])
+    return lp.cpu(), ent.cpu(), x.grad.cpu(), g, g_h
+
+
+def run_reference(logits, labels, g, g_h, *, temperature=1.0, ignore_index=-100, mask=None):
+    eff = labels.to(torch.int64)
+    if mask is not None:
+        eff = torch.where(mask.bool(), eff, torch.full_like(eff, ignore_index))
+    x = logits.detach().to(F64).requires_grad_(True)
+    lp, ent = reference.token_logprobs(x, eff, temperature=temperature, ignore_index=ignore_index)
+    (lp * g.to(F64) + ent * g_h.to(F64)).sum().backward()
+    return lp.detach(), ent.detach(), x.grad
+
+
+def check_against_reference(logits, labels, *, temperature=1.0, mask=None, ignore_index=-100, **kwargs):
+    lp, ent, grad, g, g_h = run_kernel(
+        logits, labels, temperature=temperature, mask=mask, ignore_index=ignore_index, **kwargs
+    )
+    r_lp, r_ent, r_grad = run_reference(
+        logits, labels, g, g_h, temperature=temperature, ignore_index=ignore_index, mask=mask
+    )
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32
+    assert grad.dtype == logits.dtype
+    close(lp, r_lp, atol=VALUE_TOL[0], rtol=VALUE_TOL[1], what="logprob = z_y - logsumexp(z)")
+    close(ent, r_ent, atol=VALUE_TOL[0], rtol=VALUE_TOL[1], what="entropy = -sum p log p")
+    atol, rtol = GRAD_TOL[logits.dtype]
+    close(grad, r_grad, atol=atol, rtol=rtol, what="dlogits = (g (onehot - p) - g_H p (log p + H)) / T")
+    return lp, ent, grad
+
+
+# --- values and gradients against the float64 reference ---
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1, 7, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_matches_reference_small_vocab(dtype, vocab, temperature):
+    logits = make_logits(5, vocab, dtype)
+    labels = make_labels(5, vocab)
+    lp, ent, _ = check_against_reference(logits, labels, temperature=temperature)
+    if vocab == 1:
+        assert bool((lp == 0).all()) and bool((ent == 0).all()), "V = 1: log p = 0 and H = 0 exactly"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matches_reference_large_odd_vocab(dtype):
+    """V = 32003: eight 4096-column blocks, the last one partial (online max/LSE/entropy across blocks)."""
+    logits = make_logits(2, 32003, dtype, scale=4.0)
+    logits[0, 31000] = 30.0  # the running maximum jumps in the last block
+    labels = torch.tensor([31000, 17])
+    check_against_reference(logits, labels, temperature=1.3)
+
+
+@pytest.mark.parametrize("block_v", [16, 64])
+def test_many_small_blocks(block_v):
+    """The online rescale across many blocks, with the row maximum at the start, middle and end."""
+    logits = make_logits(3, 203, torch.float32, scale=5.0)
+    logits[0, 0] = 40.0
+    logits[1, 101] = 40.0
+    logits[2, 202] = 40.0
+    check_against_reference(logits, make_labels(3, 203), temperature=0.9, block_v=block_v)
+
+
+def test_analytic_gradient_matches_autograd_reference():
+    """The float64 analytic gradient used for the -inf tests agrees with autograd through the reference."""
+    logits = make_logits(4, 50, torch.float32)
+    labels = make_labels(4, 50)
+    labels[1] = -100
+    g, g_h = torch.randn(4), torch.randn(4)
+    _, _, r_grad = run_reference(logits, labels, g, g_h, temperature=0.8)
+    close(analytic_grad(logits, labels, 0.8, g, g_h), r_grad, atol=1e-12, rtol=1e-10, what="analytic dlogits")
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64], ids=str)
+def test_label_dtypes_give_identical_results(label_dtype):
+    logits = make_logits(4, 300, torch.float32)
+    labels = make_labels(4, 300)
+    lp64, ent64, grad64, _, _ = run_kernel(logits, labels)
+    lp, ent, grad, _, _ = run_kernel(logits, labels.to(label_dtype))
+    assert torch.equal(lp, lp64) and torch.equal(ent, ent64) and torch.equal(grad, grad64)
+
+
+def test_only_one_output_receives_a_gradient():
+    """Upstream gradient on the log-prob only, then on the entropy only (the other is None in backward)."""
+    logits = make_logits(3, 40, torch.float32)
+    labels = make_labels(3, 40)
+    g = torch.randn(3)
+    for which in ("logprob", "entropy"):
+        x = logits.clone().to(DEVICE).requires_grad_(True)
+        lp, ent = triton_token_logprobs(x, labels.to(DEVICE), temperature=1.5, return_entropy=True)
+        out = lp if which == "logprob" else ent
+        (out * g.to(DEVICE)).sum().backward()
+        zeros = torch.zeros(3)
+        expected = analytic_grad(
+            logits, labels, 1.5, g if which == "logprob" else zeros, g if which != "logprob" else zeros
+        )
+        close(x.grad.cpu(), expected, atol=2e-6, rtol=2e-5, what=f"dlogits from d{which} only")
+
+
+def test_without_entropy():
+    logits = make_logits(3, 100, torch.bfloat16)
+    labels = make_labels(3, 100)
+    x = logits.clone().to(DEVICE).requires_grad_(True)
+    lp, ent = triton_token_logprobs(x, labels.to(DEVICE), temperature=0.6)
+    assert ent is None
+    g = torch.randn(3)
+    (lp * g.to(DEVICE)).sum().backward()
+    r_lp, _, r_grad = run_reference(logits, labels, g, torch.zeros(3), temperature=0.6)
+    close(lp.cpu(), r_lp, atol=VALUE_TOL[0], rtol=VALUE_TOL[1], what="logprob without entropy")
+    atol, rtol = GRAD_TOL[torch.bfloat16]
+    close(x.grad.cpu(), r_grad, atol=atol, rtol=rtol, what="dlogits without entropy")
+
+
+# --- skipped rows ---
+
+
+def test_ignored_and_masked_rows_are_zero_and_never_read():
+    logits = make_logits(6, 90, torch.float32)
+    labels = make_labels(6, 90)
+    labels[1] = -100
+    labels[4] = 12345  # out of range, but the row is masked out: allowed, never used
+    mask = torch.tensor([True, True, False, True, False, True])
+    r_lp, r_ent, r_grad = None, None, None
+    poisoned = logits.clone()
+    poisoned[[1, 2, 4]] = float("nan")  # a skipped row's logits are not read: NaN there cannot leak
+    lp, ent, grad, g, g_h = run_kernel(poisoned, labels, mask=mask, temperature=1.2)
+    r_lp, r_ent, r_grad = run_reference(logits, labels.clamp_max(89), g, g_h, temperature=1.2, mask=mask)
+    for row in (1, 2, 4):
+        assert lp[row] == 0 and ent[row] == 0, f"skipped row {row}: logprob and entropy must be 0"
+        assert bool((grad[row] == 0).all()), f"skipped row {row}: gradient must be exactly 0"
+    close(lp, r_lp, atol=VALUE_TOL[0], rtol=VALUE_TOL[1], what="logprob with skipped rows")
+    close(ent, r_ent, atol=VALUE_TOL[0], rtol=VALUE_TOL[1], what="entropy with skipped rows")
+    close(grad, r_grad, atol=2e-6, rtol=2e-5, what="dlogits with skipped rows")
+
+
+def test_custom_ignore_index_and_mask_as_ints():
+    logits = make_logits(4, 20, torch.float16)
+    labels = torch.tensor([3, 7, 3, 19], dtype=torch.int32)
+    mask = torch.tensor([1, 1, 1, 0])
+    lp, _, grad = check_against_reference(logits, labels, ignore_index=7, mask=mask)
+    assert lp[1] == 0 and lp[3] == 0 and bool((grad[[1, 3]] == 0).all())
+
+
+def test_empty_batch():
+    x = torch.zeros(0, 11, device=DEVICE, requires_grad=True)
+    lp, ent = triton_token_logprobs(x, torch.zeros(0, dtype=torch.int64, device=DEVICE), return_entropy=True)
+    assert lp.shape == (0,) and ent.shape == (0,)
+    (lp.sum() + ent.sum()).backward()
+    assert x.grad.shape == (0, 11)
+
+
+# --- extreme values, -inf, padded vocabulary ---
+
+
+def test_extreme_logits_are_finite():
+    """Logits of +-1e4 (fp32): fp32 holds z to ~5e-4 there, so the tolerance scales with |z|."""
+    logits = make_logits(4, 300, torch.float32)
+    logits[0, :150] = 1e4
+    logits[1, 10] = 1e4
+    logits[1, 11] = -1e4
+    logits[2] = -1e4
+    logits[3, ::2] = 1e4
+    logits[3, 1::2] = -1e4
+    labels = torch.tensor([3, 11, 0, 1])
+    lp, ent, grad, g, g_h = run_kernel(logits, labels, temperature=0.9)
+    r_lp, r_ent, r_grad = run_reference(logits, labels, g, g_h, temperature=0.9)
+    assert bool(lp.isfinite().all() and ent.isfinite().all() and grad.isfinite().all())
+    close(lp, r_lp, atol=1e-7 * 1e4 / 0.9 * 4, rtol=1e-6, what="logprob at +-1e4")
+    close(ent, r_ent, atol=1e-4, rtol=1e-5, what="entropy at +-1e4 (computed relative to the running max)")
+    close(grad, r_grad, atol=1e-5, rtol=1e-4, what="dlogits at +-1e4")
+
+
+def test_neg_inf_entries_and_all_neg_inf_blocks():
+    """-inf columns (padded vocab): whole -inf blocks before the first finite one must not give NaN."""
+    logits = make_logits(4, 64, torch.bfloat16)
+    logits[:, :20] = float("-inf")  # blocks 0 (and part of 1) of 16 columns are all -inf
+    logits[1, 40:] = float("-inf")
+    logits[2, 30] = float("-inf")
+    logits[3] = float("-inf")  # every logit -inf
+    labels = torch.tensor([25, 33, 30, 5])  # row 2's label has logit -inf; row 3 has nothing finite
+    lp, ent, grad, g, g_h = run_kernel(logits, labels, temperature=1.1, block_v=16)
+    r_lp, r_ent, _ = run_reference(logits, labels, g, g_h, temperature=1.1)
+    assert lp[2] == float("-inf"), "a label whose logit is -inf has log-prob -inf"
+    assert lp[3] == float("-inf") and ent[3] == 0, "an all -inf row: log-prob -inf, entropy 0"
+    close(lp[:3], r_lp[:3], atol=VALUE_TOL[0], rtol=VALUE_TOL[1], what="logprob with -inf entries")
+    close(ent[:3], r_ent[:3], atol=VALUE_TOL[0], rtol=VALUE_TOL[1], what="entropy with -inf entries")
+    assert bool(grad.isfinite().all()), "dlogits must be finite with -inf logits"
+    atol, rtol = GRAD_TOL[torch.bfloat16]
+    expected = analytic_grad(logits, labels, 1.1, g, g_h)
+    close(grad, expected, atol=atol, rtol=rtol, what="dlogits with -inf entries (0 at -inf columns)")
+
+
+def test_vocab_size_treats_padded_columns_as_neg_inf():
+    logits = make_logits(3, 50, torch.float32)
+    padded = torch.cat([logits, torch.full((3, 14), 1e3)], dim=1)  # padding that would dominate if read
+    padded[1, 55] = float("nan")
+    labels = make_labels(3, 50)
+    lp, ent, grad, g, g_h = run_kernel(padded, labels, vocab_size=50, block_v=16)
+    r_lp, r_ent, r_grad = run_reference(logits, labels, g, g_h)
+    close(lp, r_lp, atol=VALUE_TOL[0], rtol=VALUE_TOL[1], what="logprob over the first vocab_size columns")
+    close(ent, r_ent, atol=VALUE_TOL[0], rtol=VALUE_TOL[1], what="entropy over the first vocab_size columns")
+    close(grad[:, :50], r_grad, atol=2e-6, rtol=2e-5, what="dlogits over the first vocab_size columns")
+    assert bool((grad[:, 50:] == 0).all()), "padded columns get a zero gradient"
+    with pytest.raises(ValueError, match="labels"):
+        triton_token_logprobs(padded.to(DEVICE), torch.tensor([0, 55, 1], device=DEVICE), vocab_size=50)
+
+
+# --- layouts and in-place backward ---
+
+
+def test_row_strided_and_transposed_logits():
+    base = make_logits(4, 70, torch.float32)
+    labels = make_labels(4, 57)
+    strided = base[:, 3:60]  # row stride 70, last-dim stride 1: used as is
+    assert strided.stride() == (70, 1)
+    check_against_reference(strided, labels, temperature=0.8)
+    transposed = make_logits(57, 4, torch.float32).t()  # last-dim stride != 1: copied first
+    check_against_reference(transposed, labels, temperature=0.8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_backward_same_gradient_same_buffer(dtype):
+    logits = make_logits(4, 300, dtype)
+    labels = make_labels(4, 300)
+    labels[2] = -100
+    _, _, expected, g, g_h = run_kernel(logits, labels, temperature=0.7)
+
+    x = logits.clone().to(DEVICE)
+    leaf = x.clone().requires_grad_(True)
+    work = leaf * 1.0  # a non-leaf whose buffer the backward may overwrite
+    version = work._version
+    lp, ent = triton_token_logprobs(
+        work, labels.to(DEVICE), temperature=0.7, return_entropy=True, inplace_backward=True
+    )
+    (grad,) = torch.autograd.grad([lp, ent], [work], [g.to(DEVICE), g_h.to(DEVICE)])
+    assert grad.data_ptr() == work.data_ptr(), "in-place backward must reuse the logits buffer"
+    assert grad.dtype == dtype and torch.equal(grad.cpu(), expected), "in-place gradient == out-of-place"
+    assert work._version > version, "the overwritten logits are marked modified for autograd"
+
+
+def test_inplace_backward_on_row_strided_view():
+    big = make_logits(3, 40, torch.float32)
+    view = big[:, :33].clone().to(DEVICE)
+    labels = make_labels(3, 33)
+    _, _, expected, g, g_h = run_kernel(view, labels)
+    leaf = big.clone().to(DEVICE).requires_grad_(True)
+    holder = leaf * 1.0
+    sub = holder[:, :33]  # row stride 40, last-dim stride 1
+    lp, ent = triton_token_logprobs(sub, labels.to(DEVICE), return_entropy=True, inplace_backward=True)
+    (grad,) = torch.autograd.grad([lp, ent], [sub], [g.to(DEVICE), g_h.to(DEVICE)])
+    assert grad.data_ptr() == sub.data_ptr()
+    assert torch.equal(holder[:, :33].detach().cpu(), expected), "gradient written into the strided rows"
+    assert torch.equal(holder[:, 33:].detach().cpu(), big[:, 33:]), "columns outside the view untouched"
+
+
+# --- invariants ---
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(
+    n=st.integers(1, 4),
+    v=st.integers(1, 70),
+    shift=st.floats(-50, 50),
+    seed=st.integers(0, 2**16),
+    temperature=st.sampled_from([0.5, 1.0, 2.0]),
+)
+def test_batch_independent_and_shift_invariant(n, v, shift, seed, temperature):
+    """A row's result does not depend on the other rows (bitwise), and log-probs are invariant to z + c."""
+    logits = make_logits(n + 1, v, torch.float32, seed=seed)
+    labels = make_labels(n + 1, v, seed=seed + 1)
+    lp_all, ent_all = triton_token_logprobs(
+        logits.to(DEVICE), labels.to(DEVICE), temperature=temperature, return_entropy=True, block_v=16
+    )
+    lp_one, ent_one = triton_token_logprobs(
+        logits[-1:].to(DEVICE),
+        labels[-1:].to(DEVICE),
+        temperature=temperature,
+        return_entropy=True,
+        block_v=16,
+    )
+    assert torch.equal(lp_all[-1:], lp_one) and torch.equal(ent_all[-1:], ent_one), "depends on batch"
+    lp_shift, ent_shift = triton_token_logprobs(
+        (logits + shift).to(DEVICE),
+        labels.to(DEVICE),
+        temperature=temperature,
+        return_entropy=True,
+        block_v=16,
+    )
+    tol = 4e-6 * (1 + abs(shift) / temperature)
+    close(lp_shift, lp_all, atol=tol, rtol=1e-5, what="log softmax(z + c) = log softmax(z)")
+    close(ent_shift, ent_all, atol=tol, rtol=1e-5, what="H(z + c) = H(z)")
+    every_label, _ = triton_token_logprobs(
+        logits[:1].expand(v, v).to(DEVICE),
+        torch.arange(v, device=DEVICE),
+        temperature=temperature,
+        block_v=16,
+    )
+    mass = torch.logsumexp(every_label.cpu().double(), dim=0, keepdim=True)
+    close(mass, torch.zeros(1), atol=1e-5, rtol=0, what="log sum_y p(y) = 0")
+
+
+# --- bad input ---
+
+
+def _call(logits=None, labels=None, **kwargs):
+    logits = torch.zeros(3, 5, device=DEVICE) if logits is None else logits
+    labels = torch.zeros(3, dtype=torch.int64, device=DEVICE) if labels is None else labels
+    return triton_token_logprobs(logits, labels, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"logits": torch.zeros(15)}, ValueError, "logits.*2-D"),
+        (
+            {"logits": torch.zeros(3, 5, dtype=torch.float64)},
+            TypeError,
+            "logits.*float32, bfloat16 or float16",
+        ),
+        ({"logits": torch.zeros(3, 5, dtype=torch.int64)}, TypeError, "logits"),
+        ({"logits": torch.zeros(3, 0)}, ValueError, "logits.*at least one"),
+        ({"logits": [[0.0] * 5] * 3}, TypeError, "logits.*torch.Tensor"),
+        ({"labels": torch.zeros(3)}, TypeError, "labels.*int32 or int64"),
+        ({"labels": torch.zeros(4, dtype=torch.int64)}, ValueError, "labels.*one entry per row"),
+        ({"labels": torch.zeros(3, 1, dtype=torch.int64)}, ValueError, "labels.*1-D"),
+        ({"labels": torch.tensor([0, 5, 1])}, ValueError, r"labels.*\[0, 5\).*labels\[1\] = 5"),
+        ({"labels": torch.tensor([0, -3, 1])}, ValueError, r"labels\[1\] = -3"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"temperature": -1.0}, ValueError, "temperature"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
+        ({"temperature": float("inf")}, ValueError, "temperature"),
+        ({"temperature": True}, TypeError, "temperature"),
+        ({"temperature": torch.tensor(1.0)}, TypeError, "temperature"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index"),
+        ({"mask": torch.ones(4, dtype=torch.bool)}, ValueError, "mask"),
+        ({"mask": torch.full((3,), 2)}, ValueError, "mask"),
+        ({"vocab_size": 6}, ValueError, "vocab_size"),
+        ({"vocab_size": 0}, ValueError, "vocab_size"),
+        ({"block_v": 100}, ValueError, "block_v"),
+        (
+            {"logits": torch.zeros(1, 5).expand(3, 5), "inplace_backward": True},
+            ValueError,
+            "inplace_backward",
+        ),
+    ],
+)
+def test_bad_input_is_refused(kwargs, error, match):
+    kwargs = {
+        k: v.to(DEVICE) if isinstance(v, torch.Tensor) and k != "temperature" else v
+        for k, v in kwargs.items()
+    }
+    with pytest.raises(error, match=match):
+        _call(**kwargs)
+
+
+def test_out_of_range_label_on_ignored_row_is_allowed():
+    lp, _ = _call(labels=torch.tensor([0, -100, 4], device=DEVICE))
+    assert lp[1] == 0
+
+
+def test_cpu_tensors_refused_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA"):
+        _call(logits=torch.zeros(3, 5), labels=torch.zeros(3, dtype=torch.int64))
