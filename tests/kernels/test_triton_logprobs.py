@@ -348,6 +348,15 @@ def test_inplace_backward_same_gradient_same_buffer(dtype):
     assert work._version > version, "the overwritten logits are marked modified for autograd"
 
 
+def test_inplace_backward_refuses_a_second_backward():
+    """After the in-place backward the logits hold their gradient: reusing them must raise, not mislead."""
+    leaf = make_logits(3, 20, torch.float32).to(DEVICE).requires_grad_(True)
+    lp, _ = triton_token_logprobs(leaf * 1.0, torch.tensor([1, 2, 3], device=DEVICE), inplace_backward=True)
+    lp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        lp.sum().backward()
+
+
 def test_inplace_backward_on_row_strided_view():
     big = make_logits(3, 40, torch.float32)
     view = big[:, :33].clone().to(DEVICE)
