@@ -61,12 +61,13 @@ def make_config(output_dir: str, **overrides) -> FlowRLConfig:
     return FlowRLConfig(**options)
 
 
-def main(output_dir: str) -> FlowRLTrainer:
+def main(output_dir: str, **overrides) -> FlowRLTrainer:
+    """Train 2 FlowRL steps on CPU; ``overrides`` go to :func:`make_config`. Returns the trainer."""
     policy_dir = build_tiny_policy(os.path.join(output_dir, "tiny-policy"))
     trainer = FlowRLTrainer(
         model=policy_dir,
         reward_funcs=reward_distinct_chars,
-        args=make_config(os.path.join(output_dir, "run")),
+        args=make_config(os.path.join(output_dir, "run"), **overrides),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
     )
     trainer.train()
