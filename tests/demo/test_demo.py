@@ -15,9 +15,9 @@ from flowloss.demo.cli import register
 from flowloss.demo.train import DemoConfig, run_demo
 
 
-@pytest.fixture(scope="module")
-def short_run():
-    return run_demo(DemoConfig(seed=0, steps=200, eval_every=20))
+@pytest.fixture(scope="module", params=[0, 4], ids=lambda seed: f"seed{seed}")
+def short_run(request):
+    return run_demo(DemoConfig(seed=request.param, steps=200, eval_every=20))
 
 
 def _by_method(result):
@@ -34,16 +34,23 @@ def test_distribution_matching_beats_reward_maximization(short_run, flow):
     assert ours.distinct_sequences > 10 * grpo.distinct_sequences, "GRPO's samples should have collapsed"
 
 
-def test_grpo_collapses_and_flowrl_raw_reaches_the_target(short_run):
-    rows = _by_method(short_run)
+@pytest.fixture(scope="module")
+def default_run():
+    """The documented run (docs/demo.md): defaults, seed 0, 400 steps."""
+    return run_demo(DemoConfig())
+
+
+def test_grpo_collapses_and_flowrl_raw_reaches_the_target(default_run):
+    rows = _by_method(default_run)
     grpo, raw = rows["grpo"], rows["flowrl-raw"]
     assert max(grpo.mode_mass) > 0.9, "reward maximization puts (almost) all mass on one mode"
     assert grpo.modes_covered <= 1
-    assert raw.modes_covered == len(short_run.config.heights), "exact-target FlowRL covers every mode"
-    assert raw.kl_pi_target < 0.25
-    assert abs(raw.log_z - short_run.log_z_true) < 0.5, "learned log Z approaches the true log Z"
+    assert raw.modes_covered == len(default_run.config.heights), "exact-target FlowRL covers every mode"
+    assert raw.kl_pi_target < 0.1
+    assert abs(raw.log_z - default_run.log_z_true) < 0.2, "learned log Z approaches the true log Z"
+    assert raw.log_z < default_run.log_z_true, "on policy, the TB-optimal constant is log Z_true - KL"
     # Reward maximization buys reward with diversity: GRPO's mean reward is above the target's.
-    assert grpo.mean_reward > short_run.target.mean_reward > short_run.reference.mean_reward
+    assert grpo.mean_reward > default_run.target.mean_reward > default_run.reference.mean_reward
 
 
 def test_kl_history_is_recorded_and_decreases_for_flowrl(short_run):
