@@ -1,0 +1,617 @@
+"""FlowRL in OpenRLHF (``openrlhf>=0.11``): a ``PolicyLoss`` twin, a trainer subclass and a launcher.
+
+OpenRLHF has no loss registry. ``ActorPPOTrainer.training_step`` runs the actor forward and calls
+``self.actor_loss_fn(log_probs, old_log_probs, advantages, action_mask=, rollout_log_probs=, dp_size=,
+batch_num_tokens=, global_batch_size=)`` which must return ``(loss, clip_ratio, ppo_kl, vllm_kl,
+is_filter_ratio)``. This module translates that call into :func:`flowloss.trajectory_balance_loss`::
+
+    delta_i = log Z_phi(x_i) + mean_t log pi_theta(y_it) - beta * r_hat_i - mean_t log pi_ref(y_it)
+    loss    = sum_i w_i delta_i^2 / (global_batch_size / dp_size)
+
+with, per micro-batch of ``B`` sequences and ``A`` response positions:
+
+* ``log pi_theta`` ``[B, A]``: the ``action_log_probs`` of the training forward (with gradient);
+* ``log pi_old`` ``[B, A]``: ``Experience.action_log_probs`` (importance weights ``w``, detached);
+* ``log pi_ref`` ``[B, A]``: ``Experience.base_action_log_probs`` (kept by OpenRLHF only with
+  ``--algo.kl.init_coef > 0 --algo.kl.use_loss``);
+* ``r_hat`` ``[B]``: the masked token mean of ``advantages`` ``[B, A]`` (with ``--algo.advantage.estimator
+  group_norm`` and no KL in the reward this is the group z-scored reward, constant over a response, which is
+  what the FlowRL recipe feeds in), or ``Experience.rewards`` with ``reward_source="rewards"``;
+* ``log Z(x)`` ``[B]``: a :class:`flowloss.LogZHead` registered as a submodule of the HF model ``actor.model``
+  (so DeepSpeed optimizes and checkpoints it), fed the prompt's last-layer hidden states, mean-pooled over the
+  prompt tokens (:func:`flowloss.pool_prompt_hidden_states`) and captured by a forward hook on the decoder;
+* the normalizer ``global_batch_size / dp_size``: OpenRLHF's count of non-empty sequences in the whole
+  optimizer step (all micro-batches, all data-parallel ranks, divided by the accumulation steps), divided
+  by ``dp_size`` to undo DeepSpeed's gradient averaging. Micro-batches and ranks then add up to the gradient
+  of one mean over the step, exactly like OpenRLHF's own per-sample ``aggregate_loss``.
+
+Public pieces: :class:`FlowRLConfig`, :class:`FlowRLPolicyLoss`, :class:`FlowRLActorPPOTrainer`,
+:func:`enable_flowrl`, :func:`attach_log_z_head`, :func:`find_log_z_head`, :func:`log_z_head_detached`,
+:class:`FlowRLPolicyModelActor` (the Ray actor) and :func:`main` (``python -m flowloss.adapters.openrlhf``,
+OpenRLHF's ``train_ppo_ray`` with FlowRL swapped in). See ``docs/adapters/openrlhf.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from flowloss._validation import describe, require_choice, require_finite_number
+from flowloss.importance import (
+    DEFAULT_EPS_HIGH,
+    DEFAULT_EPS_LOW,
+    DEFAULT_MAX_WEIGHT,
+    DEFAULT_TIS_CAP,
+    IMPORTANCE_MODES,
+    ImportanceMode,
+    _check_options,
+)
+from flowloss.log_partition import LogZHead, pool_prompt_hidden_states
+from flowloss.losses import DEFAULT_BETA, trajectory_balance_loss
+from flowloss.reductions import masked_mean, masked_sum
+
+try:
+    import ray
+    from openrlhf.models import Actor
+    from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
+except ImportError as exc:  # pragma: no cover - exercised only without openrlhf
+    raise ImportError(
+        "flowloss.adapters.openrlhf needs OpenRLHF (pip install 'flowloss[openrlhf]'): " + str(exc)
+    ) from exc
+
+RewardSource = Literal["advantages", "rewards"]
+DEFAULT_HEAD_NAME = "flowrl_log_z_head"
+
+__all__ = [
+    "FlowRLActorPPOTrainer",
+    "FlowRLConfig",
+    "FlowRLPolicyLoss",
+    "FlowRLPolicyModelActor",
+    "attach_log_z_head",
+    "enable_flowrl",
+    "find_log_z_head",
+    "log_z_head_detached",
+    "main",
+]
+
+
+@dataclass(frozen=True)
+class FlowRLConfig:
+    """FlowRL options for OpenRLHF; every default is the authors' (``docs/adapters/openrlhf.md`` cites them).
+
+    Attributes:
+        beta: reward temperature (15: the authors' code and verl ``recipe/flowrl``, "as per paper").
+        importance_weights: ``"sequence_clipped"`` (the paper's ``clip(pi/pi_old, 1-eps_low, 1+eps_high)``),
+            ``"sequence_capped"``, ``"sequence"``, ``"geometric_clipped"`` or ``"none"``.
+        eps_low, eps_high: clip range of the weights (0.2 / 0.28, the authors' clip ratios).
+        max_weight: cap of ``"sequence_capped"`` (10, the merged verl recipe).
+        rollout_tis: multiply ``w`` by ``min(pi_old / pi_rollout, tis_cap)`` when OpenRLHF passes vLLM's
+            log-probs (it does with ``--algo.advantage.is_correction_level token|seq``).
+        tis_cap: truncation of that factor (2, verl's default).
+        token_clip_mask: drop tokens outside the trust region in the direction of ``r_hat`` (verl PR #3924).
+        length_normalization: token-mean log-likelihoods (True, the paper) or token sums (Proposition 1).
+        reward_source: ``"advantages"`` (``r_hat`` = masked mean of OpenRLHF's advantages; use the
+            ``group_norm`` estimator) or ``"rewards"`` (``Experience.rewards`` as given, e.g. already scaled).
+        log_z_num_layers, log_z_dropout: :class:`flowloss.LogZHead` shape (3 layers, dropout 0.1: the
+            authors').
+        log_z_init: initial ``log Z`` (the output bias; 0).
+        drop_last_prompt_token: leave each prompt's last token out of the pooled mean (the authors' slicing).
+        kl_loss: keep OpenRLHF's ``--algo.kl.use_loss`` term in the loss (False: FlowRL's residual already
+            holds ``log pi_ref``; the authors train with the KL loss off).
+        head_name: attribute name of the head on the HF model.
+    """
+
+    beta: float = DEFAULT_BETA
+    importance_weights: ImportanceMode = "sequence_clipped"
+    eps_low: float = DEFAULT_EPS_LOW
+    eps_high: float = DEFAULT_EPS_HIGH
+    max_weight: float = DEFAULT_MAX_WEIGHT
+    rollout_tis: bool = True
+    tis_cap: float = DEFAULT_TIS_CAP
+    token_clip_mask: bool = False
+    length_normalization: bool = True
+    reward_source: RewardSource = "advantages"
+    log_z_num_layers: int = 3
+    log_z_dropout: float = 0.1
+    log_z_init: float = 0.0
+    drop_last_prompt_token: bool = False
+    kl_loss: bool = False
+    head_name: str = DEFAULT_HEAD_NAME
+
+    def __post_init__(self) -> None:
+        require_finite_number("beta", self.beta)
+        require_choice("importance_weights", self.importance_weights, IMPORTANCE_MODES)
+        _check_options(self.importance_weights, self.eps_low, self.eps_high, self.max_weight, self.tis_cap)
+        require_choice("reward_source", self.reward_source, ("advantages", "rewards"))
+        for name in ("rollout_tis", "token_clip_mask", "length_normalization", "drop_last_prompt_token"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.kl_loss, bool):
+            raise TypeError(f"`kl_loss` must be a bool, got {self.kl_loss!r}")
+        n = self.log_z_num_layers
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"`log_z_num_layers` must be an int >= 1, got {n!r}")
+        if not isinstance(self.log_z_dropout, (int, float)) or not 0.0 <= self.log_z_dropout < 1.0:
+            raise ValueError(f"`log_z_dropout` must be in [0, 1), got {self.log_z_dropout!r}")
+        require_finite_number("log_z_init", self.log_z_init)
+        if not isinstance(self.head_name, str) or not self.head_name.isidentifier():
+            raise ValueError(f"`head_name` must be a Python identifier, got {self.head_name!r}")
+
+    @classmethod
+    def from_any(cls, value: FlowRLConfig | dict[str, Any] | Any | None) -> FlowRLConfig:
+        """A config from itself, a dict, a namespace (``args.flowrl``) or None (all defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        items = dict(value) if isinstance(value, dict) else dict(vars(value))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(items) - known)
+        if unknown:
+            raise ValueError(f"unknown FlowRL option(s) {unknown}; known: {sorted(known)}")
+        return cls(**items)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss: OpenRLHF's PolicyLoss call signature, flowloss's trajectory balance inside.
+
+
+@dataclass
+class _MicroBatch:
+    ref_log_probs: torch.Tensor
+    log_z: torch.Tensor | Callable[[], torch.Tensor]
+    rewards: torch.Tensor | None
+
+
+class FlowRLPolicyLoss(nn.Module):
+    """Drop-in for ``openrlhf.models.loss.PolicyLoss``: same call, same 5-tuple, FlowRL's objective.
+
+    The PolicyLoss call carries neither ``log pi_ref`` nor ``log Z``; supply them for each micro-batch with
+    :meth:`micro_batch` (``FlowRLActorPPOTrainer.training_step`` does)::
+
+        with loss_fn.micro_batch(ref_log_probs=exp.base_action_log_probs, log_z=log_z):
+            loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio = loss_fn(
+                log_probs, exp.action_log_probs, exp.advantages, action_mask=exp.action_mask,
+                rollout_log_probs=exp.rollout_log_probs, **loss_batch_info)
+
+    ``log_z`` may be a ``[B]`` tensor or a zero-argument callable evaluated inside the call (after the actor's
+    forward has produced the hidden states it needs). Returns ``loss`` (0-dim float32), ``clip_ratio``
+    (fraction of sequences whose weight was clipped), ``ppo_kl`` (token mean of ``log pi_old - log pi_theta``,
+    as OpenRLHF), and ``vllm_kl`` / ``is_filter_ratio`` (token mean of ``log pi_rollout - log pi_old`` and the
+    fraction of sequences whose TIS factor hit ``tis_cap``) when rollout log-probs are used, else ``None``.
+    The detached diagnostics of the last call are in :attr:`last_stats`.
+    """
+
+    def __init__(self, config: FlowRLConfig | None = None) -> None:
+        super().__init__()
+        self.config = FlowRLConfig.from_any(config)
+        self._batch: _MicroBatch | None = None
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def micro_batch(
+        self,
+        *,
+        ref_log_probs: torch.Tensor,
+        log_z: torch.Tensor | Callable[[], torch.Tensor],
+        rewards: torch.Tensor | None = None,
+    ) -> Iterator[FlowRLPolicyLoss]:
+        """Bind ``ref_log_probs [B, A]``, ``log_z [B]`` (or a callable) and, for ``reward_source="rewards"``,
+        ``rewards [B]`` to the calls made inside the ``with`` block."""
+        if not isinstance(ref_log_probs, torch.Tensor):
+            raise TypeError(
+                "`ref_log_probs` must be a [B, A] tensor (OpenRLHF's Experience.base_action_log_probs), got "
+                f"{type(ref_log_probs).__name__}; OpenRLHF keeps it only with --algo.kl.init_coef > 0 and "
+                "--algo.kl.use_loss"
+            )
+        if self.config.reward_source == "rewards" and rewards is None:
+            raise ValueError("`rewards` is required with reward_source='rewards' (Experience.rewards, [B])")
+        self._batch = _MicroBatch(ref_log_probs, log_z, rewards)
+        try:
+            yield self
+        finally:
+            self._batch = None
+
+    def forward(
+        self,
+        log_probs: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        advantages: torch.Tensor,
+        action_mask: torch.Tensor | None = None,
+        rollout_log_probs: torch.Tensor | None = None,
+        dp_size: int = 1,
+        batch_num_tokens: float | torch.Tensor | None = None,
+        global_batch_size: float | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        del batch_num_tokens  # FlowRL's loss is a mean over sequences, never over tokens
+        if self._batch is None:
+            raise RuntimeError(
+                "FlowRLPolicyLoss needs the micro-batch's reference log-probs and log Z: call it inside "
+                "`with loss_fn.micro_batch(ref_log_probs=..., log_z=...)` (FlowRLActorPPOTrainer does this)"
+            )
+        cfg = self.config
+        if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 2:
+            got = describe(log_probs) if isinstance(log_probs, torch.Tensor) else type(log_probs).__name__
+            raise ValueError(f"`log_probs` must be a [B, A] tensor of action log-probs, got {got}")
+        mask = action_mask if action_mask is not None else torch.ones_like(log_probs, dtype=torch.bool)
+        if cfg.reward_source == "rewards":
+            rewards = self._batch.rewards
+        elif isinstance(advantages, torch.Tensor) and advantages.shape == log_probs.shape:
+            rewards = masked_mean(advantages, mask)
+        elif isinstance(advantages, torch.Tensor) and advantages.shape == log_probs.shape[:1]:
+            rewards = advantages
+        else:
+            got = describe(advantages) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+            raise ValueError(
+                f"`advantages` must have shape {tuple(log_probs.shape)} or ({log_probs.shape[0]},), got {got}"
+            )
+        log_z = self._batch.log_z() if callable(self._batch.log_z) else self._batch.log_z
+        rollout = rollout_log_probs if cfg.rollout_tis else None
+        if global_batch_size is None:
+            normalizer = None
+        else:
+            normalizer = torch.as_tensor(global_batch_size).to(torch.float64) / float(dp_size)
+        loss, stats = trajectory_balance_loss(
+            log_probs,
+            self._batch.ref_log_probs,
+            rewards,
+            log_z,
+            mask,
+            beta=cfg.beta,
+            old_logprobs=old_log_probs,
+            rollout_logprobs=rollout,
+            importance_weights=cfg.importance_weights,
+            eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high,
+            max_weight=cfg.max_weight,
+            tis_cap=cfg.tis_cap,
+            token_clip_mask=cfg.token_clip_mask,
+            length_normalization=cfg.length_normalization,
+            normalizer=normalizer,
+            return_stats=True,
+        )
+        self.last_stats = stats
+        m = mask.bool()
+        tokens = m.sum().clamp_min(1)
+        clip_ratio = stats.get("clip_frac", torch.zeros((), device=log_probs.device))
+        ppo_kl = masked_sum(old_log_probs.detach() - log_probs.detach(), m).sum() / tokens
+        vllm_kl = is_filter_ratio = None
+        if rollout is not None:
+            vllm_kl = masked_sum(rollout.detach() - old_log_probs.detach(), m).sum() / tokens
+            agg = masked_mean if cfg.importance_weights == "geometric_clipped" else masked_sum
+            capped = agg(old_log_probs.detach() - rollout.detach(), m) > math.log(cfg.tis_cap)
+            valid = m.any(dim=-1)
+            is_filter_ratio = (capped & valid).sum() / valid.sum().clamp_min(1)
+        return loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
+
+
+# ----------------------------------------------------------------------------------------------------
+# The log-Z head on the HF model, and the prompt's hidden states.
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The HF model under a DeepSpeed engine (``.module``); PEFT models forward attributes themselves."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    return _unwrap(model.model if isinstance(model, Actor) else model)
+
+
+def attach_log_z_head(model: nn.Module, config: FlowRLConfig | None = None) -> LogZHead:
+    """Register a :class:`flowloss.LogZHead` as ``model.<head_name>`` (idempotent) and return it.
+
+    ``model`` is the HF causal LM (``actor.model`` before ``strategy.prepare``); the head takes its
+    ``config.hidden_size``, dtype and device. Attach it before DeepSpeed is initialized so the optimizer and
+    the checkpoints include it.
+    """
+    cfg = FlowRLConfig.from_any(config)
+    hf = _hf_model(model)
+    existing = getattr(hf, cfg.head_name, None)
+    if isinstance(existing, LogZHead):
+        return existing
+    hidden = getattr(getattr(hf, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise ValueError(f"cannot find `config.hidden_size` on {type(hf).__name__}; attach the head yourself")
+    ref = next(hf.parameters())
+    head = LogZHead(
+        hidden, num_layers=cfg.log_z_num_layers, dropout=cfg.log_z_dropout, init_log_z=cfg.log_z_init
+    )
+    head = head.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else torch.float32)
+    hf.add_module(cfg.head_name, head)
+    return head
+
+
+def find_log_z_head(model: nn.Module, head_name: str = DEFAULT_HEAD_NAME) -> LogZHead:
+    """The head registered by :func:`attach_log_z_head` on ``model`` (Actor, DeepSpeed engine or HF model)."""
+    head = getattr(_hf_model(model), head_name, None)
+    if not isinstance(head, LogZHead):
+        raise ValueError(
+            f"no LogZHead named {head_name!r} on {type(_hf_model(model)).__name__}: call "
+            "attach_log_z_head(actor.model) before strategy.prepare (FlowRLPolicyModelActor does)"
+        )
+    return head
+
+
+@contextlib.contextmanager
+def log_z_head_detached(model: nn.Module, head_name: str = DEFAULT_HEAD_NAME) -> Iterator[None]:
+    """Hide the head from ``named_parameters()``/``state_dict()`` inside the block (vLLM weight sync, HF
+    export: the inference engine and ``from_pretrained`` know nothing of it)."""
+    hf = _hf_model(model)
+    head = hf._modules.pop(head_name, None)
+    try:
+        yield
+    finally:
+        if head is not None:
+            hf._modules[head_name] = head
+
+
+class _PromptHiddenStates:
+    """Forward hook on the decoder stack that keeps its last hidden states ``[B, S, H]`` while recording."""
+
+    def __init__(self, model: nn.Module) -> None:
+        hf = _hf_model(model)
+        decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
+        if not isinstance(decoder, nn.Module):
+            raise ValueError(f"cannot find the decoder of {type(hf).__name__} (`get_decoder()`)")
+        self.recording = False
+        self.hidden: torch.Tensor | None = None
+        self.handle = decoder.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self.recording:
+            return
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+        self.hidden = hidden
+
+    def take(self) -> torch.Tensor:
+        if self.hidden is None:
+            raise RuntimeError("the decoder's forward hook captured no hidden states for this micro-batch")
+        hidden, self.hidden = self.hidden, None
+        return hidden
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer.
+
+
+class FlowRLActorPPOTrainer(ActorPPOTrainer):
+    """``ActorPPOTrainer`` with FlowRL's loss: same constructor plus ``flowrl=FlowRLConfig(...)``.
+
+    The head must already be on ``actor.model`` and in ``actor_optim`` (:func:`attach_log_z_head` before
+    ``strategy.prepare``). To convert a trainer OpenRLHF built, use :func:`enable_flowrl`.
+    """
+
+    flowrl: FlowRLConfig
+    actor_loss_fn: FlowRLPolicyLoss
+
+    def __init__(
+        self, *args: Any, flowrl: FlowRLConfig | dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        _setup(self, FlowRLConfig.from_any(flowrl))
+
+    def _log_z(self, experience: Any) -> torch.Tensor:
+        hidden = self._flowrl_hidden.take()
+        attention = experience.attention_mask
+        if hidden.dim() != 3 or hidden.shape[:2] != attention.shape:
+            raise ValueError(
+                f"decoder hidden states {describe(hidden)} do not match the sequences "
+                f"{tuple(attention.shape)}; packed samples (--ds.packing_samples) and ring attention are not "
+                "supported by the FlowRL adapter"
+            )
+        prompt_len = attention.shape[1] - experience.action_mask.shape[1]
+        positions = torch.arange(attention.shape[1], device=attention.device)
+        prompt_mask = attention.bool() & (positions < prompt_len)
+        pooled = pool_prompt_hidden_states(
+            hidden, prompt_mask, drop_last_token=self.flowrl.drop_last_prompt_token
+        )
+        return self._flowrl_head(pooled)
+
+    def training_step(
+        self, experience: Any, kl_ctl: float, step: int, loss_batch_info: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        ref = experience.base_action_log_probs
+        if ref is None:
+            raise ValueError(
+                "FlowRL needs the reference log-probs but Experience.base_action_log_probs is None: run "
+                "OpenRLHF with --algo.kl.init_coef > 0 (creates the reference model) and --algo.kl.use_loss "
+                "(keeps its log-probs and keeps the KL out of the reward)"
+            )
+        rewards = experience.rewards if self.flowrl.reward_source == "rewards" else None
+        self._flowrl_hidden.recording = True
+        try:
+            with self.actor_loss_fn.micro_batch(
+                ref_log_probs=ref, log_z=lambda: self._log_z(experience), rewards=rewards
+            ):
+                status = super().training_step(
+                    experience, kl_ctl if self.flowrl.kl_loss else 0.0, step, loss_batch_info
+                )
+        finally:
+            self._flowrl_hidden.recording = False
+            self._flowrl_hidden.hidden = None
+        for key, value in self.actor_loss_fn.last_stats.items():
+            if key != "valid_sequences":
+                status["metrics"][f"flowrl_{key}"] = value.detach().float()
+                status["weights"][f"flowrl_{key}"] = "sample"
+        return status
+
+    def broadcast_to_vllm(self) -> None:
+        with log_z_head_detached(self.actor.model, self.flowrl.head_name):
+            super().broadcast_to_vllm()
+
+
+def _setup(trainer: ActorPPOTrainer, config: FlowRLConfig) -> None:
+    args = getattr(trainer, "args", None)
+    ds = getattr(args, "ds", None)
+    ring = getattr(getattr(trainer, "strategy", None), "ring_attn_group", None)
+    if getattr(ds, "packing_samples", False) or ring is not None:
+        raise ValueError("the FlowRL adapter does not support --ds.packing_samples or ring attention yet")
+    if getattr(trainer, "ema_model", None) is not None:
+        raise ValueError("the FlowRL adapter does not support --train.enable_ema (the EMA copy has no head)")
+    trainer.flowrl = config
+    trainer.actor_loss_fn = FlowRLPolicyLoss(config)
+    trainer._flowrl_head = find_log_z_head(trainer.actor.model, config.head_name)
+    optim = trainer.actor_optim
+    # DeepSpeed's ZeRO optimizers hold flat copies of the parameters: only a plain optimizer can be checked.
+    if isinstance(optim, torch.optim.Optimizer):
+        owned = {id(p) for group in optim.param_groups for p in group["params"]}
+        if not all(id(p) in owned for p in trainer._flowrl_head.parameters()):
+            raise ValueError(
+                "the log-Z head's parameters are not in `actor_optim`: attach the head before the optimizer "
+                "is built (attach_log_z_head before strategy.prepare)"
+            )
+    trainer._flowrl_hidden = _PromptHiddenStates(trainer.actor.model)
+
+
+def enable_flowrl(
+    trainer: ActorPPOTrainer, config: FlowRLConfig | dict[str, Any] | None = None
+) -> FlowRLActorPPOTrainer:
+    """Turn an ``ActorPPOTrainer`` OpenRLHF already built into a :class:`FlowRLActorPPOTrainer`, in place."""
+    if not isinstance(trainer, ActorPPOTrainer):
+        raise TypeError(f"`trainer` must be an openrlhf ActorPPOTrainer, got {type(trainer).__name__}")
+    trainer.__class__ = FlowRLActorPPOTrainer
+    _setup(trainer, FlowRLConfig.from_any(config))
+    return trainer  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Ray actor and the launcher (GPU only: OpenRLHF's PolicyModelActor asks Ray for one GPU).
+
+
+@contextlib.contextmanager
+def _head_attached_on_prepare(strategy: Any, config: FlowRLConfig) -> Iterator[None]:
+    """While active, ``strategy.prepare((actor, cfg))`` attaches the head to the policy before DeepSpeed."""
+    original = strategy.prepare
+
+    def prepare(*models: Any, **kwargs: Any) -> Any:
+        for item in models:
+            if isinstance(item, tuple) and item and isinstance(item[0], Actor):
+                attach_log_z_head(item[0].model, config)
+        return original(*models, **kwargs)
+
+    strategy.prepare = prepare
+    try:
+        yield
+    finally:
+        del strategy.prepare
+
+
+class FlowRLPolicyModelActorImpl(PolicyModelActor.__ray_metadata__.modified_class):  # type: ignore[misc]
+    """OpenRLHF's policy worker with the head attached before DeepSpeed and the trainer swapped for FlowRL's.
+
+    Reads its options from ``strategy.args.flowrl`` (set by :func:`main`); excluded from HF exports.
+    """
+
+    def init_model_from_pretrained(self, strategy: Any, pretrain: str, max_steps: Any = None,
+                                   vllm_engines: Any = None) -> None:
+        config = FlowRLConfig.from_any(getattr(strategy.args, "flowrl", None))
+        with _head_attached_on_prepare(strategy, config):
+            super().init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)
+        enable_flowrl(self.trainer, config)
+
+    def save_model(self) -> None:
+        with log_z_head_detached(self.actor.model, self.trainer.flowrl.head_name):
+            super().save_model()
+
+
+FlowRLPolicyModelActor = ray.remote(num_gpus=1)(FlowRLPolicyModelActorImpl)
+
+_FLAG_PREFIX = "--flowrl."
+
+
+def _split_flowrl_args(argv: list[str]) -> tuple[FlowRLConfig, list[str]]:
+    """Take ``--flowrl.<option> <value>`` (or ``=value``) out of ``argv``; the rest goes to OpenRLHF."""
+    fields = {f.name: f for f in dataclasses.fields(FlowRLConfig)}
+    values: dict[str, Any] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith(_FLAG_PREFIX):
+            rest.append(arg)
+            i += 1
+            continue
+        name, eq, raw = arg[len(_FLAG_PREFIX):].partition("=")
+        if name not in fields:
+            known = sorted(_FLAG_PREFIX + n for n in fields)
+            raise SystemExit(f"unknown option {arg!r}; FlowRL options: {known}")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"option {arg!r} needs a value")
+            raw = argv[i + 1]
+            i += 1
+        i += 1
+        default = fields[name].default
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"option {_FLAG_PREFIX}{name} takes true/false, got {raw!r}")
+            values[name] = raw.lower() in ("true", "1")
+        elif isinstance(default, int):
+            values[name] = int(raw)
+        elif isinstance(default, float):
+            values[name] = float(raw)
+        else:
+            values[name] = raw
+    return FlowRLConfig(**values), rest
+
+
+def _check_openrlhf_args(args: Any, config: FlowRLConfig) -> None:
+    kl, adv = args.algo.kl, args.algo.advantage
+    if not (kl.init_coef > 0 and kl.use_loss):
+        raise SystemExit(
+            "FlowRL needs the reference policy's log-probs: pass --algo.kl.init_coef 1e-3 (any value > 0 "
+            "creates the reference model) and --algo.kl.use_loss (keeps its log-probs, keeps KL out of the "
+            "reward; the KL loss itself is dropped unless --flowrl.kl_loss true)"
+        )
+    if config.reward_source == "advantages" and adv.estimator != "group_norm":
+        raise SystemExit(
+            "FlowRL's r_hat is the group z-scored reward: pass --algo.advantage.estimator group_norm "
+            f"(got {adv.estimator!r}), or --flowrl.reward_source rewards"
+        )
+    if args.ds.packing_samples or args.ds.ring_attn_size > 1 or args.train.enable_ema:
+        raise SystemExit("the FlowRL adapter does not support --ds.packing_samples, ring attention or "
+                         "--train.enable_ema yet")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m flowloss.adapters.openrlhf [--flowrl.<option> value ...] <train_ppo_ray args>``.
+
+    Runs OpenRLHF's own launcher with :class:`FlowRLPolicyModelActor` in place of ``PolicyModelActor`` and the
+    FlowRL options on ``strategy.args.flowrl``.
+    """
+    import runpy
+
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor
+    import openrlhf.utils as orl_utils
+
+    config, rest = _split_flowrl_args(list(sys.argv[1:] if argv is None else argv))
+    original_get_strategy = orl_utils.get_strategy
+
+    def get_strategy(args: Any) -> Any:
+        _check_openrlhf_args(args, config)
+        args.flowrl = config
+        return original_get_strategy(args)
+
+    ppo_actor.PolicyModelActor = FlowRLPolicyModelActor
+    orl_utils.get_strategy = get_strategy
+    sys.argv = ["openrlhf.cli.train_ppo_ray", *rest]
+    runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":  # `python -m`: use the importable module's classes (Ray pickles them by name)
+    from flowloss.adapters.openrlhf import main as _main
+
+    _main()

@@ -1,0 +1,268 @@
+"""FlowRL in OpenRLHF: the PolicyLoss twin against flowloss, the real ActorPPOTrainer.training_step on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import flowloss
+from flowloss import reference
+from tests.conftest import assert_close
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "openrlhf_flowrl.py"
+
+
+@pytest.fixture()
+def example(adapter):
+    spec = importlib.util.spec_from_file_location("openrlhf_flowrl_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _batch(seed: int, b: int = 6, a: int = 5, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(b, a, generator=g, dtype=dtype) * 3
+    mask = torch.rand(b, a, generator=g) < 0.7
+    mask[0] = False  # an empty response: legal, left out of the mean
+    mask[1, 0] = True
+    return dict(
+        log_probs=lp,
+        old=lp + 0.3 * torch.randn(b, a, generator=g, dtype=dtype),
+        ref=-torch.rand(b, a, generator=g, dtype=dtype) * 3,
+        r_hat=torch.randn(b, generator=g, dtype=dtype),
+        log_z=torch.randn(b, generator=g, dtype=dtype),
+        mask=mask,
+    )
+
+
+def test_forward_signature_matches_installed_policy_loss(adapter):
+    from openrlhf.models.loss import PolicyLoss
+
+    ours = list(inspect.signature(adapter.FlowRLPolicyLoss.forward).parameters)
+    theirs = list(inspect.signature(PolicyLoss.forward).parameters)
+    assert ours == theirs, f"PolicyLoss.forward takes {theirs}, FlowRLPolicyLoss.forward takes {ours}"
+
+
+@pytest.mark.parametrize("mode", ["sequence_clipped", "sequence", "none"])
+def test_policy_loss_equals_trajectory_balance_loss(adapter, mode):
+    """OpenRLHF's call (advantages [B, A], action_mask, loss_batch_info) -> TB loss on r_hat = mean_t A_t."""
+    x = _batch(0)
+    cfg = adapter.FlowRLConfig(importance_weights=mode)
+    loss_fn = adapter.FlowRLPolicyLoss(cfg)
+    lp = x["log_probs"].clone().requires_grad_(True)
+    log_z = x["log_z"].clone().requires_grad_(True)
+    advantages = x["r_hat"][:, None] * x["mask"]
+    with loss_fn.micro_batch(ref_log_probs=x["ref"], log_z=lambda: log_z):
+        out = loss_fn(lp, x["old"], advantages, action_mask=x["mask"], rollout_log_probs=None, dp_size=1,
+                      batch_num_tokens=None, global_batch_size=None)
+    assert len(out) == 5 and out[3] is None and out[4] is None
+    loss = out[0]
+    lp2 = x["log_probs"].clone().requires_grad_(True)
+    log_z2 = x["log_z"].clone().requires_grad_(True)
+    expected = flowloss.trajectory_balance_loss(lp2, x["ref"], x["r_hat"], log_z2, x["mask"], beta=15.0,
+                                                old_logprobs=x["old"], importance_weights=mode)
+    assert_close(loss, expected, dtype=torch.float64, what="FlowRLPolicyLoss == trajectory_balance_loss")
+    # and against the float64 oracle, weights included
+    w = flowloss.clipped_importance_weights(x["log_probs"], x["old"], x["mask"], mode=mode)
+    oracle = reference.trajectory_balance_loss(x["log_probs"], x["ref"], x["r_hat"], x["log_z"], x["mask"],
+                                               beta=15.0, weights=w)
+    assert_close(loss, oracle, dtype=torch.float64, what="FlowRLPolicyLoss == float64 reference TB loss")
+    loss.backward()
+    expected.backward()
+    assert_close(lp.grad, lp2.grad, dtype=torch.float64, what="d loss / d log pi")
+    assert_close(log_z.grad, log_z2.grad, dtype=torch.float64, what="d loss / d log Z")
+    ppo_kl = ((x["old"] - x["log_probs"]) * x["mask"]).sum() / x["mask"].sum()
+    assert_close(out[2], ppo_kl, dtype=torch.float64, what="ppo_kl = token mean of log pi_old - log pi")
+
+
+@given(seed=st.integers(0, 2**31 - 1), gas=st.integers(1, 3), dp=st.integers(1, 3))
+def test_micro_batches_and_ranks_add_up_to_the_full_batch(adapter, seed, gas, dp):
+    """OpenRLHF passes dp_size and global_batch_size = (non-empty sequences over the step and all ranks) / gas;
+    DeepSpeed scales each backward by 1/gas and averages over ranks: they must add up to the full batch."""
+    x = _batch(seed, b=gas * dp * 2)
+    loss_fn = adapter.FlowRLPolicyLoss()
+    lp = x["log_probs"].clone().requires_grad_(True)
+    n_valid = float(x["mask"].any(-1).sum())
+    total = torch.zeros((), dtype=torch.float64)
+    for part in torch.arange(lp.shape[0]).chunk(gas * dp):
+        with loss_fn.micro_batch(ref_log_probs=x["ref"][part], log_z=x["log_z"][part]):
+            loss = loss_fn(lp[part], x["old"][part], x["r_hat"][part], action_mask=x["mask"][part],
+                           dp_size=dp, global_batch_size=torch.tensor(n_valid / gas, dtype=torch.float64))[0]
+        total = total + loss / gas / dp  # DeepSpeed: 1/gas per backward, mean over dp ranks
+    total.backward()
+    lp_full = x["log_probs"].clone().requires_grad_(True)
+    full = flowloss.trajectory_balance_loss(lp_full, x["ref"], x["r_hat"], x["log_z"], x["mask"],
+                                            old_logprobs=x["old"])
+    full.backward()
+    assert_close(total, full, dtype=torch.float64, what="sum of micro-batch/rank losses == full-batch mean")
+    assert_close(lp.grad, lp_full.grad, dtype=torch.float64, what="accumulated grad == full-batch grad")
+
+
+def test_rollout_log_probs_give_tis_and_vllm_metrics(adapter):
+    x = _batch(1)
+    rollout = x["old"] + 0.5
+    loss_fn = adapter.FlowRLPolicyLoss(adapter.FlowRLConfig(tis_cap=1.5))
+    with loss_fn.micro_batch(ref_log_probs=x["ref"], log_z=x["log_z"]):
+        loss, _, _, vllm_kl, filtered = loss_fn(x["log_probs"], x["old"], x["r_hat"], action_mask=x["mask"],
+                                                rollout_log_probs=rollout)
+    expected = flowloss.trajectory_balance_loss(x["log_probs"], x["ref"], x["r_hat"], x["log_z"], x["mask"],
+                                                old_logprobs=x["old"], rollout_logprobs=rollout, tis_cap=1.5)
+    assert_close(loss, expected, dtype=torch.float64, what="TB loss with truncated IS against vLLM log-probs")
+    assert_close(vllm_kl, torch.tensor(0.5, dtype=torch.float64), dtype=torch.float64, what="vllm_kl")
+    assert float(filtered) == 0.0  # log(pi_old / pi_rollout) < 0 everywhere: never capped
+
+
+def test_loss_outside_micro_batch_and_bad_config_are_refused(adapter):
+    x = _batch(2)
+    with pytest.raises(RuntimeError, match="micro_batch"):
+        adapter.FlowRLPolicyLoss()(x["log_probs"], x["old"], x["r_hat"], action_mask=x["mask"])
+    with pytest.raises(ValueError, match="importance_weights"):
+        adapter.FlowRLConfig(importance_weights="tokenwise")
+    with pytest.raises(ValueError, match="eps_low"):
+        adapter.FlowRLConfig(eps_low=1.5)
+    with pytest.raises(ValueError, match="unknown FlowRL option"):
+        adapter.FlowRLConfig.from_any({"betta": 1.0})
+    assert adapter.FlowRLConfig().beta == 15.0
+    assert (adapter.FlowRLConfig().eps_low, adapter.FlowRLConfig().eps_high) == (0.2, 0.28)
+
+
+def _expected_step_loss(example, trainer, head, experience):
+    """The loss recomputed outside OpenRLHF: HF forward -> token log-probs, pooled prompt states -> head."""
+    model = trainer.actor.model
+    seq, att, am = experience.sequences, experience.attention_mask, experience.action_mask
+    pos = (att.long().cumsum(-1) - 1).clamp_min(0)
+    out = model(seq, attention_mask=att, position_ids=pos, output_hidden_states=True)
+    logp = torch.log_softmax(out.logits.float(), -1)[:, :-1].gather(-1, seq[:, 1:, None]).squeeze(-1)
+    lp = logp[:, -am.shape[1]:]
+    prompt_mask = att.bool() & (torch.arange(seq.shape[1]) < seq.shape[1] - am.shape[1])
+    log_z = head(flowloss.pool_prompt_hidden_states(out.hidden_states[-1], prompt_mask))
+    r_hat = flowloss.masked_mean(experience.advantages, am)
+    return flowloss.trajectory_balance_loss(lp, experience.base_action_log_probs, r_hat, log_z, am,
+                                            old_logprobs=experience.action_log_probs)
+
+
+def test_training_step_loss_equals_trajectory_balance_loss_and_updates_head_and_policy(adapter, example):
+    config = adapter.FlowRLConfig(log_z_dropout=0.0)  # deterministic head for the comparison
+    trainer, head, ref_model = example.build_trainer(config, lr=0.5)
+    experience = example.make_experience(trainer, ref_model, seed=3)
+    with torch.no_grad():
+        experience.action_log_probs = experience.action_log_probs + 0.05  # off-policy: weights != 1
+    expected = _expected_step_loss(example, trainer, head, experience)
+    trainer.actor.zero_grad()
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.actor.named_parameters() if p.grad is not None}
+    before = {n: p.detach().clone() for n, p in trainer.actor.named_parameters()}
+    trainer.actor.zero_grad()
+
+    status = trainer.training_step(experience, kl_ctl=0.01, step=0)
+
+    assert_close(status["metrics"]["policy_loss"], expected, dtype=torch.float32,
+                 what="training_step's policy_loss == trajectory_balance_loss", scale=10.0)
+    head_names = [n for n in before if ".flowrl_log_z_head." in n]
+    assert head_names, "the head is registered on actor.model"
+    for name, param in trainer.actor.named_parameters():  # SGD: new = old - lr * grad
+        if name in grads:
+            assert_close(before[name] - param.detach(), 0.5 * grads[name], dtype=torch.float32,
+                         what=f"SGD step on {name} == -lr * d(TB loss)", scale=10.0)
+    assert any(not torch.equal(before[n], dict(trainer.actor.named_parameters())[n]) for n in head_names)
+    policy = [n for n in before if "flowrl" not in n]
+    assert any(not torch.equal(before[n], dict(trainer.actor.named_parameters())[n]) for n in policy)
+    assert float(status["metrics"]["flowrl_weight_mean"]) != 1.0
+    assert torch.isfinite(status["metrics"]["policy_loss"])
+
+
+def test_training_step_without_reference_log_probs_names_the_flags(adapter, example):
+    trainer, _, ref_model = example.build_trainer(adapter.FlowRLConfig())
+    experience = example.make_experience(trainer, ref_model)
+    experience.base_action_log_probs = None
+    with pytest.raises(ValueError, match=r"--algo\.kl\.use_loss"):
+        trainer.training_step(experience, kl_ctl=0.0, step=0)
+
+
+def test_head_checkpoint_round_trip_and_weight_sync_exclusion(adapter, example, tmp_path):
+    config = adapter.FlowRLConfig(log_z_dropout=0.0)
+    trainer, head, _ = example.build_trainer(config)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p))
+    model = trainer.actor.model
+    torch.save(model.state_dict(), tmp_path / "actor.pt")
+    fresh = example.tiny_model(seed=1)
+    fresh_head = adapter.attach_log_z_head(fresh, config)
+    fresh.load_state_dict(torch.load(tmp_path / "actor.pt"))
+    pooled = torch.randn(3, head.hidden_size)
+    assert torch.equal(fresh_head(pooled), head(pooled))
+    assert adapter.find_log_z_head(trainer.actor) is head
+    with adapter.log_z_head_detached(trainer.actor):
+        assert not any("flowrl" in n for n, _ in model.named_parameters())
+        assert not any("flowrl" in k for k in model.state_dict())
+    assert any("flowrl" in n for n, _ in model.named_parameters())
+
+
+def test_enable_flowrl_converts_a_built_trainer_and_checks_the_optimizer(adapter, example):
+    from openrlhf.models import Actor
+    from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
+
+    actor = Actor(example.tiny_model(0))
+    actor.packing_samples = False
+    optim = torch.optim.SGD(actor.parameters(), lr=0.1)  # built before the head: the head is not in it
+    adapter.attach_log_z_head(actor.model)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
+    with example.cpu_compat():
+        trainer = ActorPPOTrainer(example.MinimalStrategy(example.openrlhf_args()), actor, None, optim, sched)
+    with pytest.raises(ValueError, match="not in `actor_optim`"):
+        adapter.enable_flowrl(trainer)
+    optim.add_param_group({"params": list(adapter.find_log_z_head(actor).parameters())})
+    converted = adapter.enable_flowrl(trainer, {"beta": 5.0})
+    assert isinstance(converted, adapter.FlowRLActorPPOTrainer)
+    assert isinstance(converted.actor_loss_fn, adapter.FlowRLPolicyLoss) and converted.flowrl.beta == 5.0
+
+
+def test_head_is_attached_when_the_strategy_prepares_the_policy(adapter, example):
+    from openrlhf.models import Actor
+
+    class Strategy:
+        def prepare(self, *models):
+            return models
+
+    strategy, actor = Strategy(), Actor(example.tiny_model(0))
+    with adapter._head_attached_on_prepare(strategy, adapter.FlowRLConfig()):
+        strategy.prepare((actor, {"optim": "adam"}))
+    assert "prepare" not in vars(strategy)
+    assert isinstance(adapter.find_log_z_head(actor), flowloss.LogZHead)
+    assert issubclass(adapter.FlowRLPolicyModelActorImpl,
+                      __import__("openrlhf.trainer.ray.ppo_actor").trainer.ray.ppo_actor.PolicyModelActor
+                      .__ray_metadata__.modified_class)
+
+
+def test_launcher_takes_flowrl_options_and_checks_openrlhf_flags(adapter, example):
+    config, rest = adapter._split_flowrl_args(
+        ["--flowrl.beta", "10", "--actor.model_name_or_path", "x", "--flowrl.token_clip_mask=true",
+         "--flowrl.importance_weights", "sequence_capped"])
+    expected = adapter.FlowRLConfig(beta=10.0, token_clip_mask=True, importance_weights="sequence_capped")
+    assert config == expected
+    assert rest == ["--actor.model_name_or_path", "x"]
+    with pytest.raises(SystemExit, match="unknown option"):
+        adapter._split_flowrl_args(["--flowrl.bta", "1"])
+    args = example.openrlhf_args()
+    args.ds.ring_attn_size, args.train.enable_ema = 1, False
+    adapter._check_openrlhf_args(args, config)
+    args.algo.kl.use_loss = False
+    with pytest.raises(SystemExit, match=r"--algo\.kl\.use_loss"):
+        adapter._check_openrlhf_args(args, config)
+    args.algo.kl.use_loss, args.algo.advantage.estimator = True, "reinforce"
+    with pytest.raises(SystemExit, match="group_norm"):
+        adapter._check_openrlhf_args(args, config)
+
+
+def test_example_runs(example, capsys):
+    losses = example.main(steps=2)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert "FlowRL loss" in capsys.readouterr().out
