@@ -69,8 +69,8 @@ def _logprob_backward_kernel(
         p = tl.exp2(u - lse2_safe)
         dz = tl.where(cols == label, g, 0.0) - g * p
         if HAS_GRAD_ENTROPY:
-            log_p = (u - lse2_safe) * LN2
-            dz -= tl.where(p > 0.0, g_h * p * (log_p + h), 0.0)
+            log_p = tl.where(p > 0.0, (u - lse2_safe) * LN2, 0.0)  # p log p -> 0 where p = 0
+            dz -= g_h * p * (log_p + h)
         dz = tl.where(skip, 0.0, dz)
         tl.store(drow_ptr + cols, dz.to(dlogits_ptr.dtype.element_ty), mask=cols < n_cols)
 

@@ -85,20 +85,22 @@ def _logprob_forward_kernel(
         e = tl.exp2(u - m_safe)  # exactly 0 for -inf entries
         if WITH_ENTROPY:
             shift = tl.where(m == float("-inf"), 0.0, m - m_safe)  # finite; s = 0 when m = -inf
-            t = alpha * (t + shift * s) + tl.sum(tl.where(e > 0.0, e * (u - m_safe), 0.0), axis=0)
+            t = alpha * (t + shift * s) + tl.sum(e * tl.where(e > 0.0, u - m_safe, 0.0), axis=0)
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
 
-    log2_s = tl.log2(s)  # -inf when the row is all -inf (or skipped)
-    lse2 = m + log2_s
+    # s = 0 only when the row is all -inf (or skipped): lse2 = -inf then. The guards keep the arithmetic
+    # free of 0 * inf and 0 / 0 even in the discarded branch.
+    log2_s = tl.log2(tl.where(s > 0.0, s, 1.0))
+    lse2 = tl.where(s > 0.0, m + log2_s, float("-inf"))
     safe_label = tl.where(skip, 0, label)
     u_label = tl.load(row_ptr + safe_label, mask=~skip, other=0.0).to(tl.float32) * scale
-    logprob = (u_label - lse2) * LN2
-    logprob = tl.where(lse2 == float("-inf"), float("-inf"), logprob)
+    logprob = (u_label - tl.where(s > 0.0, lse2, 0.0)) * LN2
+    logprob = tl.where(s > 0.0, logprob, float("-inf"))
     tl.store(logprobs_ptr + row, tl.where(skip, 0.0, logprob))
     tl.store(lse2_ptr + row, tl.where(skip, 0.0, lse2))
     if WITH_ENTROPY:
-        entropy = (log2_s - t / s) * LN2
+        entropy = (log2_s - t / tl.where(s > 0.0, s, 1.0)) * LN2
         entropy = tl.where(s > 0.0, entropy, 0.0)
         tl.store(entropy_ptr + row, tl.where(skip, 0.0, entropy))
 

@@ -25,11 +25,9 @@ from hypothesis import strategies as st  # noqa: E402
 from flowloss import reference  # noqa: E402
 from flowloss.ops.triton_logprobs import triton_token_logprobs  # noqa: E402
 
-pytestmark = [
-    pytest.mark.triton_interpreter,
-    # numpy warns about 0 * inf / log2(0) in branches tl.where discards; the results are checked below.
-    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
-]
+# The kernels keep even discarded tl.where branches free of 0 * inf and 0 / 0: numpy (the interpreter) would
+# warn about them, so any RuntimeWarning here is an error.
+pytestmark = [pytest.mark.triton_interpreter, pytest.mark.filterwarnings("error::RuntimeWarning")]
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 F64 = torch.float64
@@ -219,6 +217,27 @@ def test_without_entropy():
     close(lp.cpu(), r_lp, atol=VALUE_TOL[0], rtol=VALUE_TOL[1], what="logprob without entropy")
     atol, rtol = GRAD_TOL[torch.bfloat16]
     close(x.grad.cpu(), r_grad, atol=atol, rtol=rtol, what="dlogits without entropy")
+
+
+def test_raw_launchers_forward_and_backward():
+    """``flowloss.kernels`` launchers: lse2 = logsumexp(z) / ln 2; in-place backward = out-of-place."""
+    from flowloss import kernels
+
+    assert kernels.HAS_TRITON
+    logits = make_logits(3, 77, torch.float32).to(DEVICE)
+    labels = torch.tensor([5, -1, 76], device=DEVICE)  # negative label = skipped row
+    lp, lse2, ent = kernels.logprob_forward(logits, labels, temperature=0.5, with_entropy=True, block_v=32)
+    z = logits.cpu().double() / 0.5
+    expected = torch.logsumexp(z, dim=1) / torch.log(torch.tensor(2.0, dtype=F64))
+    close(lse2.cpu()[[0, 2]], expected[[0, 2]], atol=1e-5, rtol=1e-6, what="lse2 = logsumexp(z) / ln 2")
+    assert lp[1] == 0 and lse2[1] == 0 and ent[1] == 0, "skipped row: zeros"
+    g = torch.randn(3, device=DEVICE)
+    out = kernels.logprob_backward(logits, labels, lse2, g, temperature=0.5, block_v=32)
+    buf = logits.clone()
+    same = kernels.logprob_backward(buf, labels, lse2, g, temperature=0.5, block_v=32, inplace=True)
+    assert same.data_ptr() == buf.data_ptr() and torch.equal(same, out)
+    expected_grad = analytic_grad(logits.cpu(), labels.cpu(), 0.5, g.cpu(), torch.zeros(3))
+    close(out.cpu(), expected_grad, atol=2e-6, rtol=2e-5, what="launcher dlogits = g (onehot - p) / T")
 
 
 # --- skipped rows ---
