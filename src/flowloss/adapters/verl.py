@@ -397,16 +397,18 @@ def packed_prompt_log_z(
     """``log Z`` from packed (padding-free) hidden states: ``[1, N, H]`` or ``[N, H]`` -> ``[B]``.
 
     Sequence ``i`` occupies ``seq_lens[i]`` consecutive rows (prompt first, ``prompt_lens[i]`` tokens), as in
-    verl's remove-padding layout. The prompt rows are gathered into ``[B, P, H]`` with a mask and pooled by
+    verl's remove-padding layout; rows past ``sum(seq_lens)`` (verl's static pad suffix) are ignored. The
+    prompt rows are gathered into ``[B, P, H]`` with a mask and pooled by
     :func:`~flowloss.pool_prompt_hidden_states`; the head maps ``[B, H] -> [B]``.
     """
     h = hidden_states.squeeze(0) if hidden_states.dim() == 3 else hidden_states
     prompt_lens = prompt_lens.to(device=h.device, dtype=torch.long)
     seq_lens = seq_lens.to(device=h.device, dtype=torch.long)
-    if prompt_lens.shape != seq_lens.shape or int(seq_lens.sum()) != h.shape[0]:
+    bad_prompt = bool((prompt_lens < 1).any())
+    if prompt_lens.shape != seq_lens.shape or int(seq_lens.sum()) > h.shape[0] or bad_prompt:
         raise ValueError(
             f"packed layout mismatch: seq_lens {seq_lens.tolist()} sum to {int(seq_lens.sum())} rows, hidden "
-            f"states have {h.shape[0]} ({describe(hidden_states)}); prompt_lens {prompt_lens.tolist()}"
+            f"states have {h.shape[0]} ({describe(hidden_states)}); prompt_lens {prompt_lens.tolist()} (>= 1)"
         )
     starts = torch.cumsum(seq_lens, 0) - seq_lens
     width = max(int(prompt_lens.max()) if prompt_lens.numel() else 0, 1)
@@ -522,6 +524,11 @@ class _FlowRLEngineMixin:
             use_remove_padding = _non_tensor(micro_batch, "use_remove_padding", True)
             if not use_remove_padding:
                 raise ValueError("FlowRLFSDPEngine needs use_remove_padding=True (the packed layout)")
+            if getattr(self, "use_ulysses_sp", False):
+                raise ValueError(
+                    "FlowRLFSDPEngine does not support Ulysses sequence parallelism (each rank would pool "
+                    "only its slice of the prompt); set ulysses_sequence_parallel_size=1"
+                )
             ctx.prompt_lens, ctx.seq_lens = _prompt_and_sequence_lengths(micro_batch)
             ctx.log_z = None
         return super().prepare_model_inputs(micro_batch)  # type: ignore[misc]
@@ -531,9 +538,11 @@ class _FlowRLEngineMixin:
             output, output_args, micro_batch, logits_processor_func
         )
         ctx = getattr(self, "_flowrl_ctx", None)
-        if ctx is not None and ctx.log_z is not None:
-            model_output["log_z"] = ctx.log_z
-            ctx.log_z = None
+        if ctx is not None:
+            if ctx.log_z is not None:
+                model_output["log_z"] = ctx.log_z
+            # One layout per forward: any other forward of the module (generation, a probe) runs no head.
+            ctx.log_z = ctx.prompt_lens = ctx.seq_lens = None
         return model_output
 
     def get_per_tensor_param(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -581,5 +590,9 @@ def register_flowrl_engine(
         flowrl = FlowRLConfig.from_dict(flowrl)
     base = __getattr__("FlowRLFSDPEngine")
     cls = type("FlowRLFSDPEngine", (base,), {"flowrl_config": flowrl, "__module__": __name__})
-    EngineRegistry.register(model_type="language_model", backend=list(backend), device=list(device))(cls)
+    # EngineRegistry.register refuses to replace an existing entry, so overwrite verl's FSDP entries directly.
+    engines = EngineRegistry._engines.setdefault("language_model", {})
+    for current_backend in backend:
+        for current_device in device:
+            engines.setdefault(current_backend, {})[current_device] = cls
     return cls

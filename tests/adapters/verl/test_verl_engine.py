@@ -1,0 +1,193 @@
+"""The log-Z head inside verl's FSDP language-model engine: ``FlowRLFSDPEngine.forward_step`` on CPU.
+
+verl's ``forward_step`` (input packing, log-probs from logits, the loss call) runs unchanged on a tiny random
+Qwen2; the only stand-ins are the device look-ups (``get_device_id``/``get_device_name`` return ``"cpu"``,
+since verl asks CUDA for them) and the engine's constructor (FSDP wrapping needs a process group and a GPU),
+replaced by setting the attributes ``forward_step`` reads. The packed (remove-padding) forward keeps sequences
+apart through their position ids, so each log Z is checked against the sequence run alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _require_framework(module: str):
+    path = Path(__file__).parents[1] / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_adapters_conftest", path)
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    return helpers.require_framework(module)
+
+
+_require_framework("verl")
+_require_framework("transformers")
+
+import verl.workers.engine.fsdp.transformer_impl as transformer_impl  # noqa: E402
+from test_verl_loss import _actor_config, _batch, _micro_batch  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+
+import flowloss  # noqa: E402
+from flowloss.adapters import verl as fv  # noqa: E402
+
+
+def _tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return Qwen2ForCausalLM(config)
+
+
+@pytest.fixture
+def cpu_device(monkeypatch):
+    monkeypatch.setattr(transformer_impl, "get_device_id", lambda: "cpu")
+    monkeypatch.setattr(transformer_impl, "get_device_name", lambda: "cpu")
+
+
+def _engine(model, flowrl: fv.FlowRLConfig):
+    engine = object.__new__(fv.FlowRLFSDPEngine)
+    engine.flowrl_config = flowrl
+    engine._flowrl_head, engine._flowrl_ctx = fv.attach_log_z_head(model, flowrl)
+    engine.module = model
+    engine.pad_to_length = None
+    engine.pass_packed_cu_seqlens = False
+    engine.use_ulysses_sp = False
+    engine.ulysses_sequence_parallel_size = 1
+    engine._autocast_dtype = torch.float32
+    engine.get_data_parallel_group = lambda: None
+    return engine
+
+
+def _micro(seed: int = 0):
+    data, *_ = _batch(seed)
+    mb = _micro_batch(data, list(range(6)), dp_size=1, global_batch_size=6)
+    tu.assign_non_tensor(mb, use_remove_padding=True, temperature=1.0)
+    return data, mb
+
+
+def _prompt_pooled_by_hand(hidden: torch.Tensor, prompt_lens, seq_lens) -> torch.Tensor:
+    rows, start = [], 0
+    for p, n in zip(prompt_lens.tolist(), seq_lens.tolist()):
+        rows.append(hidden[start:start + p].mean(dim=0))
+        start += n
+    return torch.stack(rows)
+
+
+def test_forward_step_emits_log_z_and_loss_equals_trajectory_balance(cpu_device):
+    model = _tiny_model()
+    flowrl = fv.FlowRLConfig(head_dropout=0.0)
+    engine = _engine(model, flowrl)
+    data, mb = _micro()
+    loss, out = engine.forward_step(mb, loss_function=fv.make_flowrl_loss_fn(_actor_config(), flowrl),
+                                    forward_only=False)
+    model_output = out["model_output"]
+    assert set(model_output.keys()) >= {"log_probs", "log_z"}
+
+    # log Z = head(mean of the prompt's last-layer hidden states), recomputed from the same packed forward.
+    prompt_lens = mb["prompts"].offsets().diff() if mb["prompts"].is_nested else (
+        mb["attention_mask"][:, : mb["prompts"].shape[1]].sum(1))
+    seq_lens = mb["input_ids"].offsets().diff()
+    pooled = []
+    with torch.no_grad():  # each sequence alone, unpacked: the packed forward must not mix sequences
+        for ids, p in zip(mb["input_ids"].unbind(), prompt_lens.tolist()):
+            hidden = model.model(input_ids=ids.unsqueeze(0), use_cache=False).last_hidden_state[0]
+            pooled.append(hidden[:p].mean(dim=0))
+        expected_log_z = engine._flowrl_head(torch.stack(pooled))
+    assert seq_lens.sum() == mb["input_ids"].values().numel()
+    torch.testing.assert_close(model_output["log_z"], expected_log_z, rtol=1e-5, atol=1e-5)
+
+    # The loss is trajectory_balance_loss on the engine's own log-probs and log Z.
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    log_probs = no_padding_2_padding(model_output["log_probs"], mb)
+    mask = data["response_mask"].bool()
+    expected = flowloss.trajectory_balance_loss(
+        log_probs, data["ref_log_prob"], flowloss.masked_mean(data["advantages"].float(), mask),
+        model_output["log_z"], mask, old_logprobs=data["old_log_probs"], normalizer=6,
+    )
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
+
+    loss.backward()
+    head_grad = sum(p.grad.abs().sum() for p in engine._flowrl_head.parameters())
+    llm_grad = model.model.layers[0].mlp.up_proj.weight.grad.abs().sum()
+    assert head_grad > 0 and llm_grad > 0  # the head trains and its gradient reaches the LLM (no detach)
+
+
+def test_optimizer_updates_head_and_checkpoint_round_trips(cpu_device, tmp_path):
+    model = _tiny_model()
+    flowrl = fv.FlowRLConfig(head_dropout=0.0)
+    engine = _engine(model, flowrl)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # built after attaching, as verl does
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, mb = _micro()
+    loss, _ = engine.forward_step(mb, loss_function=fv.make_flowrl_loss_fn(_actor_config(), flowrl),
+                                  forward_only=False)
+    loss.backward()
+    optimizer.step()
+    state = model.state_dict()
+    head_keys = [k for k in state if k.startswith(fv.HEAD_ATTRIBUTE + ".")]
+    assert head_keys and all(not torch.equal(state[k], before[k]) for k in head_keys if k.endswith("weight"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(state[key], before[key])
+
+    torch.save(state, tmp_path / "actor.pt")
+    restored = _tiny_model(seed=1)
+    restored_engine = _engine(restored, flowrl)
+    restored.load_state_dict(torch.load(tmp_path / "actor.pt"), strict=True)
+    _, mb1 = _micro()
+    _, mb2 = _micro()
+    with torch.no_grad():
+        _, out1 = engine.forward_step(mb1, loss_function=None, forward_only=True)
+        _, out2 = restored_engine.forward_step(mb2, loss_function=None, forward_only=True)
+    torch.testing.assert_close(out1["model_output"]["log_z"], out2["model_output"]["log_z"])
+
+
+def test_weight_sync_leaves_the_head_out():
+    model = _tiny_model()
+    fv.attach_log_z_head(model)
+    state = model.state_dict()
+    synced = fv._without_head(state)
+    assert not any(fv.HEAD_ATTRIBUTE in k for k in synced)
+    assert len(synced) == len(state) - sum(fv.HEAD_ATTRIBUTE in k for k in state)
+    from_generator = list(fv._without_head((k, v) for k, v in state.items()))
+    assert [k for k, _ in from_generator] == list(synced)
+
+
+def test_packed_pooling_ignores_pad_suffix_and_drops_last_token():
+    torch.manual_seed(0)
+    head = flowloss.LogZHead(8, dropout=0.0)
+    hidden = torch.randn(1, 12, 8)
+    prompt_lens, seq_lens = torch.tensor([2, 3]), torch.tensor([4, 6])  # rows 10, 11: static pad
+    got = fv.packed_prompt_log_z(head, hidden, prompt_lens, seq_lens)
+    torch.testing.assert_close(got, head(_prompt_pooled_by_hand(hidden[0], prompt_lens, seq_lens)))
+    dropped = fv.packed_prompt_log_z(head, hidden, prompt_lens, seq_lens, drop_last_prompt_token=True)
+    torch.testing.assert_close(dropped, head(_prompt_pooled_by_hand(hidden[0], prompt_lens - 1, seq_lens)))
+    with pytest.raises(ValueError, match="packed layout"):
+        fv.packed_prompt_log_z(head, hidden, prompt_lens, torch.tensor([8, 6]))
+
+
+def test_sequence_parallel_is_refused(cpu_device):
+    engine = _engine(_tiny_model(), fv.FlowRLConfig())
+    engine.use_ulysses_sp = True
+    _, mb = _micro()
+    with pytest.raises(ValueError, match="sequence parallelism"):
+        engine.prepare_model_inputs(mb)
+
+
+def test_register_flowrl_engine_replaces_language_model_engine(monkeypatch):
+    from verl.workers.engine.base import EngineRegistry
+
+    saved = {k: dict(v) for k, v in EngineRegistry._engines["language_model"].items()}
+    monkeypatch.setenv("VERL_ENGINE_DEVICE", "cuda")
+    try:
+        cls = fv.register_flowrl_engine({"beta": 10.0})
+        assert cls.flowrl_config.beta == 10.0 and issubclass(cls, fv.FlowRLFSDPEngine)
+        assert EngineRegistry.get_engine_cls("language_model", "fsdp") is cls
+        assert EngineRegistry.get_engine_cls("language_model", "fsdp2") is cls
+    finally:
+        EngineRegistry._engines["language_model"] = saved
