@@ -171,7 +171,7 @@ def main(steps: int = 3) -> list[float]:
             losses.append(float(metrics["policy_loss"]))
             log_z = float(metrics["flowrl_log_z_mean"])
             residual = float(metrics["flowrl_residual_abs_mean"])
-            print(f"step {step}: FlowRL loss {losses[-1]:.4f}  log Z mean {log_z:+.4f}  |delta| {residual:.4f}")
+            print(f"step {step}: FlowRL loss {losses[-1]:.4f}  log Z {log_z:+.4f}  |delta| {residual:.4f}")
         return losses
     finally:
         if owns_group:

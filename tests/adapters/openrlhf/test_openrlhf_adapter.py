@@ -84,7 +84,7 @@ def test_policy_loss_equals_trajectory_balance_loss(adapter, mode):
 
 @given(seed=st.integers(0, 2**31 - 1), gas=st.integers(1, 3), dp=st.integers(1, 3))
 def test_micro_batches_and_ranks_add_up_to_the_full_batch(adapter, seed, gas, dp):
-    """OpenRLHF passes dp_size and global_batch_size = (non-empty sequences over the step and all ranks) / gas;
+    """OpenRLHF passes dp_size and global_batch_size = (non-empty sequences, whole step, all ranks) / gas;
     DeepSpeed scales each backward by 1/gas and averages over ranks: they must add up to the full batch."""
     x = _batch(seed, b=gas * dp * 2)
     loss_fn = adapter.FlowRLPolicyLoss()
