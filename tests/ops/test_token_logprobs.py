@@ -1,0 +1,573 @@
+"""``token_logprobs`` (chunked CPU path and dispatch) vs the float64 reference ``flowloss.reference``.
+
+Formulas under test, per row ``n`` with ``s = float(z_n) / T``, ``p = softmax(s)``::
+
+    logp_n = s[y_n] - logsumexp(s)          d logp_n / d z = (onehot(y_n) - p) / T
+    H_n    = -sum_v p_v log p_v              d H_n / d z    = -p (log p + H_n) / T
+
+Skipped positions (``ignore_index`` or ``mask == 0``) give 0 and a zero gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flowloss import reference, trajectory_balance_loss
+from flowloss.ops.token_logprobs import (
+    DEFAULT_CHUNK_BYTES,
+    default_chunk_rows,
+    resolve_impl,
+    token_logprobs,
+)
+
+F64 = torch.float64
+EPS32 = torch.finfo(torch.float32).eps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers (also used by test_fused_linear.py)
+
+
+def value_tol(dtype: torch.dtype, zmax: float) -> tuple[float, float]:
+    """(atol, rtol) of log-probs/entropies vs float64: fp32 accumulation errs by ~eps * max|z/T| absolute."""
+    if dtype == F64:
+        return 1e-10 * max(1.0, zmax), 1e-10
+    return 2e-5 + 8 * EPS32 * zmax, 2e-6
+
+
+def grad_tol(dtype: torch.dtype, zmax: float, gmax: float) -> tuple[float, float]:
+    """Gradients are stored in the input dtype: its rounding (rtol) plus the fp32 error in p (atol)."""
+    scale = max(1.0, gmax)
+    if dtype == F64:
+        return 1e-10 * scale * max(1.0, zmax), 1e-10
+    atol = (2e-6 + 8 * EPS32 * zmax) * scale
+    rtol = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    return atol, rtol
+
+
+def close(actual, expected, *, atol: float, rtol: float, what: str) -> None:
+    """Compare in float64; non-finite values must agree exactly; the message names the formula."""
+    a, e = actual.detach().to(F64), expected.detach().to(F64)
+    if a.shape != e.shape:
+        raise AssertionError(f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    fin = e.isfinite()
+    if not bool(((a == e) | fin).all()) or not bool(a[fin].isfinite().all()):
+        raise AssertionError(f"{what}: non-finite values differ:\n got {a}\n expected {e}")
+    err = torch.where(fin, (a - e).abs(), torch.zeros_like(a))
+    bound = atol + rtol * e.abs().nan_to_num(0.0, 0.0, 0.0)
+    if not bool((err <= bound).all()):
+        worst = int(torch.argmax(err - bound))
+        raise AssertionError(
+            f"{what}: max abs error {err.max().item():.3e} (at flat index {worst}: got "
+            f"{a.flatten()[worst].item():.10g}, expected {e.flatten()[worst].item():.10g}); "
+            f"atol={atol:.1e} rtol={rtol:.1e}"
+        )
+
+
+def reference_with_grads(logits, labels, valid, temperature, g_logp, g_entropy):
+    """float64 reference log-probs, entropies and ``d(sum g*logp + g_H*H)/dlogits`` on flat inputs.
+
+    Gradients come from autograd through ``flowloss.reference.token_logprobs``. With ``-inf`` logits the
+    reference's entropy gradient is NaN for the whole row (``0 * -inf`` in the ``where`` branch it discards),
+    so there the entropy term is the closed form ``-g_H p (log p + H) / T`` in float64 (limit 0 where
+    ``p = 0``); the log-prob term still comes from autograd.
+    """
+    x = logits.detach().reshape(-1, logits.shape[-1]).to(F64).requires_grad_()
+    y = torch.where(valid, labels.reshape(-1), torch.full_like(labels.reshape(-1), -100))
+    logp, entropy = reference.token_logprobs(x, y, temperature=temperature, ignore_index=-100)
+    has_neg_inf = bool(x.isneginf().any())
+    total = (logp * g_logp.to(F64)).sum()
+    if not has_neg_inf:
+        total = total + (entropy * g_entropy.to(F64)).sum()
+    if total.requires_grad:  # False when every row is skipped
+        total.backward()
+    grad = x.grad if x.grad is not None else torch.zeros_like(x)
+    if has_neg_inf:
+        s = x.detach() / temperature
+        log_p = s - torch.logsumexp(s, dim=-1, keepdim=True)
+        p = log_p.exp()
+        term = torch.where(p > 0, p * (log_p + entropy.detach()[:, None]), torch.zeros_like(p))
+        term = -g_entropy.to(F64)[:, None] * term / temperature
+        grad = grad + torch.where(valid[:, None], term, torch.zeros_like(term))
+    return logp.detach(), entropy.detach(), grad
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hypothesis: values and gradients against the reference
+
+
+@st.composite
+def problems(draw):
+    dtype = draw(st.sampled_from([F64, torch.float32, torch.bfloat16]))
+    flat = draw(st.booleans())
+    batch, length = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    vocab = draw(st.sampled_from([1, 2, 7, 33, 130]))
+    scale = draw(st.sampled_from([1.0, 10.0, 100.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, length, vocab, generator=gen, dtype=F64) * scale).to(dtype)
+    labels = torch.randint(0, vocab, (batch, length), generator=gen)
+    ignored = torch.rand(batch, length, generator=gen) < draw(st.sampled_from([0.0, 0.3]))
+    labels[ignored] = -100
+    mask = None
+    if draw(st.booleans()):
+        mask = torch.rand(batch, length, generator=gen) < 0.7
+    if flat:
+        logits, labels = logits.reshape(-1, vocab), labels.reshape(-1)
+        mask = mask.reshape(-1) if mask is not None else None
+    return dict(
+        logits=logits,
+        labels=labels,
+        mask=mask,
+        temperature=draw(st.sampled_from([1.0, 0.6, 1.7])),
+        chunk_size=draw(st.sampled_from([None, 1, 2, 5])),
+        return_entropy=draw(st.booleans()),
+        gen=gen,
+    )
+
+
+def run_and_compare(logits, labels, mask, temperature, chunk_size, return_entropy, gen, impl="chunked"):
+    dtype = logits.dtype
+    x = logits.clone().requires_grad_()
+    out = token_logprobs(
+        x, labels, temperature=temperature, mask=mask, chunk_size=chunk_size,
+        return_entropy=return_entropy, impl=impl,
+    )
+    logp, entropy = out if return_entropy else (out, None)
+    assert logp.shape == labels.shape
+    assert logp.dtype == (F64 if dtype == F64 else torch.float32), "log-probs are fp32 (fp64 for fp64 logits)"
+    g_logp = torch.randn(labels.shape, generator=gen, dtype=F64).to(logp.dtype)
+    g_ent = torch.randn(labels.shape, generator=gen, dtype=F64).to(logp.dtype)
+    loss = (logp * g_logp).sum()
+    if entropy is not None:
+        loss = loss + (entropy * g_ent).sum()
+    loss.backward()
+    valid = labels != -100
+    if mask is not None:
+        valid = valid & mask
+    valid = valid.reshape(-1)
+    ref_logp, ref_ent, ref_grad = reference_with_grads(
+        logits, labels, valid, temperature, g_logp.reshape(-1),
+        g_ent.reshape(-1) if entropy is not None else torch.zeros(valid.shape[0], dtype=F64),
+    )
+    zmax = float(logits.to(F64).abs().max()) / temperature if logits.numel() else 0.0
+    atol, rtol = value_tol(dtype, zmax)
+    close(logp.reshape(-1), ref_logp, atol=atol, rtol=rtol, what="logp = s[y] - logsumexp(s)")
+    if entropy is not None:
+        close(entropy.reshape(-1), ref_ent, atol=atol * 4, rtol=rtol, what="H = -sum p log p")
+    assert x.grad.dtype == dtype, "dlogits come back in the logits' dtype"
+    atol, rtol = grad_tol(dtype, zmax, 1.0 / temperature * 4)
+    close(
+        x.grad.reshape(ref_grad.shape), ref_grad, atol=atol, rtol=rtol,
+        what="dlogits = [g (onehot - p) - g_H p (log p + H)] / T",
+    )
+    # skipped positions: exactly 0 and zero gradient
+    assert bool((logp.reshape(-1)[~valid] == 0).all())
+    assert bool((x.grad.reshape(-1, logits.shape[-1])[~valid] == 0).all())
+
+
+@given(problems())
+def test_chunked_matches_float64_reference(problem):
+    run_and_compare(**problem)
+
+
+@given(problems())
+def test_result_does_not_depend_on_chunk_size(problem):
+    """Each row is reduced on its own: block boundaries (batch composition) do not change any bit."""
+    logits, labels = problem["logits"], problem["labels"]
+    kw = dict(temperature=problem["temperature"], mask=problem["mask"], return_entropy=True, impl="chunked")
+    a_lp, a_h = token_logprobs(logits, labels, chunk_size=1, **kw)
+    b_lp, b_h = token_logprobs(logits, labels, chunk_size=10**6, **kw)
+    assert torch.equal(a_lp, b_lp) and torch.equal(a_h, b_h)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 32003])
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_odd_vocabulary_sizes(vocab, dtype):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(2, 3, vocab, generator=gen, dtype=F64) * 4).to(dtype)
+    labels = torch.randint(0, vocab, (2, 3), generator=gen)
+    labels[1, 0] = -100
+    run_and_compare(logits, labels, None, 0.8, None, True, gen)
+
+
+def test_vocab_one_is_certain():
+    """V = 1: the only token has probability 1: log-prob 0, entropy 0, zero gradient."""
+    x = torch.randn(4, 1, requires_grad=True)
+    logp, h = token_logprobs(x, torch.zeros(4, dtype=torch.long), return_entropy=True)
+    (logp.sum() + h.sum()).backward()
+    assert torch.equal(logp, torch.zeros(4)) and torch.equal(h, torch.zeros(4))
+    assert torch.equal(x.grad, torch.zeros(4, 1))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_extreme_logits_and_neg_inf_entries(dtype):
+    """±1e4 logits and -inf entries (padded vocabulary columns): finite where the math is finite."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=gen, dtype=F64) * 3
+    logits[0, :] = 0.0
+    logits[0, 10] = 1e4
+    logits[1, 5] = -1e4
+    logits[1, 6] = 1e4
+    logits[2, 40:] = float("-inf")  # padded columns
+    logits[3, :49] = float("-inf")  # a single finite entry: probability 1
+    logits[4, 7] = float("-inf")  # the label itself has probability 0: log-prob -inf
+    labels = torch.tensor([10, 5, 3, 49, 7, 0])
+    logits = logits.to(dtype)
+    run_and_compare(logits, labels, None, 1.0, 2, True, gen)
+    run_and_compare(logits, labels, None, 0.6, None, True, gen)
+    logp, h = token_logprobs(logits, labels, return_entropy=True)
+    assert logp[4].item() == float("-inf") and bool(logp[:4].isfinite().all())
+    assert h[3].item() == 0.0 and logp[3].item() == 0.0
+    assert bool(h.isfinite().all())
+
+
+def test_skipped_rows_may_hold_garbage():
+    """Masked/ignored rows may be all -inf or NaN: they give 0 and a zero gradient; other rows are intact."""
+    logits = torch.randn(4, 9)
+    logits[1] = float("-inf")
+    logits[2] = float("nan")
+    x = logits.clone().requires_grad_()
+    labels = torch.tensor([1, 2, 99, 4])  # 99 is out of range but masked
+    mask = torch.tensor([True, True, False, True])
+    labels[1] = -100
+    logp, h = token_logprobs(x, labels, mask=mask, return_entropy=True, chunk_size=3)
+    (logp.sum() + h.sum()).backward()
+    assert bool(logp.isfinite().all()) and bool(h.isfinite().all()) and bool(x.grad.isfinite().all())
+    assert logp[1] == 0 and logp[2] == 0 and h[1] == 0 and h[2] == 0
+    assert torch.equal(x.grad[1:3], torch.zeros(2, 9))
+    expected = torch.log_softmax(logits[[0, 3]], -1)[[0, 1], [1, 4]]
+    close(logp[[0, 3]], expected, atol=1e-6, rtol=1e-6, what="kept rows unaffected by skipped rows")
+
+
+def test_empty_input():
+    x = torch.randn(0, 5, requires_grad=True)
+    logp, h = token_logprobs(x, torch.zeros(0, dtype=torch.long), return_entropy=True)
+    assert logp.shape == (0,) and h.shape == (0,)
+    logp.sum().backward()
+    assert x.grad.shape == (0, 5)
+
+
+def test_gradcheck_float64_chunked():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 6, generator=gen, dtype=F64, requires_grad=True)
+    labels = torch.randint(0, 6, (2, 4), generator=gen)
+    labels[0, 1] = -100
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+
+    def fn(z):
+        return token_logprobs(z, labels, temperature=0.7, mask=mask, return_entropy=True, chunk_size=3)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck is not None  # (double backward is not supported: first order only)
+
+    def entropy_only(z):
+        return token_logprobs(z, labels, temperature=1.3, return_entropy=True, chunk_size=2)[1]
+
+    assert torch.autograd.gradcheck(entropy_only, (x,))
+
+    def logp_only_non_viewable(z):  # a [B, T+1, V] -> [:, :-1] slice cannot be flattened without a copy
+        return token_logprobs(z[:, :-1], labels[:, :-1], chunk_size=2)
+
+    assert torch.autograd.gradcheck(logp_only_non_viewable, (x,))
+
+
+def test_non_viewable_slice_is_not_copied_and_matches():
+    """``logits[:, :-1]`` of a contiguous ``[B, T+1, V]`` tensor: blocks stay inside each sequence."""
+    big = torch.randn(3, 6, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 5))
+    g = torch.randn(3, 5)
+    (token_logprobs(big[:, :-1], labels, chunk_size=2, temperature=0.9) * g).sum().backward()
+    ours = big.grad.clone()
+    big.grad = None
+    naive = torch.log_softmax(big[:, :-1].double() / 0.9, -1).gather(-1, labels[..., None]).squeeze(-1)
+    (naive * g).sum().backward()
+    close(ours, big.grad, atol=1e-6, rtol=1e-5, what="dlogits through a strided slice")
+
+
+def test_saved_state_is_o_of_n():
+    """Forward keeps the logits by reference (no copy) plus O(N) vectors: nothing else of size N x V."""
+    x = torch.randn(8, 300, requires_grad=True)
+    logp, _ = token_logprobs(x, torch.randint(0, 300, (8,)), return_entropy=True, impl="chunked")
+    node = logp.grad_fn
+    while not hasattr(node, "saved_tensors"):  # past the reshape to labels' shape
+        node = node.next_functions[0][0]
+    saved = node.saved_tensors
+    assert saved[0].data_ptr() == x.data_ptr()
+    assert all(t.numel() <= 8 for t in saved[1:])
+
+
+def test_inplace_backward_matches_and_reuses_the_logits_storage():
+    gen = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(5, 17)
+    hidden = torch.randn(2, 4, 5, generator=gen)
+    labels = torch.randint(0, 17, (2, 4), generator=gen)
+    grads = []
+    for inplace in (False, True):
+        head.zero_grad()
+        logits = head(hidden)
+        logp, h = token_logprobs(
+            logits, labels, return_entropy=True, temperature=0.7, inplace_backward=inplace
+        )
+        (logp.sum() + 0.3 * h.sum()).backward()
+        grads.append((head.weight.grad.clone(), head.bias.grad.clone()))
+    for a, b in zip(grads[0], grads[1]):
+        close(b, a, atol=1e-6, rtol=1e-6, what="inplace_backward gives the same parameter gradients")
+
+
+def test_inplace_backward_is_refused_when_the_logits_are_needed_elsewhere():
+    """Autograd's version counter catches a second consumer that saved the logits for its backward."""
+    x = torch.randn(3, 7, requires_grad=True)
+    logits = x * 2.0
+    other = (logits**2).sum()  # pow saves `logits`
+    logp = token_logprobs(logits, torch.tensor([1, 2, 3]), inplace_backward=True)
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation"):
+        (logp.sum() + other).backward()
+
+
+def test_default_chunk_size_is_set_by_bytes():
+    assert default_chunk_rows(151936) == DEFAULT_CHUNK_BYTES // (151936 * 4)
+    assert default_chunk_rows(10**9) == 1  # never less than one row
+    assert default_chunk_rows(1) == DEFAULT_CHUNK_BYTES // 4
+
+
+def test_reference_impl_matches_chunked():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 9, generator=gen)
+    labels = torch.randint(0, 9, (2, 3), generator=gen)
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    a = token_logprobs(logits, labels, mask=mask, impl="reference", return_entropy=True, temperature=0.5)
+    b = token_logprobs(logits, labels, mask=mask, impl="chunked", return_entropy=True, temperature=0.5)
+    for u, v in zip(a, b):
+        assert u.dtype == torch.float32
+        close(v, u, atol=2e-6, rtol=2e-6, what="impl='reference' == impl='chunked'")
+
+
+def test_auto_dispatch_on_cpu_is_chunked():
+    assert resolve_impl("auto", torch.zeros(2, 3)) == "chunked"
+    assert resolve_impl("auto", torch.zeros(2, 3, dtype=F64)) == "chunked"
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter runs Triton on CPU")
+def test_triton_on_cpu_without_interpreter_is_refused():
+    with pytest.raises(ValueError, match=r"impl='triton'.*CUDA"):
+        token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), impl="triton")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad input: one test per class of error
+
+
+def test_rejects_non_tensors():
+    with pytest.raises(TypeError, match=r"`logits` must be a torch\.Tensor"):
+        token_logprobs([[0.0]], torch.zeros(1, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"`labels` must be a torch\.Tensor"):
+        token_logprobs(torch.zeros(1, 2), [0])
+
+
+def test_rejects_bad_dtypes():
+    with pytest.raises(TypeError, match=r"`logits` must be a floating-point.*int64"):
+        token_logprobs(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"`labels` must be an int32/int64.*float32"):
+        token_logprobs(torch.zeros(2, 3), torch.zeros(2))
+
+
+def test_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"`logits` must be \[B, T, V\].*\(2, 3, 5\).*\(2, 4\)"):
+        token_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`logits` must be"):
+        token_logprobs(torch.zeros(5), torch.zeros((), dtype=torch.long))
+    with pytest.raises(ValueError, match=r"V >= 1"):
+        token_logprobs(torch.zeros(2, 0), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`mask` must have the same shape"):
+        token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), mask=torch.ones(3) > 0)
+
+
+def test_rejects_labels_out_of_range_unless_skipped():
+    with pytest.raises(ValueError, match=r"`labels` must be in \[0, V=3\).*got 3 at position \(1,\)"):
+        token_logprobs(torch.zeros(2, 3), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"got -1"):
+        token_logprobs(torch.zeros(2, 3), torch.tensor([-1, 0]))
+    # ignored (ignore_index) and masked positions may hold anything
+    out = token_logprobs(torch.zeros(3, 3), torch.tensor([-100, 7, 1]), mask=torch.tensor([1, 0, 1]))
+    assert out[0] == 0 and out[1] == 0
+    out = token_logprobs(torch.zeros(2, 3), torch.tensor([-1, 1]), ignore_index=-1)
+    assert out[0] == 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan"), True, "1"])
+def test_rejects_bad_temperature(temperature):
+    with pytest.raises(ValueError, match=r"`temperature` must be a finite number > 0"):
+        token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), temperature=temperature)
+
+
+def test_rejects_bad_options():
+    x, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"`impl` must be one of"):
+        token_logprobs(x, y, impl="cuda")
+    with pytest.raises(ValueError, match=r"`chunk_size` must be None or an int >= 1"):
+        token_logprobs(x, y, chunk_size=0)
+    with pytest.raises(TypeError, match=r"`ignore_index` must be an int"):
+        token_logprobs(x, y, ignore_index=-100.0)
+    with pytest.raises(ValueError, match=r"`mask` must hold only 0/1"):
+        token_logprobs(x, y, mask=torch.tensor([0.5, 1.0]))
+
+
+def test_rejects_device_mismatch():
+    with pytest.raises(ValueError, match=r"`labels` is on meta but `logits` is on cpu"):
+        token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long, device="meta"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# end to end: tiny linear model -> token_logprobs -> trajectory_balance_loss -> backward
+
+
+def test_end_to_end_trajectory_balance_gradients_match_float64_pipeline():
+    gen = torch.Generator().manual_seed(11)
+    batch, length, width, vocab = 3, 5, 8, 29
+    head = torch.nn.Linear(width, vocab)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, width, generator=gen))
+        head.bias.copy_(torch.randn(vocab, generator=gen))
+    hidden = torch.randn(batch, length, width, generator=gen)
+    labels = torch.randint(0, vocab, (batch, length), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    ref_logprobs = -torch.rand(batch, length, generator=gen) * 3
+    rewards = torch.randn(batch, generator=gen)
+    log_z = torch.randn(batch, generator=gen, requires_grad=True)
+    temperature = 0.6
+
+    logits = head(hidden)
+    logprobs = token_logprobs(logits, labels, mask=mask, temperature=temperature)
+    loss = trajectory_balance_loss(logprobs, ref_logprobs, rewards, log_z, mask)
+    loss.backward()
+
+    w64 = head.weight.detach().double().requires_grad_()
+    b64 = head.bias.detach().double().requires_grad_()
+    z64 = log_z.detach().double().requires_grad_()
+    logits64 = hidden.double() @ w64.T + b64
+    lp64, _ = reference.token_logprobs(
+        logits64.reshape(-1, vocab), torch.where(mask, labels, -100).reshape(-1), temperature=temperature
+    )
+    loss64 = reference.trajectory_balance_loss(lp64.reshape(batch, length), ref_logprobs, rewards, z64, mask)
+    loss64.backward()
+    close(loss, loss64, atol=1e-4, rtol=1e-5, what="TB loss through token_logprobs")
+    scale = float(w64.grad.abs().max())
+    close(head.weight.grad, w64.grad, atol=2e-5 * scale, rtol=1e-4, what="dL/dW through token_logprobs")
+    close(head.bias.grad, b64.grad, atol=2e-5 * scale, rtol=1e-4, what="dL/db through token_logprobs")
+    close(log_z.grad, z64.grad, atol=1e-5, rtol=1e-5, what="dL/dlogZ")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# memory: the chunked path's extra peak is one block, not O(N V); the naive path's is O(N V)
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, torch
+    from flowloss.ops.token_logprobs import token_logprobs
+    torch.set_num_threads(1)
+    mode, n, v = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    def run(x, y, g):
+        if mode.startswith("naive"):
+            lp = torch.log_softmax(x.float(), -1).gather(-1, y[:, None]).squeeze(-1)
+        else:
+            lp = token_logprobs(x, y, impl="chunked", inplace_backward=mode.startswith("inplace"))
+        if mode.endswith("bwd"):
+            lp.backward(g)
+        return lp
+    small = torch.randn(4, 64, requires_grad=True)
+    run(small, torch.randint(0, 64, (4,)), torch.randn(4))  # warm up code paths
+    # logits from a linear head (the realistic case: its backward needs `hidden` and `weight`, not the logits)
+    hidden = torch.randn(n, 16)
+    weight = torch.randn(v, 16, requires_grad=mode.endswith("bwd"))
+    x = hidden @ weight.T
+    y, g = torch.randint(0, v, (n,)), torch.randn(n)
+    base = rss()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    run(x, y, g)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(max(0, peak - max(base, before)))
+    """
+)
+
+
+def _extra_peak_bytes(mode: str, n: int, vocab: int) -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, mode, str(n), str(vocab)],
+        capture_output=True, text=True, check=True, timeout=300,
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_chunked_extra_memory_is_bounded_by_a_block_not_by_n_times_v():
+    n, vocab = 1024, 32000
+    logits_bytes = n * vocab * 4  # 131 MB
+    # A block's fp32 working set (a few block-sized temporaries), O(N) vectors and allocator slack.
+    bound = 6 * DEFAULT_CHUNK_BYTES + 16 * 2**20  # 40 MiB, under a third of the logits
+    chunked_fwd = _extra_peak_bytes("chunked_fwd", n, vocab)
+    inplace_fwd_bwd = _extra_peak_bytes("inplace_fwd_bwd", n, vocab)
+    chunked_fwd_bwd = _extra_peak_bytes("chunked_fwd_bwd", n, vocab)
+    naive_fwd = _extra_peak_bytes("naive_fwd", n, vocab)
+    naive_fwd_bwd = _extra_peak_bytes("naive_fwd_bwd", n, vocab)
+    mib = {
+        "chunked fwd": chunked_fwd, "inplace fwd+bwd": inplace_fwd_bwd, "chunked fwd+bwd": chunked_fwd_bwd,
+        "naive fwd": naive_fwd, "naive fwd+bwd": naive_fwd_bwd, "logits": logits_bytes, "bound": bound,
+    }
+    report = "extra peak MiB: " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in mib.items())
+    # forward: a block vs the whole fp32 log-softmax
+    assert chunked_fwd <= bound, report
+    assert naive_fwd > bound, report
+    # forward + backward: dlogits (one [N, V] buffer) + a block; in place: a block (+ the head's [V, 16] grad)
+    assert inplace_fwd_bwd <= bound, report
+    assert chunked_fwd_bwd <= logits_bytes + bound, report
+    assert naive_fwd_bwd > logits_bytes + bound, report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# impl="triton" (runs in the TRITON_INTERPRET=1 process: `make test-kernels`)
+
+
+@pytest.mark.triton_interpreter
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 3, 37), (5, 130)])
+def test_triton_impl_matches_reference(dtype, shape):
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 (set before triton is imported) or CUDA")
+    pytest.importorskip("triton")
+    pytest.importorskip("flowloss.ops.triton_logprobs")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(7)
+    logits = (torch.randn(*shape, generator=gen, dtype=F64) * 5).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=gen)
+    labels.reshape(-1)[1] = -100
+    mask = torch.rand(shape[:-1], generator=gen) < 0.8
+    x = logits.to(device).clone().requires_grad_()
+    logp, h = token_logprobs(
+        x, labels.to(device), mask=mask.to(device), temperature=0.7, return_entropy=True, impl="triton"
+    )
+    assert logp.shape == labels.shape and logp.dtype == torch.float32
+    g1 = torch.randn(labels.shape, generator=gen)
+    g2 = torch.randn(labels.shape, generator=gen)
+    ((logp.cpu() * g1).sum() + (h.cpu() * g2).sum()).backward()
+    valid = ((labels != -100) & mask).reshape(-1)
+    ref_logp, ref_h, ref_grad = reference_with_grads(
+        logits, labels, valid, 0.7, g1.reshape(-1), g2.reshape(-1)
+    )
+    zmax = float(logits.double().abs().max()) / 0.7
+    atol, rtol = value_tol(dtype, zmax)
+    close(logp.cpu().reshape(-1), ref_logp, atol=atol, rtol=rtol, what="triton logp")
+    close(h.cpu().reshape(-1), ref_h, atol=4 * atol, rtol=rtol, what="triton entropy")
+    atol, rtol = grad_tol(dtype, zmax, 6.0)
+    close(x.grad.cpu().reshape(ref_grad.shape), ref_grad, atol=atol, rtol=rtol, what="triton dlogits")
