@@ -34,13 +34,25 @@ def test_sequence_logprobs_match_reference(batch, reduction):
     out = sequence_logprobs(lp, batch.mask, reduction=reduction)
     lp64 = f64_leaf(batch.logprobs)
     expected = ref.sequence_logprob(lp64, batch.mask, normalize=reduction == "mean")
-    assert_close(out, expected, dtype=batch.dtype, what=f"masked token-{reduction}", scale=batch.mask.shape[1])
+    assert_close(
+        out, expected, dtype=batch.dtype, what=f"masked token-{reduction}", scale=batch.mask.shape[1]
+    )
     if reduction == "mean":
-        assert_close(length_normalize(batch.logprobs, batch.mask), expected, dtype=batch.dtype,
-                     what="length_normalize", scale=batch.mask.shape[1])
+        assert_close(
+            length_normalize(batch.logprobs, batch.mask),
+            expected,
+            dtype=batch.dtype,
+            what="length_normalize",
+            scale=batch.mask.shape[1],
+        )
     else:
-        assert_close(masked_sum(batch.logprobs, batch.mask), expected, dtype=batch.dtype, what="masked_sum",
-                     scale=batch.mask.shape[1])
+        assert_close(
+            masked_sum(batch.logprobs, batch.mask),
+            expected,
+            dtype=batch.dtype,
+            what="masked_sum",
+            scale=batch.mask.shape[1],
+        )
     weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     (out * weights.to(out.dtype)).sum().backward()
     if expected.requires_grad:
@@ -69,8 +81,9 @@ def reward_groups(draw):
     else:
         ids = draw(st.lists(st.integers(0, 4), min_size=1, max_size=12))
         groups = torch.tensor(ids)
-    values = draw(st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=len(ids),
-                           max_size=len(ids)))
+    values = draw(
+        st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=len(ids), max_size=len(ids))
+    )
     # exact ties inside a group are common with 0/1 rewards
     if draw(st.booleans()):
         values = [float(round(v) % 2) for v in values]
@@ -141,16 +154,28 @@ def test_vargrad_log_z_matches_reference(batch, k, normalize):
     """log Z_hat = mean_k (beta r_k - (l_k - l_ref_k)) over the non-empty members of the group."""
     b = batch.logprobs.shape[0]
     ids = [i // k for i in range(b)]
-    out = vargrad_log_z(batch.logprobs, batch.ref_logprobs, batch.rewards, batch.mask, torch.tensor(ids),
-                        beta=3.0, length_normalization=normalize)
-    expected = ref.vargrad_log_z(batch.logprobs, batch.ref_logprobs, batch.rewards, batch.mask, ids, beta=3.0,
-                                 normalize=normalize)
+    out = vargrad_log_z(
+        batch.logprobs,
+        batch.ref_logprobs,
+        batch.rewards,
+        batch.mask,
+        torch.tensor(ids),
+        beta=3.0,
+        length_normalization=normalize,
+    )
+    expected = ref.vargrad_log_z(
+        batch.logprobs, batch.ref_logprobs, batch.rewards, batch.mask, ids, beta=3.0, normalize=normalize
+    )
     assert not out.requires_grad
     assert_close(out, expected, dtype=batch.dtype, what="VarGrad log Z", scale=100)
 
 
 @given(
-    b=st.integers(1, 4), t=st.integers(1, 6), h=st.integers(1, 5), drop_last=st.booleans(), data=st.data(),
+    b=st.integers(1, 4),
+    t=st.integers(1, 6),
+    h=st.integers(1, 5),
+    drop_last=st.booleans(),
+    data=st.data(),
     dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
 )
 def test_pool_prompt_hidden_states_matches_reference(b, t, h, drop_last, data, dtype):
@@ -161,8 +186,14 @@ def test_pool_prompt_hidden_states_matches_reference(b, t, h, drop_last, data, d
     expected = ref.pool_prompt_hidden_states(hidden, mask, drop_last_token=drop_last)
     assert out.dtype == dtype
     tol_dtype = torch.bfloat16 if dtype == torch.bfloat16 else dtype
-    assert_close(out, expected, dtype=tol_dtype, what="prompt mean pooling", scale=1e2 if dtype == torch.bfloat16
-                 else 1.0, grad=dtype == torch.bfloat16)
+    assert_close(
+        out,
+        expected,
+        dtype=tol_dtype,
+        what="prompt mean pooling",
+        scale=1e2 if dtype == torch.bfloat16 else 1.0,
+        grad=dtype == torch.bfloat16,
+    )
 
 
 def test_log_z_head_architecture_and_gradients():
@@ -194,9 +225,14 @@ def test_log_z_table():
 
 
 def test_clip_bounds_are_log1p():
-    w = clipped_importance_weights(torch.tensor([[5.0], [-5.0]]), torch.zeros(2, 1), torch.ones(2, 1),
-                                   eps_low=0.1, eps_high=0.5)
+    w = clipped_importance_weights(
+        torch.tensor([[5.0], [-5.0]]), torch.zeros(2, 1), torch.ones(2, 1), eps_low=0.1, eps_high=0.5
+    )
     assert w.tolist() == pytest.approx([1.5, 0.9])
     assert math.isclose(
-        clipped_importance_weights(torch.tensor([[9.0]]), torch.zeros(1, 1), torch.ones(1, 1),
-                                   mode="sequence_capped", max_weight=3.0).item(), 3.0, rel_tol=1e-6)
+        clipped_importance_weights(
+            torch.tensor([[9.0]]), torch.zeros(1, 1), torch.ones(1, 1), mode="sequence_capped", max_weight=3.0
+        ).item(),
+        3.0,
+        rel_tol=1e-6,
+    )

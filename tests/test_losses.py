@@ -18,7 +18,9 @@ MODES = ["none", "sequence_clipped", "sequence_capped", "sequence", "geometric_c
 def _scale(batch, beta: float) -> float:
     """Magnitude of the terms that cancel inside delta (sets the absolute tolerance)."""
     terms = batch.logprobs.double().abs().sum() + batch.ref_logprobs.double().abs().sum()
-    return float(1.0 + terms + beta * batch.rewards.double().abs().sum() + batch.log_z.double().abs().sum()) ** 2
+    return (
+        float(1.0 + terms + beta * batch.rewards.double().abs().sum() + batch.log_z.double().abs().sum()) ** 2
+    )
 
 
 @given(
@@ -30,7 +32,9 @@ def _scale(batch, beta: float) -> float:
     beta=st.sampled_from([15.0, 1.0, 0.0]),
     with_rollout=st.booleans(),
 )
-def test_trajectory_balance_matches_reference(batch, mode, length_normalization, penalty, reduction, beta, with_rollout):
+def test_trajectory_balance_matches_reference(
+    batch, mode, length_normalization, penalty, reduction, beta, with_rollout
+):
     """loss = (1/N) sum_i w_i g(log Z_i + l_i - beta r_i - l_ref_i); grads wrt logprobs and log Z."""
     if penalty in ("shifted_cosh", "linex"):
         beta = min(beta, 1.0)  # keep cosh/exp inside float32 range for the comparison
@@ -38,18 +42,34 @@ def test_trajectory_balance_matches_reference(batch, mode, length_normalization,
     rollout = batch.rollout_logprobs if (with_rollout and old is not None) else None
     lp, lz = leaf(batch.logprobs), leaf(batch.log_z)
     loss = trajectory_balance_loss(
-        lp, batch.ref_logprobs, batch.rewards, lz, batch.mask,
-        beta=beta, old_logprobs=old, rollout_logprobs=rollout, importance_weights=mode,
-        length_normalization=length_normalization, penalty=penalty, reduction=reduction,
+        lp,
+        batch.ref_logprobs,
+        batch.rewards,
+        lz,
+        batch.mask,
+        beta=beta,
+        old_logprobs=old,
+        rollout_logprobs=rollout,
+        importance_weights=mode,
+        length_normalization=length_normalization,
+        penalty=penalty,
+        reduction=reduction,
     )
     lp64, lz64 = f64_leaf(batch.logprobs), f64_leaf(batch.log_z)
     weights = None
     if old is not None:
         weights = ref.importance_weights(batch.logprobs, old, batch.mask, mode=mode, rollout_logprobs=rollout)
     expected = ref.trajectory_balance_loss(
-        lp64, batch.ref_logprobs, batch.rewards, lz64, batch.mask,
-        beta=beta, weights=weights, length_normalization=length_normalization,
-        penalty_name=penalty, reduction=reduction,
+        lp64,
+        batch.ref_logprobs,
+        batch.rewards,
+        lz64,
+        batch.mask,
+        beta=beta,
+        weights=weights,
+        length_normalization=length_normalization,
+        penalty_name=penalty,
+        reduction=reduction,
     )
     scale = _scale(batch, beta)
     assert_close(loss, expected, dtype=batch.dtype, what="TB loss value", scale=scale * 1e-3)
@@ -59,8 +79,12 @@ def test_trajectory_balance_matches_reference(batch, mode, length_normalization,
         assert not lp.grad.any() and not lz.grad.any()
         return
     (expected * upstream).sum().backward()
-    assert_close(lp.grad, lp64.grad, dtype=batch.dtype, what="dloss/dlogprobs", scale=scale**0.5 * 1e-2, grad=True)
-    assert_close(lz.grad, lz64.grad, dtype=batch.dtype, what="dloss/dlog_z", scale=scale**0.5 * 1e-2, grad=True)
+    assert_close(
+        lp.grad, lp64.grad, dtype=batch.dtype, what="dloss/dlogprobs", scale=scale**0.5 * 1e-2, grad=True
+    )
+    assert_close(
+        lz.grad, lz64.grad, dtype=batch.dtype, what="dloss/dlog_z", scale=scale**0.5 * 1e-2, grad=True
+    )
     assert loss.dtype == (torch.float64 if batch.dtype == torch.float64 else torch.float32)
 
 
@@ -69,12 +93,22 @@ def test_reverse_kl_surrogate_matches_reference(batch, baseline, length_normaliz
     """grad = (1/N) sum_i (l_i - l_ref_i - beta r_i - b) grad l_i."""
     lp = leaf(batch.logprobs)
     loss = reverse_kl_surrogate(
-        lp, batch.ref_logprobs, batch.rewards, batch.mask, beta=2.0, baseline=baseline,
+        lp,
+        batch.ref_logprobs,
+        batch.rewards,
+        batch.mask,
+        beta=2.0,
+        baseline=baseline,
         length_normalization=length_normalization,
     )
     lp64 = f64_leaf(batch.logprobs)
     expected = ref.reverse_kl_surrogate(
-        lp64, batch.ref_logprobs, batch.rewards, batch.mask, beta=2.0, baseline=baseline,
+        lp64,
+        batch.ref_logprobs,
+        batch.rewards,
+        batch.mask,
+        beta=2.0,
+        baseline=baseline,
         length_normalization=length_normalization,
     )
     scale = _scale(batch, 2.0)
@@ -84,7 +118,9 @@ def test_reverse_kl_surrogate_matches_reference(batch, baseline, length_normaliz
         assert not lp.grad.any()
         return
     expected.backward()
-    assert_close(lp.grad, lp64.grad, dtype=batch.dtype, what="surrogate gradient", scale=scale**0.5 * 1e-2, grad=True)
+    assert_close(
+        lp.grad, lp64.grad, dtype=batch.dtype, what="surrogate gradient", scale=scale**0.5 * 1e-2, grad=True
+    )
 
 
 @given(batch=batches(dtypes=(torch.float64,)))
@@ -92,8 +128,9 @@ def test_half_tb_gradient_equals_surrogate_with_log_z_baseline(batch):
     """Per sample, grad (1/2) delta^2 = (l - l_ref - beta r + log Z) grad l: the surrogate with b = -log Z."""
     lz = batch.log_z
     lp1, lp2 = leaf(batch.logprobs), leaf(batch.logprobs)
-    tb = trajectory_balance_loss(lp1, batch.ref_logprobs, batch.rewards, lz, batch.mask, beta=3.0,
-                                 length_normalization=False)
+    tb = trajectory_balance_loss(
+        lp1, batch.ref_logprobs, batch.rewards, lz, batch.mask, beta=3.0, length_normalization=False
+    )
     (0.5 * tb).backward()
     sur = reverse_kl_surrogate(lp2, batch.ref_logprobs, batch.rewards, batch.mask, beta=3.0, baseline=-lz)
     sur.backward()
@@ -135,8 +172,13 @@ def test_micro_batch_gradients_add_up_to_full_batch(batch, data):
     def grads(index, normalizer):
         lp, lz = leaf(batch.logprobs), leaf(batch.log_z)
         loss = trajectory_balance_loss(
-            lp[index], batch.ref_logprobs[index], batch.rewards[index], lz[index], batch.mask[index],
-            old_logprobs=batch.old_logprobs[index], normalizer=normalizer,
+            lp[index],
+            batch.ref_logprobs[index],
+            batch.rewards[index],
+            lz[index],
+            batch.mask[index],
+            old_logprobs=batch.old_logprobs[index],
+            normalizer=normalizer,
         )
         loss.backward()
         return lp.grad, lz.grad, loss.detach()
@@ -175,7 +217,12 @@ def test_length_one_response_and_extreme_values_are_finite():
         for old in (lp.detach() - 1000.0, lp.detach() + 1000.0):
             lz = leaf(torch.tensor([100.0, -100.0]))
             loss = trajectory_balance_loss(
-                lp, torch.zeros(2, 2), torch.tensor([50.0, -50.0]), lz, mask, old_logprobs=old,
+                lp,
+                torch.zeros(2, 2),
+                torch.tensor([50.0, -50.0]),
+                lz,
+                mask,
+                old_logprobs=old,
                 importance_weights=mode,
             )
             loss.backward()
@@ -192,14 +239,16 @@ def test_stats_report_the_authors_diagnostics():
     loss, stats = trajectory_balance_loss(
         lp, lp, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 3.0]), mask, old_logprobs=old, return_stats=True
     )
-    assert stats["logprobs_mean"].item() == pytest.approx((torch.log(torch.tensor(0.5)) + torch.log(
-        torch.tensor(0.25))).item() / 2)
+    assert stats["logprobs_mean"].item() == pytest.approx(
+        (torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.25))).item() / 2
+    )
     assert stats["log_z_mean"].item() == pytest.approx(2.0)
     assert stats["residual_mean"].item() == pytest.approx(2.0)
     assert stats["clip_frac_low"].item() == pytest.approx(0.5)
     assert stats["clip_frac_high"].item() == 0.0
-    assert stats["weight_unclipped_mean"].item() == pytest.approx((torch.exp(torch.tensor(-2.0)).item()
-                                                                   + torch.exp(torch.tensor(0.01)).item()) / 2)
+    assert stats["weight_unclipped_mean"].item() == pytest.approx(
+        (torch.exp(torch.tensor(-2.0)).item() + torch.exp(torch.tensor(0.01)).item()) / 2
+    )
     assert stats["weight_mean"].item() == pytest.approx((0.8 + torch.exp(torch.tensor(0.01)).item()) / 2)
     assert stats["loss"].item() == pytest.approx(loss.item())
 
@@ -210,7 +259,13 @@ def test_token_clip_mask_drops_tokens_from_means_and_weights():
     old = lp - torch.tensor([[0.0, 1.0, 0.0]])  # token 1 has ratio e > 1.28
     mask = torch.ones(1, 3, dtype=torch.bool)
     loss = trajectory_balance_loss(
-        lp, torch.zeros(1, 3), torch.tensor([1.0]), torch.zeros(1), mask, beta=1.0, old_logprobs=old,
+        lp,
+        torch.zeros(1, 3),
+        torch.tensor([1.0]),
+        torch.zeros(1),
+        mask,
+        beta=1.0,
+        old_logprobs=old,
         token_clip_mask=True,
     )
     kept = torch.tensor([[True, False, True]])

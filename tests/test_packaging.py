@@ -17,8 +17,12 @@ CONSTRAINTS = ROOT / ".ci" / "constraints.txt"
 @pytest.mark.slow
 def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path: Path):
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(ROOT)], check=True,
-                   capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(ROOT)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (wheel,) = dist.glob("flowloss-*.whl")
     env_dir = tmp_path / "fresh"
     venv.EnvBuilder(with_pip=True).create(env_dir)
@@ -35,10 +39,12 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path: Path):
         "print(sorted(flowloss.__all__))"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path,
-                         env=env)
+    out = subprocess.run(
+        [str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path, env=env
+    )
     assert "trajectory_balance_loss" in out.stdout
-    console = subprocess.run([str(env_dir / "bin" / "flowloss"), "--help"], capture_output=True, text=True,
-                             cwd=tmp_path, env=env)
+    console = subprocess.run(
+        [str(env_dir / "bin" / "flowloss"), "--help"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
     assert console.returncode == 0, console.stderr
     assert "bench" in console.stdout

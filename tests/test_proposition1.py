@@ -45,9 +45,11 @@ class TabularPolicy:
     """pi(y_t | y_<t) = softmax(theta[prefix])[y_t], one row of logits per EOS-free prefix."""
 
     def __init__(self, generator: torch.Generator, *, scale: float = 1.0, requires_grad: bool = False):
-        self.prefixes = {p: i for i, p in enumerate(
-            p for n in range(MAX_LEN) for p in itertools.product(range(EOS), repeat=n))}
-        self.theta = (torch.randn(len(self.prefixes), VOCAB, generator=generator, dtype=F64) * scale)
+        self.prefixes = {
+            p: i
+            for i, p in enumerate(p for n in range(MAX_LEN) for p in itertools.product(range(EOS), repeat=n))
+        }
+        self.theta = torch.randn(len(self.prefixes), VOCAB, generator=generator, dtype=F64) * scale
         self.theta.requires_grad_(requires_grad)
 
     def token_logprobs(self, sequences: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,11 +103,20 @@ seeds = st.integers(0, 10_000)
 def test_on_policy_tb_gradient_is_twice_kl_gradient_for_any_log_z(seed, log_z):
     policy, seqs, lp, ref_lp, _, mask, rewards, beta = problem(seed)
     kl, _ = exact_kl(lp, ref_lp, mask, rewards, beta)
-    per_seq = trajectory_balance_loss(lp, ref_lp, rewards, torch.full((len(seqs),), log_z, dtype=F64), mask,
-                                      beta=beta, length_normalization=False, reduction="none")
+    per_seq = trajectory_balance_loss(
+        lp,
+        ref_lp,
+        rewards,
+        torch.full((len(seqs),), log_z, dtype=F64),
+        mask,
+        beta=beta,
+        length_normalization=False,
+        reduction="none",
+    )
     expected_tb = (sequence_probs(lp, mask) * per_seq).sum()
-    torch.testing.assert_close(grad_of(expected_tb, policy.theta), 2 * grad_of(kl, policy.theta),
-                               rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(
+        grad_of(expected_tb, policy.theta), 2 * grad_of(kl, policy.theta), rtol=1e-9, atol=1e-10
+    )
 
 
 @given(seed=seeds, baseline=st.floats(-5, 5))
@@ -114,7 +125,9 @@ def test_on_policy_surrogate_gradient_is_kl_gradient(seed, baseline):
     kl, _ = exact_kl(lp, ref_lp, mask, rewards, beta)
     per_seq = reverse_kl_surrogate(lp, ref_lp, rewards, mask, beta=beta, baseline=baseline, reduction="none")
     expected = (sequence_probs(lp, mask) * per_seq).sum()
-    torch.testing.assert_close(grad_of(expected, policy.theta), grad_of(kl, policy.theta), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(
+        grad_of(expected, policy.theta), grad_of(kl, policy.theta), rtol=1e-9, atol=1e-10
+    )
 
 
 @given(seed=seeds)
@@ -127,8 +140,18 @@ def test_off_policy_exact_weights_keep_proposition1_and_clipped_weights_bias_it(
     log_z = torch.zeros(len(seqs), dtype=F64)
 
     def expected_gradient(mode: str) -> torch.Tensor:
-        per_seq = trajectory_balance_loss(lp, ref_lp, rewards, log_z, mask, beta=beta, old_logprobs=old_lp,
-                                          importance_weights=mode, length_normalization=False, reduction="none")
+        per_seq = trajectory_balance_loss(
+            lp,
+            ref_lp,
+            rewards,
+            log_z,
+            mask,
+            beta=beta,
+            old_logprobs=old_lp,
+            importance_weights=mode,
+            length_normalization=False,
+            reduction="none",
+        )
         return grad_of((old_probs * per_seq).sum(), policy.theta)
 
     torch.testing.assert_close(expected_gradient("sequence"), target, rtol=1e-9, atol=1e-10)
@@ -145,8 +168,9 @@ def test_optimal_constant_log_z_is_log_z_true_minus_kl(seed):
 
     def d_loss_d_c(c: float) -> float:
         log_z = torch.full((len(seqs),), c, dtype=F64, requires_grad=True)
-        per_seq = trajectory_balance_loss(lp.detach(), ref_lp, rewards, log_z, mask, beta=beta,
-                                          length_normalization=False, reduction="none")
+        per_seq = trajectory_balance_loss(
+            lp.detach(), ref_lp, rewards, log_z, mask, beta=beta, length_normalization=False, reduction="none"
+        )
         (g,) = torch.autograd.grad((probs * per_seq).sum(), log_z)
         return float(g.sum())
 
@@ -164,12 +188,14 @@ def test_vargrad_log_z_gives_k_minus_one_over_k_of_the_kl_gradient(seed, k):
     tuples = torch.tensor(list(itertools.product(range(len(seqs)), repeat=k))).reshape(-1)
     b_lp, b_ref, b_mask, b_r = lp[tuples], ref_lp[tuples], mask[tuples], rewards[tuples]
     log_z = vargrad_log_z(b_lp, b_ref, b_r, b_mask, k, beta=beta, length_normalization=False)
-    per_seq = trajectory_balance_loss(b_lp, b_ref, b_r, log_z, b_mask, beta=beta, length_normalization=False,
-                                      reduction="none")
+    per_seq = trajectory_balance_loss(
+        b_lp, b_ref, b_r, log_z, b_mask, beta=beta, length_normalization=False, reduction="none"
+    )
     probs = sequence_probs(lp, mask)[tuples].reshape(-1, k).prod(-1)
     expected = (probs[:, None] * per_seq.reshape(-1, k)).sum() / k
-    torch.testing.assert_close(grad_of(expected, policy.theta), 2 * (k - 1) / k * grad_of(kl, policy.theta),
-                               rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        grad_of(expected, policy.theta), 2 * (k - 1) / k * grad_of(kl, policy.theta), rtol=1e-8, atol=1e-10
+    )
 
 
 @settings(max_examples=20)
@@ -180,14 +206,26 @@ def test_length_normalized_objective_for_one_fixed_length_is_rescaled_tb(seed, l
     policy, seqs, lp, ref_lp, _, mask, rewards, beta = problem(seed, fixed_length=length)
     probs = sequence_probs(lp, mask)
     n = len(seqs)
-    normalized = trajectory_balance_loss(lp, ref_lp, rewards, torch.full((n,), log_z, dtype=F64), mask,
-                                         beta=beta, reduction="none")
-    unnormalized = trajectory_balance_loss(lp, ref_lp, rewards, torch.full((n,), length * log_z, dtype=F64),
-                                           mask, beta=beta * length, length_normalization=False, reduction="none")
+    normalized = trajectory_balance_loss(
+        lp, ref_lp, rewards, torch.full((n,), log_z, dtype=F64), mask, beta=beta, reduction="none"
+    )
+    unnormalized = trajectory_balance_loss(
+        lp,
+        ref_lp,
+        rewards,
+        torch.full((n,), length * log_z, dtype=F64),
+        mask,
+        beta=beta * length,
+        length_normalization=False,
+        reduction="none",
+    )
     torch.testing.assert_close(normalized, unnormalized / length**2, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(grad_of((probs * normalized).sum(), policy.theta),
-                               grad_of((probs * unnormalized).sum(), policy.theta) / length**2,
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        grad_of((probs * normalized).sum(), policy.theta),
+        grad_of((probs * unnormalized).sum(), policy.theta) / length**2,
+        rtol=1e-9,
+        atol=1e-12,
+    )
 
 
 def test_length_normalized_objective_departs_from_kl_on_variable_lengths():
@@ -198,8 +236,9 @@ def test_length_normalized_objective_departs_from_kl_on_variable_lengths():
         policy, seqs, lp, ref_lp, _, mask, rewards, beta = problem(seed)
         kl, _ = exact_kl(lp, ref_lp, mask, rewards, beta)
         g_kl = grad_of(kl, policy.theta).flatten()
-        per_seq = trajectory_balance_loss(lp, ref_lp, rewards, torch.zeros(len(seqs), dtype=F64), mask,
-                                          beta=beta, reduction="none")
+        per_seq = trajectory_balance_loss(
+            lp, ref_lp, rewards, torch.zeros(len(seqs), dtype=F64), mask, beta=beta, reduction="none"
+        )
         g_norm = grad_of((sequence_probs(lp, mask) * per_seq).sum(), policy.theta).flatten()
         cosines.append(float(torch.nn.functional.cosine_similarity(g_kl, g_norm, dim=0)))
     # Not an identity: the directions differ (cosine < 0.99) on most problems of this space...

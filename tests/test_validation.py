@@ -51,21 +51,37 @@ def call(**overrides):
         (dict(mask=torch.ones(B, T - 1)), ValueError, r"`mask` must have the same shape"),
         (dict(old_logprobs=torch.zeros(B, 1)), ValueError, r"`old_logprobs` must have the same shape"),
         # dtypes and types
-        (dict(logprobs=torch.zeros(B, T, dtype=torch.int64)), TypeError, r"`logprobs`.*floating-point.*int64"),
+        (
+            dict(logprobs=torch.zeros(B, T, dtype=torch.int64)),
+            TypeError,
+            r"`logprobs`.*floating-point.*int64",
+        ),
         (dict(rewards=torch.ones(B, dtype=torch.int32)), TypeError, r"`rewards`.*floating-point"),
         (dict(log_z=[0.0, 0.0, 0.0]), TypeError, r"`log_z` must be a torch.Tensor, got list"),
         (dict(mask=torch.full((B, T), 2)), ValueError, r"`mask` must hold only 0/1"),
         # non-finite values
-        (dict(rewards=torch.tensor([0.0, float("nan"), 1.0])), ValueError, r"`rewards` must be finite.*1 non-finite"),
+        (
+            dict(rewards=torch.tensor([0.0, float("nan"), 1.0])),
+            ValueError,
+            r"`rewards` must be finite.*1 non-finite",
+        ),
         (dict(log_z=torch.tensor([0.0, float("inf"), 1.0])), ValueError, r"`log_z` must be finite"),
-        (dict(logprobs=torch.tensor([[float("-inf")] * T] * B)), ValueError, r"`logprobs \(at unmasked positions\)`"),
+        (
+            dict(logprobs=torch.tensor([[float("-inf")] * T] * B)),
+            ValueError,
+            r"`logprobs \(at unmasked positions\)`",
+        ),
         # invalid options
         (dict(beta=float("nan")), ValueError, r"`beta` must be a finite number"),
         (dict(penalty="cubic"), ValueError, r"`penalty` must be one of"),
         (dict(reduction="max"), ValueError, r"`reduction` must be one of"),
         (dict(importance_weights="ppo"), ValueError, r"`importance_weights` must be one of"),
         (dict(importance_weights="sequence_clipped"), ValueError, r"needs `old_logprobs`"),
-        (dict(old_logprobs=torch.zeros(B, T), eps_low=1.5), ValueError, r"`eps_low` must be a number in \[0.0, 1.0\)"),
+        (
+            dict(old_logprobs=torch.zeros(B, T), eps_low=1.5),
+            ValueError,
+            r"`eps_low` must be a number in \[0.0, 1.0\)",
+        ),
         (dict(old_logprobs=torch.zeros(B, T), eps_high=-0.1), ValueError, r"`eps_high`"),
         (dict(old_logprobs=torch.zeros(B, T), max_weight=0.0), ValueError, r"`max_weight`"),
         (dict(token_clip_mask=True), ValueError, r"`token_clip_mask=True` needs `old_logprobs`"),
@@ -80,7 +96,9 @@ def test_trajectory_balance_loss_rejects_bad_input(overrides, error, pattern):
         call(**overrides)
 
 
-@pytest.mark.skipif(not torch.backends.mps.is_available() and not torch.cuda.is_available(), reason="needs a 2nd device")
+@pytest.mark.skipif(
+    not torch.backends.mps.is_available() and not torch.cuda.is_available(), reason="needs a 2nd device"
+)
 def test_device_mismatch_is_refused():
     other = "cuda" if torch.cuda.is_available() else "mps"
     with pytest.raises(ValueError, match="is on"):
@@ -126,8 +144,13 @@ def test_other_functions_reject_bad_input():
     with pytest.raises(ValueError, match="does not divide"):
         vargrad_log_z(torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B), torch.ones(B, T), 2)
     with pytest.raises(ValueError, match="`baseline` must have shape"):
-        reverse_kl_surrogate(torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B), torch.ones(B, T),
-                             baseline=torch.zeros(B + 1))
+        reverse_kl_surrogate(
+            torch.zeros(B, T),
+            torch.zeros(B, T),
+            torch.zeros(B),
+            torch.ones(B, T),
+            baseline=torch.zeros(B + 1),
+        )
     with pytest.raises(ValueError, match="`reduction` must be one of"):
         reduce_sequences(torch.zeros(B), torch.ones(B, dtype=torch.bool), reduction="avg")
 

@@ -88,7 +88,11 @@ def require_positive(name: str, value: float, *, allow_zero: bool = False) -> No
 
 
 def require_finite_number(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (-float("inf") < value < float("inf")):
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not (-float("inf") < value < float("inf"))
+    ):
         raise ValueError(f"`{name}` must be a finite number, got {value!r}")
 
 

@@ -43,10 +43,14 @@ def group_index(groups: Groups, batch_size: int, device: torch.device) -> tuple[
             raise ValueError(f"`groups` is on {groups.device} but the values are on {device}")
         uniques, index = torch.unique(groups, return_inverse=True)
         return index, int(uniques.numel())
-    raise TypeError(f"`groups` must be an int group size or a [B] tensor of group ids, got {type(groups).__name__}")
+    raise TypeError(
+        f"`groups` must be an int group size or a [B] tensor of group ids, got {type(groups).__name__}"
+    )
 
 
-def group_mean(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_mean(
+    values: torch.Tensor, index: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group mean and size, each ``[G]``: ``mean_g = (1/n_g) sum_{i in g} v_i``."""
     sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, index, values)
     sizes = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(

@@ -46,7 +46,13 @@ from flowloss._validation import (
 )
 
 ImportanceMode = Literal["sequence_clipped", "sequence_capped", "sequence", "geometric_clipped", "none"]
-IMPORTANCE_MODES: tuple[str, ...] = ("sequence_clipped", "sequence_capped", "sequence", "geometric_clipped", "none")
+IMPORTANCE_MODES: tuple[str, ...] = (
+    "sequence_clipped",
+    "sequence_capped",
+    "sequence",
+    "geometric_clipped",
+    "none",
+)
 
 # Authors' clip ratios (verl recipe/flowrl: clip_ratio_low=0.2, clip_ratio_high=0.28).
 DEFAULT_EPS_LOW = 0.2
@@ -112,7 +118,12 @@ def importance_weights_with_stats(
         require_float("rollout_logprobs", rollout_logprobs)
         require_same_shape("rollout_logprobs", rollout_logprobs, "logprobs", logprobs)
     require_same_device(
-        [("logprobs", logprobs), ("old_logprobs", old_logprobs), ("mask", m), ("rollout_logprobs", rollout_logprobs)]
+        [
+            ("logprobs", logprobs),
+            ("old_logprobs", old_logprobs),
+            ("mask", m),
+            ("rollout_logprobs", rollout_logprobs),
+        ]
     )
     dtype = accumulation_dtype(logprobs, old_logprobs, rollout_logprobs)
     batch = logprobs.shape[0]
@@ -159,7 +170,8 @@ def clipped_importance_weights(
         old_logprobs: ``[B, T]`` token log-probs under the policy that sampled the rollouts, ``pi_old``.
         mask: ``[B, T]`` response mask (bool or 0/1).
         mode: which weight (default ``"sequence_clipped"``, the paper's ``clip(pi/pi_old, 1-eps, 1+eps)``).
-        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` (authors' 0.2 / 0.28).
+        eps_low: lower clip ``1 - eps_low`` of the clipped modes (authors' 0.2).
+        eps_high: upper clip ``1 + eps_high`` of the clipped modes (authors' 0.28).
         max_weight: cap of ``"sequence_capped"`` (10, verl ``recipe/flowrl``).
         rollout_logprobs: ``[B, T]`` log-probs from the inference engine; enables the TIS factor.
         tis_cap: truncation ``C`` of the TIS factor ``min(pi_old / pi_rollout, C)`` (verl's default 2).

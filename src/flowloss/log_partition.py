@@ -56,7 +56,12 @@ class LogZHead(nn.Module):
         self.hidden_size = hidden_size
         blocks: list[nn.Module] = []
         for _ in range(num_layers - 1):
-            blocks += [nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size), nn.Dropout(dropout)]
+            blocks += [
+                nn.Linear(hidden_size, hidden_size),
+                nn.GELU(),
+                nn.LayerNorm(hidden_size),
+                nn.Dropout(dropout),
+            ]
         self.body = nn.Sequential(*blocks)
         self.out = nn.Linear(hidden_size, 1)
         with torch.no_grad():
@@ -120,8 +125,10 @@ class LogZTable(nn.Module):
             raise TypeError(f"`prompt_ids` must be a [B] integer tensor, got {describe(prompt_ids)}")
         n = self.log_z.shape[0]
         if prompt_ids.numel() and (int(prompt_ids.min()) < 0 or int(prompt_ids.max()) >= n):
-            raise ValueError(f"`prompt_ids` must lie in [0, {n}), got values in [{int(prompt_ids.min())}, "
-                             f"{int(prompt_ids.max())}]")
+            raise ValueError(
+                f"`prompt_ids` must lie in [0, {n}), got values in [{int(prompt_ids.min())}, "
+                f"{int(prompt_ids.max())}]"
+            )
         return self.log_z[prompt_ids]
 
 
@@ -161,5 +168,7 @@ def vargrad_log_z(
         index, num_groups = group_index(groups, logprobs.shape[0], logprobs.device)
         target = torch.where(valid, target, torch.zeros_like(target))
         sums = torch.zeros(num_groups, dtype=dtype, device=target.device).index_add(0, index, target)
-        sizes = torch.zeros(num_groups, dtype=dtype, device=target.device).index_add(0, index, valid.to(dtype))
+        sizes = torch.zeros(num_groups, dtype=dtype, device=target.device).index_add(
+            0, index, valid.to(dtype)
+        )
         return (sums / sizes.clamp_min(1.0))[index]

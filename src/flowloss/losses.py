@@ -114,7 +114,9 @@ def _prepare(
     if importance_weights is None:
         importance_weights = "sequence_clipped" if old_logprobs is not None else "none"
     if importance_weights not in IMPORTANCE_MODES:
-        raise ValueError(f"`importance_weights` must be one of {IMPORTANCE_MODES}, got {importance_weights!r}")
+        raise ValueError(
+            f"`importance_weights` must be one of {IMPORTANCE_MODES}, got {importance_weights!r}"
+        )
     if importance_weights != "none" and old_logprobs is None:
         raise ValueError(f"`importance_weights={importance_weights!r}` needs `old_logprobs` (got None)")
     if rollout_logprobs is not None and old_logprobs is None:
@@ -127,7 +129,10 @@ def _prepare(
     # One host sync for every finiteness check; find the culprit only when something is wrong.
     lp_valid = torch.where(m, logprobs.detach().to(dtype), zero)
     ref_valid = torch.where(m, ref_logprobs.detach().to(dtype), zero)
-    checks = [("logprobs (at unmasked positions)", lp_valid), ("ref_logprobs (at unmasked positions)", ref_valid)]
+    checks = [
+        ("logprobs (at unmasked positions)", lp_valid),
+        ("ref_logprobs (at unmasked positions)", ref_valid),
+    ]
     checks += [("rewards", rewards.detach())] + [(n, t.detach()) for n, t in extra]
     if not bool(torch.stack([torch.isfinite(t).all() for _, t in checks]).all()):
         for name, t in checks:
@@ -234,7 +239,12 @@ def trajectory_balance_loss(
         rollout_logprobs: ``[B, T]`` inference-engine log-probs; multiplies ``w`` by a truncated IS factor.
         importance_weights: weight mode (see :func:`~flowloss.clipped_importance_weights`); default
             ``"sequence_clipped"`` (the paper) when ``old_logprobs`` is given, else ``"none"``.
-        eps_low, eps_high, max_weight, tis_cap: weight options (0.2 / 0.28 / 10 / 2).
+        eps_low: clip range low side, ``w >= 1 - eps_low`` (0.2, the authors' value).
+        eps_high: clip range high side, ``w <= 1 + eps_high`` (0.28, the authors' value).
+        max_weight: cap of ``"sequence_capped"`` (10, verl ``recipe/flowrl``).
+        tis_cap: truncation of the TIS factor ``min(pi_old / pi_rollout, C)`` (2, verl's default).
+        linex_alpha: ``a`` of the ``"linex"`` penalty (1.0).
+        huber_delta: ``k`` of the ``"huber"`` penalty (1.0).
         token_clip_mask: drop tokens whose ratio left ``[1-eps_low, 1+eps_high]`` in the direction of
             ``sign(r_hat)`` from every mean and from ``w`` (verl PR #3924).
         length_normalization: token-mean (True, the paper) or token-sum (False, Proposition 1) log-likelihoods.
@@ -272,7 +282,9 @@ def trajectory_balance_loss(
     )
     dtype = prep.seq_logprobs.dtype
     delta = log_z_vec.to(dtype) + prep.seq_logprobs - beta * prep.rewards - prep.seq_ref_logprobs
-    per_sequence = prep.weights * apply_penalty(delta, penalty, linex_alpha=linex_alpha, huber_delta=huber_delta)
+    per_sequence = prep.weights * apply_penalty(
+        delta, penalty, linex_alpha=linex_alpha, huber_delta=huber_delta
+    )
     loss = reduce_sequences(per_sequence, prep.valid, reduction=reduction, normalizer=normalizer)
     if not return_stats:
         return loss

@@ -6,7 +6,8 @@ the penalty keeps the loss scale (and Proposition 1 to first order) while changi
 * ``"squared"``:      ``delta^2`` (FlowRL, trajectory balance);
 * ``"shifted_cosh"``: ``2 (cosh(delta) - 1)`` (torchgfn's shifted-cosh alternative; heavier tails);
 * ``"linex"``:        ``2 (exp(a delta) - a delta - 1) / a^2`` (torchgfn's linex, asymmetric; ``a = linex_alpha``);
-* ``"huber"``:        ``delta^2`` for ``|delta| <= k``, ``k (2 |delta| - k)`` beyond (bounded gradient; ``k = huber_delta``).
+* ``"huber"``:        ``delta^2`` for ``|delta| <= k``, ``k (2 |delta| - k)`` beyond (bounded gradient;
+  ``k = huber_delta``).
 
 ``cosh``/``exp`` tails overflow to ``inf`` in float32 past ``|delta| ~ 88``: that is the true value out of range.
 """

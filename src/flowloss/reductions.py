@@ -40,7 +40,9 @@ def _checked(values: torch.Tensor, mask: torch.Tensor, name: str = "values") -> 
     require_ndim(name, values, (2,), "a [B, T] token-level tensor")
     m = as_bool_mask("mask", mask, name, values)
     if m.device != values.device:
-        raise ValueError(f"`mask` is on {m.device} but `{name}` is on {values.device}; move them to one device")
+        raise ValueError(
+            f"`mask` is on {m.device} but `{name}` is on {values.device}; move them to one device"
+        )
     return m
 
 

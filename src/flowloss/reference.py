@@ -169,19 +169,25 @@ def reverse_kl_surrogate(
     return torch.stack(terms).sum() / len(terms)
 
 
-def vargrad_log_z(logprobs, ref_logprobs, rewards, mask, group_ids: list[int], *, beta: float, normalize: bool):
+def vargrad_log_z(
+    logprobs, ref_logprobs, rewards, mask, group_ids: list[int], *, beta: float, normalize: bool
+):
     """``mean_k [beta r_k - (l_k - l_ref_k)]`` over the non-empty members of each row's group."""
     lp = sequence_logprob(logprobs, mask, normalize=normalize)
     ref = sequence_logprob(ref_logprobs, mask, normalize=normalize)
     out = []
-    for i, g in enumerate(group_ids):
+    for g in group_ids:
         members = [j for j, h in enumerate(group_ids) if h == g and bool(mask[j].any())]
-        values = [beta * float(rewards[j]) - (float(lp[j].detach()) - float(ref[j].detach())) for j in members]
+        values = [
+            beta * float(rewards[j]) - (float(lp[j].detach()) - float(ref[j].detach())) for j in members
+        ]
         out.append(sum(values) / len(values) if values else 0.0)
     return torch.tensor(out, dtype=F64)
 
 
-def pool_prompt_hidden_states(hidden_states: torch.Tensor, prompt_mask: torch.Tensor, *, drop_last_token=False):
+def pool_prompt_hidden_states(
+    hidden_states: torch.Tensor, prompt_mask: torch.Tensor, *, drop_last_token=False
+):
     """Mean over each row's prompt tokens (optionally without the last one); zeros for an empty row."""
     out = []
     for i in range(hidden_states.shape[0]):
