@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprob_forward import DEFAULT_BLOCK_V, DEFAULT_NUM_WARPS, LN2, LOG2E
+from .logprob_forward import DEFAULT_BLOCK_V, DEFAULT_NUM_WARPS, LN2_C, LOG2E
 
 # Same tiling as the forward (see logprob_forward.py): 8 KiB (bf16) read + 8 KiB written per block and
 # program, one exp2 per element, no reduction at all (every element's gradient is known once lse and H are).
@@ -69,7 +69,7 @@ def _logprob_backward_kernel(
         p = tl.exp2(u - lse2_safe)
         dz = tl.where(cols == label, g, 0.0) - g * p
         if HAS_GRAD_ENTROPY:
-            log_p = tl.where(p > 0.0, (u - lse2_safe) * LN2, 0.0)  # p log p -> 0 where p = 0
+            log_p = tl.where(p > 0.0, (u - lse2_safe) * LN2_C, 0.0)  # p log p -> 0 where p = 0
             dz -= g_h * p * (log_p + h)
         dz = tl.where(skip, 0.0, dz)
         tl.store(drow_ptr + cols, dz.to(dlogits_ptr.dtype.element_ty), mask=cols < n_cols)

@@ -39,6 +39,8 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# Compiled kernels may only read globals that are constexpr (the interpreter does not enforce this).
+LN2_C = tl.constexpr(LN2)
 
 # Tiling. One program per row walks the row in blocks of BLOCK_V columns: 4096 columns x 2 B (bf16) is
 # 8 KiB per block; with 8 warps (256 threads) that is 16 elements per thread, i.e. two 16-byte vector loads
@@ -95,12 +97,12 @@ def _logprob_forward_kernel(
     lse2 = tl.where(s > 0.0, m + log2_s, float("-inf"))
     safe_label = tl.where(skip, 0, label)
     u_label = tl.load(row_ptr + safe_label, mask=~skip, other=0.0).to(tl.float32) * scale
-    logprob = (u_label - tl.where(s > 0.0, lse2, 0.0)) * LN2
+    logprob = (u_label - tl.where(s > 0.0, lse2, 0.0)) * LN2_C
     logprob = tl.where(s > 0.0, logprob, float("-inf"))
     tl.store(logprobs_ptr + row, tl.where(skip, 0.0, logprob))
     tl.store(lse2_ptr + row, tl.where(skip, 0.0, lse2))
     if WITH_ENTROPY:
-        entropy = (log2_s - t / tl.where(s > 0.0, s, 1.0)) * LN2
+        entropy = (log2_s - t / tl.where(s > 0.0, s, 1.0)) * LN2_C
         entropy = tl.where(s > 0.0, entropy, 0.0)
         tl.store(entropy_ptr + row, tl.where(skip, 0.0, entropy))
 
