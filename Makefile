@@ -28,7 +28,7 @@ test-core: setup
 
 # Triton's interpreter must be switched on before triton is imported: a process of its own.
 test-kernels: setup
-	TRITON_INTERPRET=1 $(BIN)/pytest -q -m triton_interpreter
+	TRITON_INTERPRET=1 $(BIN)/pytest -q -m triton_interpreter --ignore=tests/adapters
 
 # Framework adapters: one virtual environment per framework (their pins conflict), made by .ci/install-<fw>.sh.
 FRAMEWORKS := trl verl openrlhf
