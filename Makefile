@@ -32,6 +32,7 @@ test-kernels: setup
 
 # Framework adapters: one virtual environment per framework (their pins conflict), made by .ci/install-<fw>.sh.
 FRAMEWORKS := trl verl openrlhf
+.PRECIOUS: .venv-%/.installed
 .venv-%/.installed: .ci/install-%.sh pyproject.toml $(CONSTRAINTS)
 	bash .ci/install-$*.sh .venv-$* $(CONSTRAINTS)
 	touch $@
