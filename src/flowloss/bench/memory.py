@@ -1,0 +1,84 @@
+"""Peak extra memory of one call: the most bytes held by tensors at any moment, minus what was held before.
+
+- CUDA: ``torch.cuda.reset_peak_memory_stats`` then ``max_memory_allocated() - memory_allocated()``: tensor bytes
+  from the caching allocator, the allocator's cache excluded.
+- CPU: the PyTorch profiler with ``profile_memory=True``. While it runs, c10's CPU allocator reports every
+  allocation and free with the running total of allocated bytes; the peak of that total minus its value before the
+  first event is the CPU twin of the CUDA figure (tensor bytes, including the temporaries inside an op and the
+  buffers of ``torch.compile``'d code). Tensors that existed before the call (the inputs) are not counted, and
+  their frees are ignored, so the figure is "what this call adds". Process RSS was tried and rejected: the
+  high-water mark cannot be reset per call without a fresh process (``fork`` after OpenMP work hangs in
+  libgomp; a spawned process re-imports torch and recompiles per implementation), and RSS mixes in the
+  interpreter, lazily loaded libraries and malloc's own caching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence fd 2 (the profiler's C++ start/stop lines) for the duration; Python exceptions still propagate."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _walk(nodes) -> Iterator:
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(node.children)
+
+
+def peak_extra_bytes(fn: Callable[[], object], *, device: torch.device) -> tuple[int | None, str]:
+    """``(bytes, method)``: the peak extra tensor memory of one ``fn()`` call, or ``(None, why not)``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return max(torch.cuda.max_memory_allocated() - before, 0), "torch.cuda.max_memory_allocated delta"
+    return _cpu_peak(fn)
+
+
+def _cpu_peak(fn: Callable[[], object]) -> tuple[int | None, str]:
+    try:
+        from torch._C._profiler import _EventType
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError as err:  # pragma: no cover - depends on the torch build
+        return None, f"profiler unavailable ({err})"
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        tree = prof.profiler.kineto_results.experimental_event_tree()
+        allocations = [n for n in _walk(tree) if n.tag == _EventType.Allocation]
+    except AttributeError as err:  # pragma: no cover - private profiler API moved
+        return None, f"profiler memory events unavailable ({err})"
+    method = "CPU allocator total via torch.profiler(profile_memory=True)"
+    if not allocations:
+        return 0, method
+    allocations.sort(key=lambda n: n.start_time_ns)
+    first = allocations[0].extra_fields
+    base = first.total_allocated - first.alloc_size
+    peak = max(n.extra_fields.total_allocated for n in allocations)
+    return max(peak - base, 0), method
