@@ -11,7 +11,7 @@ Backward, per block, with ``dz = [g (onehot(y) - p) - g_H p (log p + H)] / T`` r
 
     dh_block  = dz @ W            dW += dz^T @ h_block            db += sum_rows dz
 
-The full ``[N, V]`` logits never exist: forward keeps ``lse [N]`` (and ``H [N]``) besides references to ``h``,
+The full ``[N, V]`` logits never exist: forward keeps ``H [N]`` (when asked) besides references to ``h``,
 ``W`` and ``b``; each block's ``[rows, V]`` logits live only while that block is processed. The price is a
 second ``h_block @ W^T`` in backward (8 N H V FLOPs in all instead of 6). Half-precision ``W`` is upcast to a
 float32 copy once per forward and once per backward (``V x H`` floats, not ``N x V``).
@@ -65,16 +65,15 @@ class _FusedLinearTokenLogprobs(torch.autograd.Function):
         weight_t = weight.to(cdtype).t()
         bias_c = bias.to(cdtype) if bias is not None else None
         logp = torch.empty(n, dtype=cdtype, device=hidden.device)
-        lse = torch.empty(n, dtype=cdtype, device=hidden.device)
         entropy = torch.empty(n if want_entropy else 0, dtype=cdtype, device=hidden.device)
         for lo in range(0, n, chunk_rows):
             hi = min(n, lo + chunk_rows)
             z = _block_logits(hidden[lo:hi], weight_t, bias_c, temperature)
-            lp, ls, h = block_forward(z, labels[lo:hi], valid[lo:hi], want_entropy=want_entropy)
-            logp[lo:hi], lse[lo:hi] = lp, ls
+            lp, h = block_forward(z, labels[lo:hi], valid[lo:hi], want_entropy=want_entropy)
+            logp[lo:hi] = lp
             if h is not None:
                 entropy[lo:hi] = h
-        ctx.save_for_backward(hidden, weight, bias, labels, valid, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, labels, valid, entropy)
         ctx.temperature, ctx.chunk_rows, ctx.want_entropy = temperature, chunk_rows, want_entropy
         ctx.set_materialize_grads(False)
         if not want_entropy:
@@ -83,7 +82,7 @@ class _FusedLinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, labels, valid, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, labels, valid, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
             return (None,) * 8
@@ -103,7 +102,6 @@ class _FusedLinearTokenLogprobs(torch.autograd.Function):
                 z,
                 labels[lo:hi],
                 valid[lo:hi],
-                lse[lo:hi],
                 grad_logp[lo:hi] if grad_logp is not None else None,
                 entropy[lo:hi] if use_entropy else None,
                 grad_entropy[lo:hi] if use_entropy else None,

@@ -12,8 +12,9 @@ and the gradients ``d logp_n / d z_nv = (1[v = y_n] - p_nv) / T``,
 
 ``log_softmax(logits.float(), -1).gather(...)`` materializes an fp32 ``[N, V]`` tensor (1.2 GB at N=2048,
 V=151936) and autograd keeps it for backward, then builds two more ``[N, V]`` tensors in backward. The chunked
-path here is a ``torch.autograd.Function`` that loops over blocks of rows: forward keeps only ``lse [N]`` (and
-``H [N]``) besides a reference to the logits; backward recomputes ``p`` one block at a time and writes
+path here is a ``torch.autograd.Function`` that loops over blocks of rows, each through PyTorch's fused
+(log-)softmax kernel: forward keeps only ``H [N]`` (when asked), the labels and a reference to the logits;
+backward recomputes ``p = softmax`` one block at a time and writes
 ``dlogits`` straight into a single ``[.., V]`` buffer of the logits' dtype, or into the logits themselves
 with ``inplace_backward=True``. Its extra memory is one block's fp32 working set (see
 :data:`DEFAULT_CHUNK_BYTES`), plus ``dlogits`` in backward, which any implementation must return.
@@ -115,66 +116,62 @@ def _scaled(x: torch.Tensor, temperature: float, cdtype: torch.dtype) -> torch.T
 
 def block_forward(
     z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, *, want_entropy: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``z [r, V]`` (already upcast and divided by T) -> ``(logp [r], lse [r], H [r] | None)``.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``z [r, V]`` (already upcast and divided by T) -> ``(logp [r], H [r] | None)``.
 
-    ``labels`` must be in ``[0, V)`` everywhere (ignored rows carry any in-range label); rows with
-    ``valid == False`` give ``logp = H = 0`` and ``lse = 0`` (so backward's recompute stays finite).
+    Uses ``torch.log_softmax`` on the block: its fused CPU kernel is ~2x faster than ``logsumexp`` or an
+    elementwise ``exp(z - lse)``, and the block-sized output stays in cache. ``labels`` must be in ``[0, V)``
+    everywhere (skipped rows carry any in-range label); rows with ``valid == False`` give ``logp = H = 0``.
     """
-    lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(1, labels.unsqueeze(1)).squeeze(1) - lse
+    log_p = torch.log_softmax(z, dim=-1)
+    logp = log_p.gather(1, labels.unsqueeze(1)).squeeze(1)
     entropy = None
     if want_entropy:
-        log_p = z - lse.unsqueeze(1)
-        p_log_p = torch.exp(log_p).mul_(log_p)
         # p = 0 where z = -inf: 0 * -inf is NaN, and its limit is 0.
-        entropy = -p_log_p.nan_to_num_(nan=0.0).sum(dim=-1)
+        entropy = -log_p.exp().mul_(log_p).nan_to_num_(nan=0.0).sum(dim=-1)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     logp = torch.where(valid, logp, zero)
-    lse = torch.where(valid, lse, zero)
     if entropy is not None:
         entropy = torch.where(valid, entropy, zero)
-    return logp, lse, entropy
+    return logp, entropy
 
 
 def block_backward(
     z: torch.Tensor,
     labels: torch.Tensor,
     valid: torch.Tensor,
-    lse: torch.Tensor,
     grad_logp: torch.Tensor | None,
     entropy: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
     *,
     temperature: float,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    """``dL/dz_raw [r, V]`` for one block, where ``z = z_raw / T`` (already upcast).
+    """Write ``dL/dz_raw [r, V]`` for one block into ``out`` (any float dtype), where ``z = z_raw / T``.
 
-    ``dz = [g (onehot(y) - p) - g_H p (log p + H)] / T``, zero on rows with ``valid == False``. Written into
-    ``out`` when given (it may alias ``z``: every element is read before it is overwritten), else a new tensor
-    of ``z``'s dtype. ``g``/``g_H`` of ``None`` count as zero.
+    ``dz = -[p (g + g_H (log p + H)) - g onehot(y)] / T``, recomputing ``p = softmax(z)`` with the fused
+    kernel (no saved state but ``H``); zero on rows with ``valid == False``. ``out`` may alias ``z`` or the
+    raw logits (``inplace_backward``): they are read in full before ``out`` is written. ``g``/``g_H`` of
+    ``None`` count as zero.
     """
     rows = z.shape[0]
-    work = out if out is not None else torch.empty_like(z)
-    torch.sub(z, lse.unsqueeze(1), out=work)  # log p
-    scale = 1.0 / temperature
     g = grad_logp if grad_logp is not None else torch.zeros(rows, dtype=z.dtype, device=z.device)
     g = torch.where(valid, g.to(z.dtype), 0.0)
     if grad_entropy is not None and entropy is not None:
         g_h = torch.where(valid, grad_entropy.to(z.dtype), 0.0)
-        p = torch.exp(work)
-        # coefficient of p:  -(g + g_H (log p + H)) / T ; NaN only where p = 0 and log p = -inf (limit 0).
-        work.add_(entropy.unsqueeze(1)).mul_(g_h.unsqueeze(1)).add_(g.unsqueeze(1)).mul_(p).mul_(-scale)
-        work.nan_to_num_(nan=0.0)
+        log_p = torch.log_softmax(z, dim=-1)
+        p = log_p.exp()
+        coef = log_p.add_(entropy.unsqueeze(1)).mul_(g_h.unsqueeze(1)).add_(g.unsqueeze(1)).mul_(p)
+        coef.nan_to_num_(nan=0.0)  # p = 0 and log p = -inf: the limit is 0
     else:
-        work.exp_().mul_((g * -scale).unsqueeze(1))
+        coef = torch.softmax(z, dim=-1).mul_(g.unsqueeze(1))
     arange = torch.arange(rows, device=z.device)
-    work[arange, labels] += g * scale
+    coef[arange, labels] -= g
+    torch.mul(coef, -1.0 / temperature, out=out)
     if not bool(valid.all()):
-        # Ignored rows may hold anything (even inf/NaN); their gradient is exactly 0.
-        work[~valid] = 0.0
-    return work
+        # Skipped rows may hold anything (even inf/NaN); their gradient is exactly 0.
+        out[~valid] = 0.0
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -190,15 +187,14 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         n = labels.shape[0]
         flat = _flat_view(logits)
         logp = torch.empty(n, dtype=cdtype, device=logits.device)
-        lse = torch.empty(n, dtype=cdtype, device=logits.device)
         entropy = torch.empty(n if want_entropy else 0, dtype=cdtype, device=logits.device)
         for lo, hi, index in _row_blocks(logits.shape, flat is not None, chunk_rows):
             z = _scaled(_index(logits, flat, index), temperature, cdtype)
-            lp, ls, h = block_forward(z, labels[lo:hi], valid[lo:hi], want_entropy=want_entropy)
-            logp[lo:hi], lse[lo:hi] = lp, ls
+            lp, h = block_forward(z, labels[lo:hi], valid[lo:hi], want_entropy=want_entropy)
+            logp[lo:hi] = lp
             if h is not None:
                 entropy[lo:hi] = h
-        ctx.save_for_backward(logits, labels, valid, lse, entropy)
+        ctx.save_for_backward(logits, labels, valid, entropy)
         ctx.temperature, ctx.chunk_rows, ctx.inplace_backward = temperature, chunk_rows, inplace_backward
         ctx.want_entropy = want_entropy
         ctx.set_materialize_grads(False)
@@ -208,7 +204,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits, labels, valid, lse, entropy = ctx.saved_tensors
+        logits, labels, valid, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return (None,) * 7
         temperature = ctx.temperature
@@ -222,22 +218,17 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             flat = gflat = None
         use_entropy = ctx.want_entropy and grad_entropy is not None
         for lo, hi, index in _row_blocks(logits.shape, flat_ok, ctx.chunk_rows):
-            x, out = _index(logits, flat, index), _index(grad, gflat, index)
-            z = _scaled(x, temperature, cdtype)
-            direct = out.dtype == cdtype  # write in place into the output block (it may alias z)
-            block = block_backward(
+            z = _scaled(_index(logits, flat, index), temperature, cdtype)
+            block_backward(
                 z,
                 labels[lo:hi],
                 valid[lo:hi],
-                lse[lo:hi],
                 grad_logp[lo:hi] if grad_logp is not None else None,
                 entropy[lo:hi] if use_entropy else None,
                 grad_entropy[lo:hi] if use_entropy else None,
                 temperature=temperature,
-                out=out if direct else (z if z.data_ptr() != x.data_ptr() else None),
+                out=_index(grad, gflat, index),
             )
-            if not direct:
-                out.copy_(block)
         return grad, None, None, None, None, None, None
 
 
