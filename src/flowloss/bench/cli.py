@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         resolved = config.resolved()
     except ValueError as err:
-        errors.print(f"[red]flowloss bench: error: {err}[/red]", highlight=False)
+        errors.print(f"flowloss bench: error: {err}", style="red", markup=False, highlight=False)
         return 2
     if args.plot:
         try:
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
             _require_matplotlib()
         except ImportError as err:
-            errors.print(f"[red]flowloss bench: error: {err}[/red]", highlight=False)
+            errors.print(f"flowloss bench: error: {err}", style="red", markup=False, highlight=False)
             return 2
     if args.no_progress:
         cases = run_suite(resolved)

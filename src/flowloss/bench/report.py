@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flowloss.bench.config import BenchConfig
@@ -161,7 +162,7 @@ def case_table(case: dict[str, Any]) -> Table:
     for r in case["results"]:
         if r["status"] != "ok":
             style = "dim" if r["status"] == "skipped" else "red"
-            notes.append(f"[{style}]{r['impl']} {r['status']}: {r['reason']}[/{style}]")
+            notes.append(f"[{style}]{r['impl']} {r['status']}: {escape(r['reason'])}[/{style}]")
             table.add_row(f"[{style}]{r['impl']}[/{style}]", f"[{style}]{r['status']} (see below)[/{style}]")
             continue
         cells = [r["impl"], _ms(r.get("fwd_ms")), _ms(r.get("fwdbwd_ms"))]

@@ -1,0 +1,179 @@
+"""``flowloss bench`` end to end on CPU at tiny shapes: table, JSON keys, PNG, and clear errors for bad options.
+
+No timing is asserted: only that every figure is present, finite where it must be, and consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowloss.cli import main
+
+TINY = ["bench", "--n", "24", "--v", "40", "--h", "8", "--warmup", "0", "--reps", "2", "--no-progress"]
+FAST_IMPLS = ["--impl", "naive", "flowloss-chunked", "flowloss-triton", "flowloss-fused", "trl", "liger"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _console_script() -> str:
+    here = Path(sys.executable).with_name("flowloss")
+    return str(here) if here.exists() else (shutil.which("flowloss") or "flowloss")
+
+
+def _results(case: dict) -> dict[str, dict]:
+    return {r["impl"]: r for r in case["results"]}
+
+
+def test_default_impls_end_to_end_json_table_png(tmp_path, capsys):
+    """Every op with every implementation (torch.compile included): table, JSON with the documented keys, PNG."""
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main([*TINY, "--json", str(json_path), "--plot", str(png_path)]) == 0
+    out = capsys.readouterr().out
+    for text in ("logprobs  N=24 V=40 fp32 cpu", "fused_linear  N=24 V=40 H=8", "loss  N=24", "naive", "compile"):
+        assert text in out
+    assert "flowloss-triton skipped: the Triton kernel needs a CUDA device" in out
+
+    report = json.loads(json_path.read_text())
+    assert report["schema"] == "flowloss-bench/1"
+    assert report["command"].startswith("flowloss bench --op logprobs fused_linear loss --n 24 --v 40 --h 8")
+    for key in ("device", "device_name", "cpu_model", "cpu_count", "torch", "triton", "flowloss"):
+        assert key in report["machine"], key
+    assert report["machine"]["torch"] == torch.__version__
+    settings = report["settings"]
+    assert (settings["n"], settings["v"], settings["h"], settings["dtypes"]) == ([24], [40], [8], ["fp32"])
+    assert settings["device"] == "cpu" and settings["temperature"] == 0.7 and settings["mask_fraction"] == 0.2
+
+    ops = [c["op"] for c in report["cases"]]
+    assert ops == ["logprobs", "loss", "fused_linear"]
+    logprobs, loss, fused = report["cases"]
+    assert logprobs["min_bytes"] == {"fwd": 24 * 40 * 4, "fwdbwd": 3 * 24 * 40 * 4}
+    assert logprobs["copy_gbps"] > 0 and logprobs["masked_rows"] >= 0
+    res = _results(logprobs)
+    assert {"naive", "compile", "flowloss-chunked", "flowloss-triton", "trl", "verl", "openrlhf"} <= set(res)
+    for name in ("naive", "flowloss-chunked"):
+        r = res[name]
+        assert r["status"] == "ok", r
+        for phase in ("fwd_ms", "fwdbwd_ms"):
+            assert set(r[phase]) == {"median", "p20", "p80", "reps"} and r[phase]["reps"] == 2
+            assert 0 < r[phase]["p20"] <= r[phase]["median"] <= r[phase]["p80"]
+        for key in ("gbps_fwd", "gbps_fwdbwd", "copy_fraction_fwdbwd", "speedup_vs_naive_fwdbwd"):
+            assert r[key] > 0 and math.isfinite(r[key]), key
+        assert r["peak_mem_fwdbwd_bytes"] >= 24 * 40 * 4  # at least dlogits
+        assert r["max_abs_err"] < 1e-5 and r["max_abs_err_grad"] < 1e-5
+    assert res["naive"]["speedup_vs_naive_fwdbwd"] == 1.0
+    assert res["compile"]["status"] in ("ok", "error")
+    assert res["flowloss-triton"]["status"] == "skipped" and "CUDA" in res["flowloss-triton"]["reason"]
+    for r in res.values():
+        assert r["status"] in ("ok", "skipped", "error")
+        assert (r["status"] == "ok") == (r["reason"] == ""), r
+
+    (loss_result,) = loss["results"]
+    assert loss["b"] * loss["t"] == 24
+    assert loss_result["status"] == "ok" and loss_result["fraction_of_logprobs_fwdbwd"] > 0
+    assert loss["relative_to"]["impl"] == "flowloss-chunked"
+    assert loss_result["max_abs_err"] < 1e-4 and loss_result["max_abs_err_grad"] < 1e-5
+
+    fres = _results(fused)
+    assert fused["flops"] == {"fwd": 2 * 24 * 8 * 40, "fwdbwd": 6 * 24 * 8 * 40}
+    for name in ("naive", "flowloss-fused"):
+        assert fres[name]["status"] == "ok", fres[name]
+        assert fres[name]["tflops_fwdbwd"] > 0
+        assert fres[name]["max_abs_err"] < 1e-5 and fres[name]["max_abs_err_grad"] < 1e-4
+
+    png = png_path.read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+
+def test_console_script_subprocess(tmp_path):
+    """The installed ``flowloss`` entry point runs the bench and writes valid JSON."""
+    json_path = tmp_path / "out.json"
+    proc = subprocess.run(
+        [_console_script(), *TINY, *FAST_IMPLS, "--op", "logprobs", "--json", str(json_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "logprobs  N=24 V=40 fp32 cpu" in proc.stdout and "flowloss-chunked" in proc.stdout
+    report = json.loads(json_path.read_text())
+    assert [c["op"] for c in report["cases"]] == ["logprobs"]
+    assert [r["impl"] for r in report["cases"][0]["results"]] == [
+        "naive",
+        "flowloss-triton",
+        "flowloss-chunked",
+        "trl",
+        "liger",
+    ]
+
+
+def test_several_shapes_and_dtypes_make_one_case_each(tmp_path):
+    json_path = tmp_path / "out.json"
+    argv = [*TINY, "--impl", "naive", "flowloss-chunked", "--op", "logprobs", "--n", "8", "16", "--v", "33", "--dtype"]
+    assert main([*argv, "fp32", "bf16", "--json", str(json_path), "--no-memory"]) == 0
+    cases = json.loads(json_path.read_text())["cases"]
+    assert sorted((c["n"], c["dtype"]) for c in cases) == [(8, "bf16"), (8, "fp32"), (16, "bf16"), (16, "fp32")]
+    for case in cases:
+        ok = _results(case)["flowloss-chunked"]
+        assert ok["status"] == "ok" and "peak_mem_fwdbwd_bytes" not in ok
+        assert ok["max_abs_err"] < 1e-5  # fp32 accumulation of the bf16 inputs, reference on the same bf16 values
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--n", "0"], "argument --n: must be an integer >= 1, got 0"),
+        (["--v", "-3"], "argument --v: must be an integer >= 1, got -3"),
+        (["--h", "0"], "argument --h: must be an integer >= 1, got 0"),
+        (["--n", "many"], "argument --n: must be an integer >= 1, got 'many'"),
+        (["--reps", "0"], "argument --reps: must be an integer >= 1, got 0"),
+        (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+        (["--impl", "fastest"], "argument --impl: invalid choice: 'fastest'"),
+        (["--op", "attention"], "argument --op: invalid choice: 'attention'"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_options_exit_2_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+        (["--mask-fraction", "1.0"], "--mask-fraction must be in [0, 1), got 1.0"),
+    ],
+)
+def test_bad_values_return_2_with_a_clear_message(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is missing")
+def test_cuda_requested_without_cuda(capsys):
+    assert main([*TINY, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda was requested but CUDA is not available" in err
+
+
+def test_console_script_unknown_option_fails():
+    proc = subprocess.run([_console_script(), "bench", "--nope"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --nope" in proc.stderr
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    assert main([*TINY, "--plot", str(tmp_path / "p.png")]) == 2
+    assert "--plot needs matplotlib: pip install 'flowloss[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
