@@ -20,6 +20,7 @@ from flowloss.grouping import group_normalize_rewards
 from flowloss.importance import clipped_importance_weights, ratio_clip_token_mask
 from flowloss.log_partition import LogZHead, LogZTable, pool_prompt_hidden_states, vargrad_log_z
 from flowloss.losses import reverse_kl_surrogate, trajectory_balance_loss
+from flowloss.ops.fused_linear import token_logprobs_from_hidden
 from flowloss.ops.token_logprobs import token_logprobs
 from flowloss.reductions import (
     count_valid_sequences,
@@ -48,6 +49,7 @@ __all__ = [
     "reverse_kl_surrogate",
     "sequence_logprobs",
     "token_logprobs",
+    "token_logprobs_from_hidden",
     "trajectory_balance_loss",
     "vargrad_log_z",
 ]

@@ -220,7 +220,9 @@ def token_logprobs(
         log_p = z - torch.logsumexp(z, dim=0)
         p = torch.exp(log_p)
         logprobs.append(log_p[label])
-        entropies.append(-(torch.where(p > 0, p * log_p, torch.zeros_like(p))).sum())
+        # 0 log 0 = 0, written so that the gradient is finite too (no where(0 * -inf) in the graph)
+        safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
+        entropies.append(-(p * safe_log_p).sum())
     if not logprobs:
         return torch.zeros(0, dtype=F64), torch.zeros(0, dtype=F64)
     return torch.stack(logprobs), torch.stack(entropies)
