@@ -158,10 +158,10 @@ def test_split_tokens_is_exact(n):
 def test_config_defaults_depend_on_device():
     resolved = BenchConfig(device="cpu").resolved()
     assert (resolved.n, resolved.v, resolved.dtypes, resolved.warmup, resolved.reps) == (
-        (2048,),
+        (1024,),
         (32000,),
         ("fp32",),
-        2,
+        1,
         5,
     )
     with pytest.raises(ValueError, match="--impl must be among"):

@@ -2,7 +2,7 @@
 
 A run is the cross product ``ops x N x V (x H for fused_linear) x dtypes`` on one device. Defaults:
 
-- CPU: ``N = 2048``, ``V = 32000``, ``H = 128``, fp32, 2 warm-up calls and 5 timed calls (about a minute on 2 cores);
+- CPU: ``N = 1024``, ``V = 32000``, ``H = 128``, fp32, 1 warm-up call and 5 timed calls (about a minute on 2 cores);
 - CUDA: ``N = 16384``, ``V in {32000, 151936}``, ``H = 4096``, bf16 and fp32, 10 warm-up and 50 timed calls
   (shapes of kernel-notes "How the best measure").
 
@@ -30,7 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_MASK_FRACTION = 0.2
 
-CPU_DEFAULTS = {"n": (2048,), "v": (32000,), "h": (128,), "dtypes": ("fp32",), "warmup": 2, "reps": 5}
+CPU_DEFAULTS = {"n": (1024,), "v": (32000,), "h": (128,), "dtypes": ("fp32",), "warmup": 1, "reps": 5}
 CUDA_DEFAULTS = {
     "n": (16384,),
     "v": (32000, 151936),

@@ -87,6 +87,9 @@ def naive_fused(hidden: torch.Tensor, weight: torch.Tensor, case: Any) -> torch.
 
 def _build_compiled(fn: Fn) -> Callable[[torch.device], Fn]:
     def build(device: torch.device) -> Fn:
+        # A fresh cache per case: otherwise shapes x dtypes x grad modes can pass Dynamo's recompile limit, after
+        # which it silently runs the function eagerly and "compile" would time the naive path.
+        torch._dynamo.reset()
         return torch.compile(fn, dynamic=False)
 
     return build

@@ -39,31 +39,29 @@ def write_plot(report: dict[str, Any], path: str) -> None:
             seen_loss.add(case["n"])
         cases.append(case)
     impls = list(dict.fromkeys(r["impl"] for c in cases for r in c["results"] if r["status"] == "ok"))
-    fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(6.0, 1.6 * len(cases) + 3), 7.5), constrained_layout=True)
-    width = 0.8 / max(len(impls), 1)
-    for k, name in enumerate(impls):
-        xs, times, lo, hi, mem_x, mems = [], [], [], [], [], []
-        for i, case in enumerate(cases):
-            r = next((r for r in case["results"] if r["impl"] == name and r["status"] == "ok"), None)
-            if r is None:
-                continue
+    colors = {name: f"C{k % 10}" for k, name in enumerate(impls)}
+    fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(6.0, 1.8 * len(cases) + 3), 7.5), constrained_layout=True)
+    labelled: set[str] = set()
+    for i, case in enumerate(cases):
+        ran = [r for r in case["results"] if r["status"] == "ok"]
+        width = 0.8 / max(len(ran), 1)
+        for k, r in enumerate(ran):
+            x = i + (k - (len(ran) - 1) / 2) * width
             t = r["fwdbwd_ms"]
-            xs.append(i + (k - (len(impls) - 1) / 2) * width)
-            times.append(t["median"])
-            lo.append(t["median"] - t["p20"])
-            hi.append(t["p80"] - t["median"])
+            label = None if r["impl"] in labelled else r["impl"]
+            labelled.add(r["impl"])
+            err = [[t["median"] - t["p20"]], [t["p80"] - t["median"]]]
+            ax_t.bar(x, t["median"], width, yerr=err, capsize=2, color=colors[r["impl"]], label=label)
             if r.get("peak_mem_fwdbwd_bytes") is not None:
-                mem_x.append(xs[-1])
-                mems.append(r["peak_mem_fwdbwd_bytes"] / 2**20)
-        ax_t.bar(xs, times, width, yerr=[lo, hi], capsize=2, label=name)
-        ax_m.bar(mem_x, mems, width, label=name)
+                ax_m.bar(x, r["peak_mem_fwdbwd_bytes"] / 2**20, width, color=colors[r["impl"]])
     for ax in (ax_t, ax_m):
         ax.set_xticks(range(len(cases)), [_label(c) for c in cases], fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     ax_t.set_ylabel("forward + backward, ms (median, p20-p80)")
     ax_t.set_yscale("log")
     ax_m.set_ylabel("peak extra memory, MiB (fwd+bwd)")
-    ax_t.legend(fontsize=8, ncols=min(len(impls), 4) or 1)
+    if impls:
+        ax_t.legend(fontsize=8, ncols=min(len(impls), 4))
     m = report["machine"]
     fig.suptitle(f"flowloss bench - {m['device_name']} - torch {m['torch']}", fontsize=10)
     fig.savefig(path, dpi=110)

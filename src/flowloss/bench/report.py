@@ -95,8 +95,12 @@ def build_report(config: BenchConfig, cases: list[dict[str, Any]]) -> dict[str, 
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
+    """Compact JSON (one line per case) so that committed results stay a few KB."""
     with open(path, "w") as fh:
-        json.dump(report, fh, indent=1, allow_nan=True)
+        head = {k: v for k, v in report.items() if k != "cases"}
+        text = json.dumps(head, separators=(",", ":"))[:-1] + ',"cases":[\n'
+        text += ",\n".join(json.dumps(c, separators=(",", ":")) for c in report["cases"]) + "\n]}"
+        fh.write(text)
         fh.write("\n")
 
 
@@ -196,6 +200,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(
         f"[bold]flowloss bench[/bold]  {m['device_name']} ({m['device']}), torch {m['torch']}, triton {m['triton']}, "
         f"{s['warmup']} warm-up + {s['reps']} timed calls each"
+        + ("" if m.get("load_average_1min") is None else f", load average {m['load_average_1min']:.2f}"),
+        highlight=False,
     )
     for case in report["cases"]:
         console.print(case_table(case))

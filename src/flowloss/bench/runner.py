@@ -102,6 +102,13 @@ def _make_inputs(n: int, vocab: int, mask_fraction: float, temperature: float, g
     )
 
 
+def _randn(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Standard normal fp32 drawn on ``device`` itself (no multi-GB host copy), seeded from ``gen``."""
+    seed = int(torch.randint(0, 2**62, (), generator=gen))
+    local = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=local, device=device, dtype=torch.float32)
+
+
 def _skipped(impl: Impl, reason: str, status: str = "skipped") -> dict[str, Any]:
     return {"impl": impl.name, "source": impl.source, "status": status, "reason": reason}
 
@@ -212,7 +219,12 @@ def _add_derived(case: dict[str, Any]) -> None:
             r["mem_fwd_vs_logits"] = r["peak_mem_fwd_bytes"] / case["logits_bytes"]
 
 
-def _case_skip(need: int, device: torch.device) -> str | None:
+def _case_skip(need: int, device: torch.device, *, naive_extra: int = 0) -> str | None:
+    """Why a case cannot run here, if it cannot. On CUDA an implementation that runs out of memory is caught and
+    listed as such, so only the inputs and their gradients must fit; on CPU the kernel's OOM killer would end the
+    whole run, so the naive path's fp32 working set (``naive_extra``) must fit as well."""
+    if device.type != "cuda":
+        need += naive_extra
     available = _available_bytes(device)
     if available is not None and need > available:
         return f"shape needs about {_gib(need)}, {_gib(available)} available on {device.type}"
@@ -223,8 +235,8 @@ def _logprobs_case(n: int, vocab: int, dtype_key: str, config: BenchConfig, devi
     dtype = DTYPES[dtype_key]
     elem = torch.empty((), dtype=dtype).element_size()
     logits_bytes = n * vocab * elem
-    # logits + dlogits + the naive path's fp32 log-softmax and its gradient, with headroom
-    case_skip = _case_skip(2 * logits_bytes + 3 * n * vocab * 4, device)
+    # logits + dlogits; on CPU also the naive path's fp32 log-softmax, its gradient and a temporary
+    case_skip = _case_skip(2 * logits_bytes, device, naive_extra=3 * n * vocab * 4)
     case: dict[str, Any] = {
         "op": "logprobs",
         "n": n,
@@ -255,7 +267,7 @@ def _logprobs_case(n: int, vocab: int, dtype_key: str, config: BenchConfig, devi
         return case
     inputs = _make_inputs(n, vocab, config.mask_fraction, config.temperature, gen, device)
     case["masked_rows"] = int((~inputs.keep).sum())
-    logits = (torch.randn(n, vocab, generator=gen) * 2.0).to(device=device, dtype=dtype).requires_grad_(True)
+    logits = (_randn((n, vocab), gen, device) * 2.0).to(dtype).requires_grad_(True)
     case["copy_gbps"] = _copy_gbps(logits, device, config)
 
     def make_call(fn):
@@ -295,7 +307,9 @@ def _fused_case(n: int, vocab: int, hid: int, dtype_key: str, config: BenchConfi
     dtype = DTYPES[dtype_key]
     elem = torch.empty((), dtype=dtype).element_size()
     logits_bytes = n * vocab * elem
-    case_skip = _case_skip(2 * logits_bytes + 3 * n * vocab * 4 + 3 * (n + vocab) * hid * elem, device)
+    # inputs, their gradients and the float64 reference's weight and its gradient
+    need = 2 * (n + vocab) * hid * elem + 2 * vocab * hid * 8
+    case_skip = _case_skip(need, device, naive_extra=2 * logits_bytes + 3 * n * vocab * 4)
     case: dict[str, Any] = {
         "op": "fused_linear",
         "n": n,
@@ -327,9 +341,8 @@ def _fused_case(n: int, vocab: int, hid: int, dtype_key: str, config: BenchConfi
         return case
     inputs = _make_inputs(n, vocab, config.mask_fraction, config.temperature, gen, device)
     case["masked_rows"] = int((~inputs.keep).sum())
-    hidden = torch.randn(n, hid, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
-    weight = (torch.randn(vocab, hid, generator=gen) * (2.0 / math.sqrt(hid))).to(device=device, dtype=dtype)
-    weight.requires_grad_(True)
+    hidden = _randn((n, hid), gen, device).to(dtype).requires_grad_(True)
+    weight = (_randn((vocab, hid), gen, device) * (2.0 / math.sqrt(hid))).to(dtype).requires_grad_(True)
     expected = ref.fused_logprobs_and_grads(
         hidden, weight, inputs.labels, inputs.keep, inputs.grad_out, temperature=config.temperature
     )
