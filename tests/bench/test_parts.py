@@ -153,6 +153,8 @@ def test_summarize_quantiles():
 def test_split_tokens_is_exact(n):
     b, t = split_tokens(n)
     assert b * t == n and 1 <= t <= 1024 and t & (t - 1) == 0
+    assert b >= 8 or t == 1
+    assert split_tokens(1024) == (8, 128) and split_tokens(16384) == (16, 1024) and split_tokens(24) == (12, 2)
 
 
 def test_config_defaults_depend_on_device():

@@ -376,9 +376,10 @@ def _fused_case(n: int, vocab: int, hid: int, dtype_key: str, config: BenchConfi
 
 
 def split_tokens(n: int) -> tuple[int, int]:
-    """``N -> (B, T)`` with ``B T = N`` and ``T`` the largest power of two <= 1024 that divides ``N``."""
+    """``N -> (B, T)``, ``B T = N``: ``T`` the largest power of two dividing ``N`` with ``T <= 1024`` and, when
+    ``N >= 8``, ``B >= 8`` (a loss over one sequence would not exercise the per-sequence weights)."""
     t = 1024
-    while n % t:
+    while n % t or (t > 1 and n // t < 8):
         t //= 2
     return n // t, t
 
