@@ -54,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["fp32"])
     parser.add_argument("--impl", nargs="+", default=None, help="passed to flowloss bench --impl")
     parser.add_argument("--reps", default=None)
-    parser.add_argument("--name", default="cpu-sweep", help="writes results/<name>.csv")
-    parser.add_argument("--keep-json", action="store_true", help="also keep the full JSON as results/<name>.json")
+    parser.add_argument("--name", default="cpu-sweep", help="writes <out-dir>/<name>.csv")
+    parser.add_argument("--out-dir", default=str(HERE / "results"), help="default: benchmarks/results")
+    parser.add_argument("--keep-json", action="store_true", help="also keep the full JSON as <out-dir>/<name>.json")
     args = parser.parse_args(argv)
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory()
     json_path = (out_dir if args.keep_json else Path(tmp.name)) / f"{args.name}.json"
     cli = ["bench", "--op", "logprobs", "--device", args.device, "--n", *args.n, "--v", *args.v, "--dtype", *args.dtype]

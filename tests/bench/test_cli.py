@@ -177,3 +177,24 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys)
     assert main([*TINY, "--plot", str(tmp_path / "p.png")]) == 2
     assert "--plot needs matplotlib: pip install 'flowloss[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
+
+
+def test_sweep_script_writes_a_small_csv(tmp_path):
+    """benchmarks/sweep_vocab.py: one CSV row per (N, V, implementation) that is installed."""
+    import csv
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "sweep_vocab.py"
+    argv = ["--n", "8", "16", "--v", "20", "--reps", "1", "--out-dir", str(tmp_path), "--name", "t", "--keep-json"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *argv, "--impl", "naive", "flowloss-chunked", "trl"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((tmp_path / "t.csv").open()))
+    ran = [(r["n"], r["impl"]) for r in rows if r["status"] == "ok"]
+    assert ran == [("8", "naive"), ("8", "flowloss-chunked"), ("16", "naive"), ("16", "flowloss-chunked")]
+    assert all(float(r["max_abs_err"]) < 1e-5 for r in rows if r["status"] == "ok")
+    assert (tmp_path / "t.csv").stat().st_size < 4096
+    assert json.loads((tmp_path / "t.json").read_text())["schema"] == "flowloss-bench/1"

@@ -6,6 +6,8 @@ into this repository), and adapted to one signature:
 - op ``logprobs``: ``fn(logits [N, V], case) -> logp [N]`` (float32, 0 at masked rows);
 - op ``fused_linear``: ``fn(hidden [N, H], weight [V, H], case) -> logp [N]``;
 
+(a callable may carry a ``note`` attribute, copied into the results, e.g. how a helper had to be loaded)
+
 where ``case`` carries ``labels`` (``-100`` at masked rows), ``safe_labels`` (0 there), ``keep [N]`` and
 ``temperature``. Helpers without a temperature argument get ``logits / T`` (what TRL, verl and OpenRLHF do before
 calling them; verl and OpenRLHF divide in place on the model's output, which a benchmark's leaf tensor forbids, so
@@ -226,12 +228,13 @@ def _openrlhf_skip(device: torch.device) -> str | None:
 
 
 def _build_openrlhf(device: torch.device) -> Fn:
-    helper, _ = _load_openrlhf_helper()
+    helper, note = _load_openrlhf_helper()
 
     def fn(logits: torch.Tensor, case: Any) -> torch.Tensor:
         # OpenRLHF divides by T in place (`logits.div_(temperature)`); pass T = 1 and divide out of place.
         return _masked(helper(logits / case.temperature, case.safe_labels), case)
 
+    fn.note = note  # type: ignore[attr-defined]
     return fn
 
 

@@ -169,6 +169,8 @@ def case_table(case: dict[str, Any]) -> Table:
             notes.append(f"[{style}]{r['impl']} {r['status']}: {escape(r['reason'])}[/{style}]")
             table.add_row(f"[{style}]{r['impl']}[/{style}]", f"[{style}]{r['status']} (see below)[/{style}]")
             continue
+        if r.get("note"):
+            notes.append(f"[dim]{r['impl']}: {escape(r['note'])}[/dim]")
         cells = [r["impl"], _ms(r.get("fwd_ms")), _ms(r.get("fwdbwd_ms"))]
         if op == "loss":
             frac = r.get("fraction_of_logprobs_fwdbwd")
