@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -170,3 +171,47 @@ def test_config_defaults_depend_on_device():
         BenchConfig(impls=("nope",)).resolved()
     with pytest.raises(ValueError, match="--n must be integers >= 1"):
         BenchConfig(n=(0,)).resolved()
+
+
+def _fake_module(monkeypatch, name: str, **attrs):
+    """Install ``name`` (and its parents) as empty modules for the test, with ``attrs`` on the leaf."""
+    import types
+
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        mod = types.ModuleType(".".join(parts[:i]))
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    for key, value in attrs.items():
+        setattr(sys.modules[name], key, value)
+
+
+def _ce_none(logits, target, ignore_index=-100, reduction="none"):
+    assert reduction == "none"
+    return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+
+
+def test_cuda_only_adapters_turn_losses_into_temperature_scaled_logprobs(monkeypatch):
+    """Liger / flash-attn adapters (wiring only, with stand-in modules of the documented call signatures):
+    -loss of logits / T at kept rows, 0 at masked rows, equal to the naive path's log-probs."""
+    _fake_module(
+        monkeypatch,
+        "liger_kernel.transformers.functional",
+        liger_cross_entropy=_ce_none,
+        liger_fused_linear_cross_entropy=lambda h, w, t, ignore_index=-100, reduction="none": (
+            _ce_none(h @ w.T, t, ignore_index, reduction),
+            None,
+        ),
+    )
+    _fake_module(
+        monkeypatch,
+        "flash_attn.ops.triton.cross_entropy",
+        cross_entropy_loss=lambda logits, labels: (_ce_none(logits, labels), torch.zeros(len(labels))),
+    )
+    logits, labels, keep, _ = _inputs(12, 17, seed=9)
+    case = SimpleNamespace(labels=labels, safe_labels=torch.where(keep, labels, 0), keep=keep, temperature=0.6)
+    expected = impls_mod.naive_logprobs(logits, case)
+    for build in (impls_mod._build_liger, impls_mod._build_flash_attn):
+        assert_close(build(CPU)(logits, case), expected, dtype=torch.float32, what="-CE(z/T) == log softmax(z/T)[y]")
+    hidden, weight = torch.randn(12, 5), torch.randn(17, 5)
+    fused = impls_mod._build_liger_fused(CPU)(hidden, weight, case)
+    assert_close(fused, impls_mod.naive_fused(hidden, weight, case), dtype=torch.float32, what="(h/T) W^T == h W^T / T")

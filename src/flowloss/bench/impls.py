@@ -66,6 +66,11 @@ def _masked(out: torch.Tensor, case: Any) -> torch.Tensor:
     return torch.where(case.keep, out, torch.zeros_like(out))
 
 
+def _first_output(out: Any) -> torch.Tensor:
+    """Losses come back as a tensor or as ``(loss, z_loss, ...)`` depending on the library and its version."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def _accepts(fn: Callable, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters
@@ -243,7 +248,7 @@ def _build_liger(device: torch.device) -> Fn:
 
     def fn(logits: torch.Tensor, case: Any) -> torch.Tensor:
         loss = liger_cross_entropy(logits / case.temperature, case.labels, ignore_index=-100, reduction="none")
-        return _masked(-loss, case)
+        return _masked(-_first_output(loss), case)
 
     return fn
 
@@ -256,7 +261,7 @@ def _build_liger_fused(device: torch.device) -> Fn:
         loss = liger_fused_linear_cross_entropy(
             hidden / case.temperature, weight, case.labels, ignore_index=-100, reduction="none"
         )
-        return _masked(-loss, case)
+        return _masked(-_first_output(loss), case)
 
     return fn
 
@@ -265,9 +270,7 @@ def _build_flash_attn(device: torch.device) -> Fn:
     from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
 
     def fn(logits: torch.Tensor, case: Any) -> torch.Tensor:
-        out = cross_entropy_loss(logits / case.temperature, case.labels)
-        losses = out[0] if isinstance(out, tuple) else out
-        return _masked(-losses, case)
+        return _masked(-_first_output(cross_entropy_loss(logits / case.temperature, case.labels)), case)
 
     return fn
 
