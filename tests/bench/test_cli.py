@@ -198,3 +198,12 @@ def test_sweep_script_writes_a_small_csv(tmp_path):
     assert all(float(r["max_abs_err"]) < 1e-5 for r in rows if r["status"] == "ok")
     assert (tmp_path / "t.csv").stat().st_size < 4096
     assert json.loads((tmp_path / "t.json").read_text())["schema"] == "flowloss-bench/1"
+
+
+def test_impl_subset_leaves_out_ops_without_a_chosen_implementation(tmp_path):
+    json_path = tmp_path / "out.json"
+    assert main([*TINY, "--impl", "flowloss-fused", "--json", str(json_path)]) == 0
+    cases = json.loads(json_path.read_text())["cases"]
+    assert [c["op"] for c in cases] == ["fused_linear", "loss"]
+    assert [r["impl"] for r in cases[0]["results"]] == ["flowloss-fused"]
+    assert "fraction_of_logprobs_fwdbwd" not in cases[1]["results"][0]  # no log-prob op to compare with
