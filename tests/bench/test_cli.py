@@ -33,6 +33,7 @@ def _results(case: dict) -> dict[str, dict]:
 
 def test_default_impls_end_to_end_json_table_png(tmp_path, capsys):
     """Every op with every implementation (torch.compile included): table, JSON with the documented keys, PNG."""
+    pytest.importorskip("matplotlib")  # part of flowloss[test]; absent from the framework venvs
     json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
     assert main([*TINY, "--json", str(json_path), "--plot", str(png_path)]) == 0
     out = capsys.readouterr().out
@@ -193,7 +194,7 @@ def test_sweep_script_writes_a_small_csv(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader((tmp_path / "t.csv").open()))
-    ran = [(r["n"], r["impl"]) for r in rows if r["status"] == "ok"]
+    ran = [(r["n"], r["impl"]) for r in rows if r["status"] == "ok" and r["impl"] != "trl"]  # trl: if installed
     assert ran == [("8", "naive"), ("8", "flowloss-chunked"), ("16", "naive"), ("16", "flowloss-chunked")]
     assert all(float(r["max_abs_err"]) < 1e-5 for r in rows if r["status"] == "ok")
     assert (tmp_path / "t.csv").stat().st_size < 4096
