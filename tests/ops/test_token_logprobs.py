@@ -11,9 +11,6 @@ Skipped positions (``ignore_index`` or ``mask == 0``) give 0 and a zero gradient
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flowloss import reference, trajectory_balance_loss
+from flowloss.bench.memory import peak_extra_bytes
 from flowloss.ops.token_logprobs import (
     DEFAULT_CHUNK_BYTES,
     default_chunk_rows,
@@ -469,45 +467,28 @@ def test_end_to_end_trajectory_balance_gradients_match_float64_pipeline():
 # ----------------------------------------------------------------------------------------------------------
 # memory: the chunked path's extra peak is one block, not O(N V); the naive path's is O(N V)
 
-_MEMORY_SCRIPT = textwrap.dedent(
-    """
-    import resource, sys, torch
-    from flowloss.ops.token_logprobs import token_logprobs
-    torch.set_num_threads(1)
-    mode, n, v = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-    def run(x, y, g):
+def _extra_peak_bytes(mode: str, n: int, vocab: int) -> int:
+    """Peak extra tensor bytes of one call, from the CPU allocator's running total (``torch.profiler`` memory
+    events, see ``flowloss.bench.memory``): deterministic, unlike process RSS, which malloc's reuse of freed
+    pages can hide entirely."""
+    gen = torch.Generator().manual_seed(0)
+    # logits from a linear head (the realistic case: its backward needs `hidden` and `weight`, not the logits)
+    hidden = torch.randn(n, 16, generator=gen)
+    weight = torch.randn(vocab, 16, generator=gen, requires_grad=mode.endswith("bwd"))
+    x = hidden @ weight.T
+    y, g = torch.randint(0, vocab, (n,), generator=gen), torch.randn(n, generator=gen)
+
+    def run():
         if mode.startswith("naive"):
             lp = torch.log_softmax(x.float(), -1).gather(-1, y[:, None]).squeeze(-1)
         else:
             lp = token_logprobs(x, y, impl="chunked", inplace_backward=mode.startswith("inplace"))
         if mode.endswith("bwd"):
             lp.backward(g)
-        return lp
-    small = torch.randn(4, 64, requires_grad=True)
-    run(small, torch.randint(0, 64, (4,)), torch.randn(4))  # warm up code paths
-    # logits from a linear head (the realistic case: its backward needs `hidden` and `weight`, not the logits)
-    hidden = torch.randn(n, 16)
-    weight = torch.randn(v, 16, requires_grad=mode.endswith("bwd"))
-    x = hidden @ weight.T
-    y, g = torch.randint(0, v, (n,)), torch.randn(n)
-    base = rss()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    run(x, y, g)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(max(0, peak - max(base, before)))
-    """
-)
 
-
-def _extra_peak_bytes(mode: str, n: int, vocab: int) -> int:
-    out = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT, mode, str(n), str(vocab)],
-        capture_output=True, text=True, check=True, timeout=300,
-    )
-    return int(out.stdout.strip().splitlines()[-1])
+    peak, method = peak_extra_bytes(run, device=torch.device("cpu"))
+    assert peak is not None, method
+    return peak
 
 
 def test_chunked_extra_memory_is_bounded_by_a_block_not_by_n_times_v():
