@@ -100,7 +100,8 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Run the suite; print the tables; write JSON / PNG when asked. 0 on success, 2 on bad options."""
-    from flowloss.bench.report import build_report, make_console, print_report, write_json
+    from flowloss._console import make_console
+    from flowloss.bench.report import build_report, print_report, write_json
     from flowloss.bench.runner import count_units, run_suite
 
     console = make_console()

@@ -110,14 +110,6 @@ def _ms(t: dict[str, float] | None) -> str:
     return f"{t['median']:.3g} [{t['p20']:.3g}-{t['p80']:.3g}]"
 
 
-def make_console(*, stderr: bool = False):
-    """A rich console; 150 columns when not writing to a terminal, so piped tables are not squeezed to 80."""
-    console = Console(stderr=stderr)
-    if not console.is_terminal:
-        console = Console(stderr=stderr, width=150)
-    return console
-
-
 def _num(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 

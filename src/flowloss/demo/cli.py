@@ -53,8 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with the parsed options; print the table; write the plot/JSON when asked. Returns 0."""
-    from rich.console import Console
-
+    from flowloss._console import make_console
     from flowloss.demo.report import print_table, write_json, write_plot
     from flowloss.demo.train import run_demo
 
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         grpo_kl_coef=args.grpo_kl_coef,
         methods=tuple(args.methods),
     )
-    console = Console()
+    console = make_console()
     try:
         config.validate()
     except ValueError as err:

@@ -32,7 +32,7 @@ def results_table(result: DemoResult) -> Table:
             f"samples; log Z true = {result.log_z_true:.3f}"
         ),
     )
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     table.add_column("KL(pi||p*)", justify="right")
     table.add_column("KL(p*||pi)", justify="right")
     for m, h in enumerate(config.heights):
