@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -16,9 +17,16 @@ CONSTRAINTS = ROOT / ".ci" / "constraints.txt"
 
 @pytest.mark.slow
 def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path: Path):
+    # Build from a copy of what the wheel is made of: an in-tree build/ directory could carry stale modules.
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("src", "kernels"):
+        shutil.copytree(ROOT / name, source / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
     dist = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(source)],
         check=True,
         capture_output=True,
         text=True,
@@ -39,9 +47,7 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path: Path):
         "print(sorted(flowloss.__all__))"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run(
-        [str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path, env=env
-    )
+    out = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert "trajectory_balance_loss" in out.stdout
     console = subprocess.run(
         [str(env_dir / "bin" / "flowloss"), "--help"], capture_output=True, text=True, cwd=tmp_path, env=env

@@ -91,7 +91,7 @@ class FlowRLConfig:
         length_normalization: token-mean log-likelihoods (True, the paper).
         use_rollout_log_probs: multiply ``w`` by ``min(pi_old / pi_rollout, tis_cap)`` from
             ``data["rollout_log_probs"]`` (off by default; the authors' dev variant).
-        head_num_layers, head_dropout, head_init_log_z: :class:`~flowloss.LogZHead` options (3 / 0.1 / 0.0).
+        log_z_num_layers, log_z_dropout, log_z_init: :class:`~flowloss.LogZHead` options (3 / 0.1 / 0.0).
         drop_last_prompt_token: leave each prompt's last token out of the pooling (the authors' slicing).
     """
 
@@ -105,9 +105,9 @@ class FlowRLConfig:
     token_clip_mask: bool = False
     length_normalization: bool = True
     use_rollout_log_probs: bool = False
-    head_num_layers: int = 3
-    head_dropout: float = 0.1
-    head_init_log_z: float = 0.0
+    log_z_num_layers: int = 3
+    log_z_dropout: float = 0.1
+    log_z_init: float = 0.0
     drop_last_prompt_token: bool = False
 
     def __post_init__(self) -> None:
@@ -456,9 +456,9 @@ def attach_log_z_head(model: nn.Module, flowrl: FlowRLConfig | None = None) -> t
     hidden_size = int(model.config.hidden_size)
     head = LogZHead(
         hidden_size,
-        num_layers=flowrl.head_num_layers,
-        dropout=flowrl.head_dropout,
-        init_log_z=flowrl.head_init_log_z,
+        num_layers=flowrl.log_z_num_layers,
+        dropout=flowrl.log_z_dropout,
+        init_log_z=flowrl.log_z_init,
     )
     try:
         param = next(model.parameters())

@@ -80,7 +80,7 @@ def _prompt_pooled_by_hand(hidden: torch.Tensor, prompt_lens, seq_lens) -> torch
 
 def test_forward_step_emits_log_z_and_loss_equals_trajectory_balance(cpu_device):
     model = _tiny_model()
-    flowrl = fv.FlowRLConfig(head_dropout=0.0)
+    flowrl = fv.FlowRLConfig(log_z_dropout=0.0)
     engine = _engine(model, flowrl)
     data, mb = _micro()
     loss, out = engine.forward_step(mb, loss_function=fv.make_flowrl_loss_fn(_actor_config(), flowrl),
@@ -120,7 +120,7 @@ def test_forward_step_emits_log_z_and_loss_equals_trajectory_balance(cpu_device)
 
 def test_optimizer_updates_head_and_checkpoint_round_trips(cpu_device, tmp_path):
     model = _tiny_model()
-    flowrl = fv.FlowRLConfig(head_dropout=0.0)
+    flowrl = fv.FlowRLConfig(log_z_dropout=0.0)
     engine = _engine(model, flowrl)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # built after attaching, as verl does
     before = {k: v.clone() for k, v in model.state_dict().items()}
