@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 
 from flowloss._validation import (
-    as_bool_mask,
     describe,
     require_float,
     require_same_device,
@@ -33,6 +32,7 @@ from flowloss.ops.token_logprobs import (
     block_backward,
     block_forward,
     compute_dtype_for,
+    kept_rows,
 )
 
 # Bytes of one block's fp32 logits. Larger than the logits-path block (4 MiB) because here each block is a
@@ -158,18 +158,7 @@ def _check(hidden, weight, bias, labels, mask, temperature, ignore_index, chunk_
     require_same_device(
         [("hidden", hidden), ("lm_head_weight", weight), ("bias", bias), ("labels", labels), ("mask", mask)]
     )
-    valid = labels != ignore_index
-    if mask is not None:
-        valid = valid & as_bool_mask("mask", mask, "labels", labels)
-    vocab = weight.shape[0]
-    bad = valid & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        where = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"`labels` must be in [0, V={vocab}) or equal to ignore_index={ignore_index} (or be masked out); "
-            f"got {int(labels[where])} at position {where} of labels {describe(labels)}"
-        )
-    return valid.reshape(-1)
+    return kept_rows(labels, mask, ignore_index=ignore_index, vocab=weight.shape[0])
 
 
 def token_logprobs_from_hidden(

@@ -262,10 +262,17 @@ def _check_inputs(logits, labels, mask, temperature, ignore_index, impl, chunk_s
     ):
         raise ValueError(f"`chunk_size` must be None or an int >= 1 (rows per block), got {chunk_size!r}")
     require_same_device([("logits", logits), ("labels", labels), ("mask", mask)])
+    return kept_rows(labels, mask, ignore_index=ignore_index, vocab=logits.shape[-1])
+
+
+def kept_rows(labels: torch.Tensor, mask: torch.Tensor | None, *, ignore_index: int, vocab: int) -> torch.Tensor:
+    """Flat ``[N]`` bool: rows whose label is not ``ignore_index`` and whose ``mask`` (if any) is set.
+
+    Refuses a kept label outside ``[0, vocab)`` with the offending position (one host sync).
+    """
     valid = labels != ignore_index
     if mask is not None:
         valid = valid & as_bool_mask("mask", mask, "labels", labels)
-    vocab = logits.shape[-1]
     bad = valid & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])
