@@ -157,14 +157,13 @@ def _run_impls(
     *,
     device: torch.device,
     config: BenchConfig,
-    case_skip: str | None,
     progress: Progress,
     label: str,
 ) -> list[dict[str, Any]]:
     results = []
     for impl in impls:
         progress(f"{label} {impl.name}")
-        reason = case_skip or impl.skip_reason(device)
+        reason = impl.skip_reason(device)
         if reason:
             results.append(_skipped(impl, reason))
             continue
@@ -224,6 +223,15 @@ def _add_derived(case: dict[str, Any]) -> None:
             r["mem_fwd_vs_logits"] = r["peak_mem_fwd_bytes"] / case["logits_bytes"]
 
 
+def _skip_all(impls: list[Impl], reason: str, progress: Progress, label: str) -> list[dict[str, Any]]:
+    """Every implementation of a case that cannot run here, skipped with the case's reason."""
+    results = []
+    for impl in impls:
+        progress(f"{label} {impl.name}")
+        results.append(_skipped(impl, reason))
+    return results
+
+
 def _case_skip(need: int, device: torch.device, *, naive_extra: int = 0) -> str | None:
     """Why a case cannot run here, if it cannot. On CUDA an implementation that runs out of memory is caught and
     listed as such, so only the inputs and their gradients must fit; on CPU the kernel's OOM killer would end the
@@ -257,18 +265,7 @@ def _logprobs_case(n: int, vocab: int, dtype_key: str, config: BenchConfig, devi
     impls = impls_for("logprobs", config.impls)
     label = f"logprobs N={n} V={vocab} {dtype_key}"
     if case_skip:
-        case["results"] = _run_impls(
-            impls,
-            None,
-            None,
-            [],
-            None,
-            device=device,
-            config=config,
-            case_skip=case_skip,
-            progress=progress,
-            label=label,
-        )
+        case["results"] = _skip_all(impls, case_skip, progress, label)
         return case
     inputs = _make_inputs(n, vocab, config.mask_fraction, config.temperature, gen, device)
     case["masked_rows"] = int((~inputs.keep).sum())
@@ -300,7 +297,6 @@ def _logprobs_case(n: int, vocab: int, dtype_key: str, config: BenchConfig, devi
         inputs,
         device=device,
         config=config,
-        case_skip=None,
         progress=progress,
         label=label,
     )
@@ -331,18 +327,7 @@ def _fused_case(n: int, vocab: int, hid: int, dtype_key: str, config: BenchConfi
     impls = impls_for("fused_linear", config.impls)
     label = f"fused_linear N={n} V={vocab} H={hid} {dtype_key}"
     if case_skip:
-        case["results"] = _run_impls(
-            impls,
-            None,
-            None,
-            [],
-            None,
-            device=device,
-            config=config,
-            case_skip=case_skip,
-            progress=progress,
-            label=label,
-        )
+        case["results"] = _skip_all(impls, case_skip, progress, label)
         return case
     inputs = _make_inputs(n, vocab, config.mask_fraction, config.temperature, gen, device)
     case["masked_rows"] = int((~inputs.keep).sum())
@@ -372,7 +357,6 @@ def _fused_case(n: int, vocab: int, hid: int, dtype_key: str, config: BenchConfi
         inputs,
         device=device,
         config=config,
-        case_skip=None,
         progress=progress,
         label=label,
     )
