@@ -243,5 +243,5 @@ def test_length_normalized_objective_departs_from_kl_on_variable_lengths():
         cosines.append(float(torch.nn.functional.cosine_similarity(g_kl, g_norm, dim=0)))
     # Not an identity: the directions differ (cosine < 0.99) on most problems of this space...
     assert sum(c < 0.99 for c in cosines) >= 10, cosines
-    # ...though normalization keeps a descent direction for the KL on average.
-    assert sum(cosines) / len(cosines) > 0.0, cosines
+    # ...though on every one of these problems it stays a descent direction for the KL (docs/math.md).
+    assert min(cosines) > 0.0, cosines
