@@ -18,9 +18,7 @@ MODES = ["none", "sequence_clipped", "sequence_capped", "sequence", "geometric_c
 def _scale(batch, beta: float) -> float:
     """Magnitude of the terms that cancel inside delta (sets the absolute tolerance)."""
     terms = batch.logprobs.double().abs().sum() + batch.ref_logprobs.double().abs().sum()
-    return (
-        float(1.0 + terms + beta * batch.rewards.double().abs().sum() + batch.log_z.double().abs().sum()) ** 2
-    )
+    return float(1.0 + terms + beta * batch.rewards.double().abs().sum() + batch.log_z.double().abs().sum()) ** 2
 
 
 @given(
@@ -79,12 +77,8 @@ def test_trajectory_balance_matches_reference(
         assert not lp.grad.any() and not lz.grad.any()
         return
     (expected * upstream).sum().backward()
-    assert_close(
-        lp.grad, lp64.grad, dtype=batch.dtype, what="dloss/dlogprobs", scale=scale**0.5 * 1e-2, grad=True
-    )
-    assert_close(
-        lz.grad, lz64.grad, dtype=batch.dtype, what="dloss/dlog_z", scale=scale**0.5 * 1e-2, grad=True
-    )
+    assert_close(lp.grad, lp64.grad, dtype=batch.dtype, what="dloss/dlogprobs", scale=scale**0.5 * 1e-2, grad=True)
+    assert_close(lz.grad, lz64.grad, dtype=batch.dtype, what="dloss/dlog_z", scale=scale**0.5 * 1e-2, grad=True)
     assert loss.dtype == (torch.float64 if batch.dtype == torch.float64 else torch.float32)
 
 
@@ -118,9 +112,7 @@ def test_reverse_kl_surrogate_matches_reference(batch, baseline, length_normaliz
         assert not lp.grad.any()
         return
     expected.backward()
-    assert_close(
-        lp.grad, lp64.grad, dtype=batch.dtype, what="surrogate gradient", scale=scale**0.5 * 1e-2, grad=True
-    )
+    assert_close(lp.grad, lp64.grad, dtype=batch.dtype, what="surrogate gradient", scale=scale**0.5 * 1e-2, grad=True)
 
 
 @given(batch=batches(dtypes=(torch.float64,)))
@@ -151,9 +143,7 @@ def test_gradcheck_float64():
     # gradcheck runs without them (their values are checked against the reference above).
     for penalty in ("squared", "huber", "shifted_cosh", "linex"):
         assert torch.autograd.gradcheck(
-            lambda a, z, p=penalty: trajectory_balance_loss(
-                a, refl, r, z, mask, beta=1.0, penalty=p, huber_delta=0.3
-            ),
+            lambda a, z, p=penalty: trajectory_balance_loss(a, refl, r, z, mask, beta=1.0, penalty=p, huber_delta=0.3),
             (lp, lz),
         )
     # The reverse-KL surrogate has a stop-gradient by design (its backward is not the derivative of its value),
@@ -274,3 +264,33 @@ def test_token_clip_mask_drops_tokens_from_means_and_weights():
     )
     assert loss.item() == pytest.approx(expected.item())
     assert loss.item() == pytest.approx((-2.0 - 1.0) ** 2)  # mean(-1, -3) - beta * 1, w = 1
+
+
+def test_module_twins_equal_the_functions_and_check_options_at_construction():
+    """TrajectoryBalanceLoss(**options)(tensors) == trajectory_balance_loss(tensors, **options)."""
+    from flowloss import ReverseKLSurrogate, TrajectoryBalanceLoss
+
+    g = torch.Generator().manual_seed(3)
+    lp, ref_lp, old = (-torch.rand(3, 4, generator=g) for _ in range(3))
+    r, lz = torch.randn(3, generator=g), torch.randn(3, generator=g)
+    mask = torch.rand(3, 4, generator=g) > 0.3
+    module = TrajectoryBalanceLoss(beta=2.0, importance_weights="sequence_capped", penalty="huber")
+    expected = trajectory_balance_loss(
+        lp, ref_lp, r, lz, mask, beta=2.0, old_logprobs=old, importance_weights="sequence_capped", penalty="huber"
+    )
+    assert torch.equal(module(lp, ref_lp, r, lz, mask, old_logprobs=old), expected)
+    assert "sequence_capped" in repr(module)
+    surrogate = ReverseKLSurrogate(beta=2.0)
+    assert torch.equal(
+        surrogate(lp, ref_lp, r, mask, baseline=0.5), reverse_kl_surrogate(lp, ref_lp, r, mask, beta=2.0, baseline=0.5)
+    )
+    with pytest.raises(ValueError, match="`importance_weights` must be one of"):
+        TrajectoryBalanceLoss(importance_weights="ppo")
+    with pytest.raises(ValueError, match="`eps_low`"):
+        TrajectoryBalanceLoss(eps_low=2.0)
+    with pytest.raises(ValueError, match="`penalty`"):
+        TrajectoryBalanceLoss(penalty="cubic")
+    with pytest.raises(TypeError, match="unknown option"):
+        TrajectoryBalanceLoss(betta=15.0)
+    with pytest.raises(TypeError, match="`old_logprobs` is a per-call"):
+        TrajectoryBalanceLoss(old_logprobs=old)

@@ -2,8 +2,8 @@
 
 The whole public API::
 
-    # losses (pure functions on tensors)
-    trajectory_balance_loss   reverse_kl_surrogate
+    # losses (pure functions on tensors) and their nn.Module twins (options fixed at construction)
+    trajectory_balance_loss   reverse_kl_surrogate   TrajectoryBalanceLoss   ReverseKLSurrogate
     # building blocks
     length_normalize  sequence_logprobs  masked_mean  masked_sum  count_valid_sequences  reduce_sequences
     clipped_importance_weights  ratio_clip_token_mask  group_normalize_rewards
@@ -20,6 +20,7 @@ from flowloss.grouping import group_normalize_rewards
 from flowloss.importance import clipped_importance_weights, ratio_clip_token_mask
 from flowloss.log_partition import LogZHead, LogZTable, pool_prompt_hidden_states, vargrad_log_z
 from flowloss.losses import reverse_kl_surrogate, trajectory_balance_loss
+from flowloss.modules import ReverseKLSurrogate, TrajectoryBalanceLoss
 from flowloss.ops.fused_linear import token_logprobs_from_hidden
 from flowloss.ops.token_logprobs import token_logprobs
 from flowloss.reductions import (
@@ -36,6 +37,8 @@ __version__ = "0.1.0"
 __all__ = [
     "LogZHead",
     "LogZTable",
+    "ReverseKLSurrogate",
+    "TrajectoryBalanceLoss",
     "__version__",
     "clipped_importance_weights",
     "count_valid_sequences",

@@ -74,7 +74,8 @@ class ImportanceWeights(NamedTuple):
     clipped_high: torch.Tensor
 
 
-def _check_options(mode: str, eps_low: float, eps_high: float, max_weight: float, tis_cap: float) -> None:
+def check_importance_options(mode: str, eps_low: float, eps_high: float, max_weight: float, tis_cap: float) -> None:
+    """Refuse an unknown ``mode`` or an out-of-range clip/cap option, naming it."""
     require_choice("mode", mode, IMPORTANCE_MODES)
     for name, value, lo, hi in (("eps_low", eps_low, 0.0, 1.0), ("eps_high", eps_high, 0.0, math.inf)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= value < hi):
@@ -106,7 +107,7 @@ def importance_weights_with_stats(
     tis_cap: float = DEFAULT_TIS_CAP,
 ) -> ImportanceWeights:
     """:func:`clipped_importance_weights` plus the unclipped log-weights and the clip indicators ``[B]``."""
-    _check_options(mode, eps_low, eps_high, max_weight, tis_cap)
+    check_importance_options(mode, eps_low, eps_high, max_weight, tis_cap)
     for name, t in (("logprobs", logprobs), ("old_logprobs", old_logprobs)):
         require_tensor(name, t)
         require_float(name, t)
@@ -208,7 +209,7 @@ def ratio_clip_token_mask(
     with ``r_it = pi_theta / pi_old`` compared in log space. ``advantages [B]`` (FlowRL passes ``r_hat``).
     Returns a bool ``[B, T]`` mask (a subset of ``mask``).
     """
-    _check_options("none", eps_low, eps_high, DEFAULT_MAX_WEIGHT, DEFAULT_TIS_CAP)
+    check_importance_options("none", eps_low, eps_high, DEFAULT_MAX_WEIGHT, DEFAULT_TIS_CAP)
     require_tensor("advantages", advantages)
     require_ndim("logprobs", logprobs, (2,), "a [B, T] tensor of token log-probs")
     require_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)

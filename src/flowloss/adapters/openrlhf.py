@@ -52,7 +52,7 @@ from flowloss.importance import (
     DEFAULT_TIS_CAP,
     IMPORTANCE_MODES,
     ImportanceMode,
-    _check_options,
+    check_importance_options,
 )
 from flowloss.log_partition import LogZHead, pool_prompt_hidden_states
 from flowloss.losses import DEFAULT_BETA, trajectory_balance_loss
@@ -129,7 +129,7 @@ class FlowRLConfig:
     def __post_init__(self) -> None:
         require_finite_number("beta", self.beta)
         require_choice("importance_weights", self.importance_weights, IMPORTANCE_MODES)
-        _check_options(self.importance_weights, self.eps_low, self.eps_high, self.max_weight, self.tis_cap)
+        check_importance_options(self.importance_weights, self.eps_low, self.eps_high, self.max_weight, self.tis_cap)
         require_choice("reward_source", self.reward_source, ("advantages", "rewards"))
         for name in ("rollout_tis", "token_clip_mask", "length_normalization", "drop_last_prompt_token"):
             if not isinstance(getattr(self, name), bool):
