@@ -552,3 +552,26 @@ def test_triton_impl_matches_reference(dtype, shape):
     close(h.cpu().reshape(-1), ref_h, atol=4 * atol, rtol=rtol, what="triton entropy")
     atol, rtol = grad_tol(dtype, zmax, 6.0)
     close(x.grad.cpu().reshape(ref_grad.shape), ref_grad, atol=atol, rtol=rtol, what="triton dlogits")
+
+
+@pytest.mark.parametrize("want_entropy", [False, True])
+def test_kept_row_of_all_neg_inf_logits_matches_the_triton_convention(want_entropy):
+    """A kept row with no finite logit has no distribution: log-prob -inf, entropy 0, gradient g/T on the label
+    only (what the Triton kernel returns), while the other rows are untouched."""
+    logits = torch.randn(3, 6, dtype=torch.float32)
+    logits[1] = float("-inf")
+    logits.requires_grad_(True)
+    labels = torch.tensor([2, 4, 0])
+    out = token_logprobs(logits, labels, temperature=0.5, return_entropy=want_entropy, impl="chunked")
+    logp, entropy = out if want_entropy else (out, None)
+    assert logp[1].item() == float("-inf")
+    if entropy is not None:
+        assert entropy[1].item() == 0.0
+    expected, _ = reference.token_logprobs(logits.detach()[[0, 2]], labels[[0, 2]], temperature=0.5)
+    torch.testing.assert_close(logp[[0, 2]].double(), expected, rtol=1e-5, atol=1e-5)
+    g = torch.tensor([0.3, -1.5, 0.7])
+    torch.autograd.backward(logp, g)
+    assert torch.isfinite(logits.grad).all()
+    row = torch.zeros(6)
+    row[4] = -1.5 / 0.5
+    torch.testing.assert_close(logits.grad[1], row)

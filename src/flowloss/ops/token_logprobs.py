@@ -129,11 +129,30 @@ def block_forward(
     if want_entropy:
         # p = 0 where z = -inf: 0 * -inf is NaN, and its limit is 0.
         entropy = -log_p.exp().mul_(log_p).nan_to_num_(nan=0.0).sum(dim=-1)
+    dead = _all_neg_inf_rows(z, logp)
+    if dead is not None:  # no distribution: log-prob -inf and entropy 0, as the Triton kernel gives
+        logp = logp.masked_fill(dead, float("-inf"))
+        if entropy is not None:
+            entropy = entropy.masked_fill(dead, 0.0)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     logp = torch.where(valid, logp, zero)
     if entropy is not None:
         entropy = torch.where(valid, entropy, zero)
     return logp, entropy
+
+
+def _all_neg_inf_rows(z: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor | None:
+    """``[r]`` bool of rows whose logits are all ``-inf``, or None when there are none.
+
+    Such rows make ``log_softmax``/``softmax`` NaN; ``row_values`` (any per-row result of the block) is NaN on
+    them, so the common case costs one ``isnan`` over ``[r]`` and never re-reads the block.
+    """
+    nan_rows = torch.isnan(row_values)
+    if not bool(nan_rows.any()):
+        return None
+    dead = torch.zeros_like(nan_rows)
+    dead[nan_rows] = z[nan_rows].amax(dim=-1) == float("-inf")
+    return dead if bool(dead.any()) else None
 
 
 def block_backward(
@@ -165,6 +184,9 @@ def block_backward(
         coef.nan_to_num_(nan=0.0)  # p = 0 and log p = -inf: the limit is 0
     else:
         coef = torch.softmax(z, dim=-1).mul_(g.unsqueeze(1))
+    dead = _all_neg_inf_rows(z, coef[:, 0]) if coef.shape[1] else None
+    if dead is not None:  # all -inf row: p = 0, only the label's term is left (as in the Triton kernel)
+        coef[dead] = 0.0
     arange = torch.arange(rows, device=z.device)
     coef[arange, labels] -= g
     torch.mul(coef, -1.0 / temperature, out=out)
@@ -370,7 +392,8 @@ def token_logprobs(
     Returns:
         ``logprobs`` shaped like ``labels``: float32 (float64 for float64 logits on the chunked and reference
         paths), 0 with zero gradient at skipped positions; ``(logprobs, entropy)`` when ``return_entropy``.
-        A kept row whose logits are all ``-inf`` has no distribution and gives NaN.
+        A kept row whose logits are all ``-inf`` has no distribution: log-prob ``-inf``, entropy 0, gradient
+        ``g / T`` on the label (as the Triton kernel).
     """
     valid = _check_inputs(logits, labels, mask, temperature, ignore_index, impl, chunk_size)
     labels_flat = labels.reshape(-1)
