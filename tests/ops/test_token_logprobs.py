@@ -575,3 +575,46 @@ def test_kept_row_of_all_neg_inf_logits_matches_the_triton_convention(want_entro
     row = torch.zeros(6)
     row[4] = -1.5 / 0.5
     torch.testing.assert_close(logits.grad[1], row)
+
+
+@given(flags=st.lists(st.booleans(), max_size=40), rows=st.integers(1, 8))
+def test_row_segments_tile_the_rows_and_skip_only_long_ignored_runs(flags, rows):
+    """Blocks cover every row once, in order; a block marked skipped holds only ignored rows, and every
+    ignored run of at least max(1, rows // 2) rows is skipped (so long padding is never read)."""
+    from flowloss.ops.token_logprobs import _row_blocks
+
+    n = len(flags)
+    valid = torch.tensor(flags, dtype=torch.bool)
+    blocks = list(_row_blocks(torch.Size([n, 5]), True, rows, valid))
+    assert [b[0] for b in blocks] == sorted(b[0] for b in blocks)
+    covered = [r for lo, hi, _, _ in blocks for r in range(lo, hi)]
+    assert covered == list(range(n))
+    skipped = {r for lo, hi, _, kept in blocks if not kept for r in range(lo, hi)}
+    assert all(not flags[r] for r in skipped)
+    assert all(hi - lo <= rows for lo, hi, _, kept in blocks if kept)
+    k, i = max(1, rows // 2), 0
+    while i < n:
+        j = i
+        while j < n and not flags[j]:
+            j += 1
+        if j - i >= k:
+            assert set(range(i, j)) <= skipped
+        i = j + 1 if j == i else j
+
+
+def test_row_blocks_of_a_non_flattenable_view_stay_inside_each_sequence():
+    """logits[:, :-1] of a [B, T+1, V] tensor cannot be flattened: blocks are (b, slice) of one sequence."""
+    from flowloss.ops.token_logprobs import _row_blocks
+
+    valid = torch.tensor([1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1], dtype=torch.bool)  # B=3, T=4
+    blocks = list(_row_blocks(torch.Size([3, 4, 7]), False, 4, valid))
+    for lo, hi, (b, sl), _ in blocks:
+        assert lo // 4 == b == (hi - 1) // 4 and (sl.start, sl.stop) == (lo - 4 * b, hi - 4 * b)
+    assert [(lo, hi, kept) for lo, hi, _, kept in blocks] == [
+        (0, 2, True), (2, 4, False), (4, 7, False), (7, 8, True), (8, 12, True)
+    ]
+    logits = torch.randn(3, 5, 7)[:, :-1]
+    labels = torch.randint(0, 7, (3, 4))
+    out = token_logprobs(logits, labels, mask=valid.reshape(3, 4), impl="chunked")
+    expected, _ = reference.token_logprobs(logits.reshape(-1, 7), torch.where(valid, labels.reshape(-1), -100))
+    torch.testing.assert_close(out.reshape(-1).double(), expected, rtol=1e-5, atol=1e-6)

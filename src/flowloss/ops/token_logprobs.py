@@ -76,23 +76,61 @@ def _flat_view(t: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _row_blocks(shape: torch.Size, flat_ok: bool, rows: int) -> Iterator[tuple[int, int, tuple]]:
-    """``(lo, hi, index)``: flat rows ``lo:hi`` are ``t[index]`` (2-D) for ``t`` of ``shape``.
+def _segments(valid: torch.Tensor | None, n: int, skip_at_least: int) -> list[tuple[int, int, bool]]:
+    """Split flat rows ``0:n`` into ``(lo, hi, kept)`` runs: ``kept=False`` for runs of at least
+    ``skip_at_least`` consecutive ignored/masked rows (never read), ``kept=True`` for the rest (shorter ignored
+    runs inside them are computed and zeroed by ``where``, which keeps blocks full)."""
+    if valid is None or n == 0:
+        return [(0, n, True)]
+    flags = valid.tolist()
+    if all(flags):
+        return [(0, n, True)]
+    out: list[tuple[int, int, bool]] = []
+    lo = 0
+    i = 0
+    while i < n:
+        if flags[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and not flags[j]:
+            j += 1
+        if j - i >= skip_at_least:
+            if i > lo:
+                out.append((lo, i, True))
+            out.append((i, j, False))
+            lo = j
+        i = j
+    if lo < n:
+        out.append((lo, n, True))
+    return out
 
-    When ``t`` cannot be flattened as a view (``logits[:, :-1]`` of a ``[B, T+1, V]`` tensor), blocks stay
-    inside one sequence: ``index = (b, slice(t0, t1))``.
+
+def _row_blocks(
+    shape: torch.Size, flat_ok: bool, rows: int, valid: torch.Tensor | None = None
+) -> Iterator[tuple[int, int, tuple, bool]]:
+    """``(lo, hi, index, kept)``: flat rows ``lo:hi`` are ``t[index]`` (2-D) for ``t`` of ``shape``.
+
+    Kept runs come in blocks of at most ``rows`` rows; a long run of rows that ``valid`` (a CPU bool ``[N]``)
+    marks as skipped comes as ``kept=False`` blocks, which forward never reads and backward only zeroes. When
+    ``t`` cannot be flattened as a view (``logits[:, :-1]`` of a ``[B, T+1, V]`` tensor), blocks stay inside
+    one sequence: ``index = (b, slice(t0, t1))``.
     """
-    if flat_ok or len(shape) == 2:
-        n = shape[0] if len(shape) == 2 else shape[0] * shape[1]
-        for lo in range(0, n, rows):
-            hi = min(n, lo + rows)
-            yield lo, hi, (slice(lo, hi),)
-        return
-    batch, seq = shape[0], shape[1]
-    for b in range(batch):
-        for t0 in range(0, seq, rows):
-            t1 = min(seq, t0 + rows)
-            yield b * seq + t0, b * seq + t1, (b, slice(t0, t1))
+    n = shape[0] if len(shape) == 2 else shape[0] * shape[1]
+    seq = None if (flat_ok or len(shape) == 2) else shape[1]
+    for lo, hi, kept in _segments(valid, n, skip_at_least=max(1, rows // 2)):
+        step = rows if kept else hi - lo
+        start = lo
+        while start < hi:
+            stop = min(hi, start + step)
+            if seq is None:
+                index: tuple = (slice(start, stop),)
+            else:
+                b = start // seq
+                stop = min(stop, (b + 1) * seq)
+                index = (b, slice(start - b * seq, stop - b * seq))
+            yield start, stop, index, kept
+            start = stop
 
 
 def _index(t: torch.Tensor, flat: torch.Tensor | None, index: tuple) -> torch.Tensor:
@@ -208,9 +246,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         cdtype = compute_dtype_for(logits.dtype)
         n = labels.shape[0]
         flat = _flat_view(logits)
-        logp = torch.empty(n, dtype=cdtype, device=logits.device)
-        entropy = torch.empty(n if want_entropy else 0, dtype=cdtype, device=logits.device)
-        for lo, hi, index in _row_blocks(logits.shape, flat is not None, chunk_rows):
+        logp = torch.zeros(n, dtype=cdtype, device=logits.device)
+        entropy = torch.zeros(n if want_entropy else 0, dtype=cdtype, device=logits.device)
+        valid_cpu = valid.cpu()
+        for lo, hi, index, kept in _row_blocks(logits.shape, flat is not None, chunk_rows, valid_cpu):
+            if not kept:  # skipped rows are never read; their outputs stay 0
+                continue
             z = _scaled(_index(logits, flat, index), temperature, cdtype)
             lp, h = block_forward(z, labels[lo:hi], valid[lo:hi], want_entropy=want_entropy)
             logp[lo:hi] = lp
@@ -239,7 +280,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         if not flat_ok:
             flat = gflat = None
         use_entropy = ctx.want_entropy and grad_entropy is not None
-        for lo, hi, index in _row_blocks(logits.shape, flat_ok, ctx.chunk_rows):
+        for lo, hi, index, kept in _row_blocks(logits.shape, flat_ok, ctx.chunk_rows, valid.cpu()):
+            if not kept:
+                _index(grad, gflat, index).zero_()
+                continue
             z = _scaled(_index(logits, flat, index), temperature, cdtype)
             block_backward(
                 z,
