@@ -228,3 +228,25 @@ def test_rejects_bad_values_and_options():
 def test_rejects_device_mismatch():
     with pytest.raises(ValueError, match="`lm_head_weight` is on meta but `hidden` is on cpu"):
         token_logprobs_from_hidden(torch.zeros(2, 3), torch.zeros(5, 3, device="meta"), torch.tensor([0, 1]))
+
+
+def test_masked_rows_are_compacted_away_with_exact_values_and_gradients():
+    """Skipped rows are not projected at all (only kept hidden rows are gathered); values, entropies and the
+    gradients for hidden and W still equal the reference, and gradcheck passes through the gather/scatter."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(7, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 5), generator=gen)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [0, 1, 1, 1, 0]], dtype=torch.bool)
+
+    def run(h, w):
+        return token_logprobs_from_hidden(h, w, labels, mask=mask, temperature=0.7, return_entropy=True, chunk_size=2)
+
+    assert torch.autograd.gradcheck(run, (hidden, weight))
+    logp, entropy = run(hidden, weight)
+    expected_logp, expected_entropy = reference.token_logprobs(
+        (hidden @ weight.T).reshape(-1, 7), torch.where(mask, labels, -100).reshape(-1), temperature=0.7
+    )
+    torch.testing.assert_close(logp.reshape(-1), expected_logp)
+    torch.testing.assert_close(entropy.reshape(-1), expected_entropy)
+    assert not logp[~mask].any() and not entropy[~mask].any()

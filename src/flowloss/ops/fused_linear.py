@@ -197,9 +197,18 @@ def token_logprobs_from_hidden(
     safe_labels = torch.where(valid, labels_flat, torch.zeros_like(labels_flat)).long()
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     rows = chunk_size if chunk_size is not None else default_fused_chunk_rows(lm_head_weight.shape[0])
+    kept = None if bool(valid.all()) else valid.nonzero().squeeze(1)
+    if kept is not None:
+        # Skipped rows cost nothing: only the kept rows' hidden states ([n_kept, H], cheap to gather) are
+        # projected; autograd scatters their gradient back (zeros elsewhere).
+        hidden2d, safe_labels, valid = hidden2d.index_select(0, kept), safe_labels[kept], valid[kept]
     logp, entropy = _FusedLinearTokenLogprobs.apply(
         hidden2d, lm_head_weight, bias, safe_labels, valid, float(temperature), bool(return_entropy), rows
     )
+    if kept is not None:
+        n = labels.numel()
+        logp = logp.new_zeros(n).index_copy(0, kept, logp)
+        entropy = entropy.new_zeros(n).index_copy(0, kept, entropy) if return_entropy else entropy
     logp = logp.reshape(labels.shape)
     if return_entropy:
         return logp, entropy.reshape(labels.shape)
