@@ -13,9 +13,9 @@ PIP=("$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS")
 # The CPU build of torch first (pinned by the constraints), so nothing below can pull a CUDA build.
 "${PIP[@]}" torch
 # TRL and what the tiny end-to-end test needs: transformers' Qwen2, a locally trained BPE tokenizer, datasets.
-# trl >= 1.16: the adapter overrides GRPOTrainer internals as of 1.16.
+# trl 1.16.0 (override with TRL_VERSION=...): the adapter overrides GRPOTrainer internals checked in 1.16.
 # transformers < 5.11 keeps the TRL venv on the same transformers line as verl 0.9.1.
-"${PIP[@]}" "trl>=1.16" "transformers>=4.56,<5.11" accelerate datasets tokenizers
+"${PIP[@]}" "trl==${TRL_VERSION:-1.16.0}" "transformers>=4.56,<5.11" accelerate datasets tokenizers
 # flowloss itself (editable) and the test runner; its docs/lint extras are not needed here.
 "${PIP[@]}" -e . "pytest>=8" "hypothesis>=6.100"
 "$VENV/bin/python" - <<'PY'
