@@ -34,9 +34,7 @@ def test_sequence_logprobs_match_reference(batch, reduction):
     out = sequence_logprobs(lp, batch.mask, reduction=reduction)
     lp64 = f64_leaf(batch.logprobs)
     expected = ref.sequence_logprob(lp64, batch.mask, normalize=reduction == "mean")
-    assert_close(
-        out, expected, dtype=batch.dtype, what=f"masked token-{reduction}", scale=batch.mask.shape[1]
-    )
+    assert_close(out, expected, dtype=batch.dtype, what=f"masked token-{reduction}", scale=batch.mask.shape[1])
     if reduction == "mean":
         assert_close(
             length_normalize(batch.logprobs, batch.mask),
@@ -81,9 +79,7 @@ def reward_groups(draw):
     else:
         ids = draw(st.lists(st.integers(0, 4), min_size=1, max_size=12))
         groups = torch.tensor(ids)
-    values = draw(
-        st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=len(ids), max_size=len(ids))
-    )
+    values = draw(st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=len(ids), max_size=len(ids)))
     # exact ties inside a group are common with 0/1 rewards
     if draw(st.booleans()):
         values = [float(round(v) % 2) for v in values]
@@ -99,6 +95,21 @@ def test_group_normalize_rewards_matches_reference(data, scale):
     expected = ref.group_normalize_rewards(rewards.double(), ids, eps=1e-6, scale=scale)
     # float32 z-scores of values up to 100 with std down to ~1e-2 lose ~1e-4 relative
     assert_close(out, expected, dtype=rewards.dtype, what="group z-score", scale=1e3 if scale else 10)
+
+
+@given(
+    value=st.floats(-1e3, 1e3, allow_nan=False, width=32),
+    k=st.integers(2, 17),
+    eps=st.sampled_from([0.0, 1e-6]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+)
+def test_group_of_equal_rewards_normalizes_to_exactly_zero(value, k, eps, dtype):
+    """A constant group has r_hat = 0 exactly, for any value (not only 0/1) and even with eps = 0."""
+    rewards = torch.full((2 * k,), value, dtype=dtype)
+    rewards[k:] = torch.linspace(-1, 1, k, dtype=dtype)  # a second, non-constant group
+    out = group_normalize_rewards(rewards, k, eps=eps)
+    assert torch.equal(out[:k], torch.zeros(k, dtype=out.dtype))
+    assert torch.isfinite(out).all()
 
 
 @given(data=reward_groups())

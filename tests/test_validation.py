@@ -71,7 +71,19 @@ def call(**overrides):
             ValueError,
             r"`logprobs \(at unmasked positions\)`",
         ),
-        # invalid options
+        (
+            dict(old_logprobs=torch.tensor([[float("nan")] + [0.0] * (T - 1)] * B)),
+            ValueError,
+            r"`old_logprobs \(at unmasked positions\)` must be finite",
+        ),
+        (
+            dict(old_logprobs=torch.zeros(B, T), rollout_logprobs=torch.full((B, T), float("-inf"))),
+            ValueError,
+            r"`rollout_logprobs \(at unmasked positions\)` must be finite",
+        ),
+        # invalid options (checked even when unused, e.g. on-policy)
+        (dict(eps_low=1.5), ValueError, r"`eps_low` must be a number in"),
+        (dict(max_weight=-1.0), ValueError, r"`max_weight`"),
         (dict(beta=float("nan")), ValueError, r"`beta` must be a finite number"),
         (dict(penalty="cubic"), ValueError, r"`penalty` must be one of"),
         (dict(reduction="max"), ValueError, r"`reduction` must be one of"),

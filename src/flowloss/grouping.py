@@ -43,14 +43,10 @@ def group_index(groups: Groups, batch_size: int, device: torch.device) -> tuple[
             raise ValueError(f"`groups` is on {groups.device} but the values are on {device}")
         uniques, index = torch.unique(groups, return_inverse=True)
         return index, int(uniques.numel())
-    raise TypeError(
-        f"`groups` must be an int group size or a [B] tensor of group ids, got {type(groups).__name__}"
-    )
+    raise TypeError(f"`groups` must be an int group size or a [B] tensor of group ids, got {type(groups).__name__}")
 
 
-def group_mean(
-    values: torch.Tensor, index: torch.Tensor, num_groups: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def group_mean(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group mean and size, each ``[G]``: ``mean_g = (1/n_g) sum_{i in g} v_i``."""
     sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, index, values)
     sizes = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(
@@ -83,8 +79,13 @@ def group_normalize_rewards(
     sq = torch.zeros_like(mean).index_add(0, index, centred * centred)
     std = torch.sqrt(sq / (sizes - 1).clamp_min(1.0))
     singleton = sizes[index] < 2
-    centred = torch.where(singleton, r, centred)
+    # A group of equal rewards is exactly 0: its rounded mean can leave a spread of a few ulps that
+    # 1 / (std + eps) would blow up (16 x float32(0.7) gave 0.106, and NaN with eps = 0).
+    group_max = torch.full_like(mean, -torch.inf).scatter_reduce(0, index, r, reduce="amax")
+    group_min = torch.full_like(mean, torch.inf).scatter_reduce(0, index, r, reduce="amin")
+    constant = (group_max == group_min)[index] & ~singleton
+    centred = torch.where(singleton, r, torch.where(constant, torch.zeros_like(r), centred))
     if not scale:
         return centred
-    std_i = torch.where(singleton, torch.ones_like(r), std[index])
+    std_i = torch.where(singleton | constant, torch.ones_like(r), std[index])
     return centred / (std_i + eps)

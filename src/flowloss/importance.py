@@ -85,6 +85,20 @@ def check_importance_options(mode: str, eps_low: float, eps_high: float, max_wei
             raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
 
 
+def _require_finite_where(mask: torch.Tensor, tensors: list[tuple[str, torch.Tensor | None]]) -> None:
+    """Refuse non-finite values at unmasked positions (one host sync; the culprit is searched only on failure)."""
+    present = [(n, t) for n, t in tensors if t is not None]
+    finite = [torch.isfinite(t.detach()) | ~mask for _, t in present]
+    if bool(torch.stack([f.all() for f in finite]).all()):
+        return
+    for (name, t), ok in zip(present, finite):
+        if not bool(ok.all()):
+            raise ValueError(
+                f"`{name}` must be finite at unmasked positions, found {int((~ok).sum())} non-finite value(s) "
+                f"in {describe(t)}"
+            )
+
+
 def _masked_log_ratio(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, mean: bool):
     zero = torch.zeros((), dtype=dtype, device=a.device)
     diff = torch.where(mask, a.detach().to(dtype) - b.detach().to(dtype), zero)
@@ -128,6 +142,9 @@ def importance_weights_with_stats(
     )
     dtype = accumulation_dtype(logprobs, old_logprobs, rollout_logprobs)
     batch = logprobs.shape[0]
+    _require_finite_where(
+        m, [("logprobs", logprobs), ("old_logprobs", old_logprobs), ("rollout_logprobs", rollout_logprobs)]
+    )
     geometric = mode == "geometric_clipped"
     if mode == "none":
         log_w = torch.zeros(batch, dtype=dtype, device=logprobs.device)

@@ -40,6 +40,7 @@ from flowloss.importance import (
     DEFAULT_TIS_CAP,
     IMPORTANCE_MODES,
     ImportanceMode,
+    check_importance_options,
     importance_weights_with_stats,
     ratio_clip_token_mask,
 )
@@ -114,9 +115,9 @@ def _prepare(
     if importance_weights is None:
         importance_weights = "sequence_clipped" if old_logprobs is not None else "none"
     if importance_weights not in IMPORTANCE_MODES:
-        raise ValueError(
-            f"`importance_weights` must be one of {IMPORTANCE_MODES}, got {importance_weights!r}"
-        )
+        raise ValueError(f"`importance_weights` must be one of {IMPORTANCE_MODES}, got {importance_weights!r}")
+    # Options are checked even when unused (on-policy), so a bad config fails on the first call.
+    check_importance_options(importance_weights, eps_low, eps_high, max_weight, tis_cap)
     if importance_weights != "none" and old_logprobs is None:
         raise ValueError(f"`importance_weights={importance_weights!r}` needs `old_logprobs` (got None)")
     if rollout_logprobs is not None and old_logprobs is None:
@@ -133,6 +134,9 @@ def _prepare(
         ("logprobs (at unmasked positions)", lp_valid),
         ("ref_logprobs (at unmasked positions)", ref_valid),
     ]
+    for name, t in (("old_logprobs", old_logprobs), ("rollout_logprobs", rollout_logprobs)):
+        if t is not None:
+            checks.append((f"{name} (at unmasked positions)", torch.where(m, t.detach().to(dtype), zero)))
     checks += [("rewards", rewards.detach())] + [(n, t.detach()) for n, t in extra]
     if not bool(torch.stack([torch.isfinite(t).all() for _, t in checks]).all()):
         for name, t in checks:
@@ -282,9 +286,7 @@ def trajectory_balance_loss(
     )
     dtype = prep.seq_logprobs.dtype
     delta = log_z_vec.to(dtype) + prep.seq_logprobs - beta * prep.rewards - prep.seq_ref_logprobs
-    per_sequence = prep.weights * apply_penalty(
-        delta, penalty, linex_alpha=linex_alpha, huber_delta=huber_delta
-    )
+    per_sequence = prep.weights * apply_penalty(delta, penalty, linex_alpha=linex_alpha, huber_delta=huber_delta)
     loss = reduce_sequences(per_sequence, prep.valid, reduction=reduction, normalizer=normalizer)
     if not return_stats:
         return loss
