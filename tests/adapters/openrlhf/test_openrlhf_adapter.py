@@ -133,8 +133,9 @@ def test_loss_outside_micro_batch_and_bad_config_are_refused(adapter):
     assert (adapter.FlowRLConfig().eps_low, adapter.FlowRLConfig().eps_high) == (0.2, 0.28)
 
 
-def _expected_step_loss(example, trainer, head, experience):
-    """The loss recomputed outside OpenRLHF: HF forward -> token log-probs, pooled prompt states -> head."""
+def _expected_step_loss(example, trainer, head, experience, *, kl_ctl: float = 0.0):
+    """The loss recomputed outside OpenRLHF: HF forward -> token log-probs, pooled prompt states -> head;
+    plus ``kl_ctl`` times OpenRLHF's k1 KL loss (token mean of ``log pi - log pi_ref``) when ``kl_ctl > 0``."""
     model = trainer.actor.model
     seq, att, am = experience.sequences, experience.attention_mask, experience.action_mask
     pos = (att.long().cumsum(-1) - 1).clamp_min(0)
@@ -144,8 +145,56 @@ def _expected_step_loss(example, trainer, head, experience):
     prompt_mask = att.bool() & (torch.arange(seq.shape[1]) < seq.shape[1] - am.shape[1])
     log_z = head(flowloss.pool_prompt_hidden_states(out.hidden_states[-1], prompt_mask))
     r_hat = flowloss.masked_mean(experience.advantages, am)
-    return flowloss.trajectory_balance_loss(lp, experience.base_action_log_probs, r_hat, log_z, am,
+    loss = flowloss.trajectory_balance_loss(lp, experience.base_action_log_probs, r_hat, log_z, am,
                                             old_logprobs=experience.action_log_probs)
+    if kl_ctl:
+        loss = loss + kl_ctl * ((lp - experience.base_action_log_probs) * am).sum() / am.sum()
+    return loss
+
+
+def _step_gradients(trainer, experience, kl_ctl):
+    """The gradients ``training_step`` hands to the optimizer step (captured instead of stepping)."""
+    grads = {}
+
+    def capture(optimizer, model, scheduler, name="model", **kwargs):
+        grads.update({n: p.grad.clone() for n, p in trainer.actor.named_parameters() if p.grad is not None})
+        optimizer.zero_grad()
+
+    trainer.strategy.optimizer_step = capture
+    trainer.actor.zero_grad()
+    trainer.training_step(experience, kl_ctl=kl_ctl, step=0)
+    return grads
+
+
+def _reference_gradients(example, trainer, head, experience, kl_ctl=0.0):
+    trainer.actor.zero_grad()
+    _expected_step_loss(example, trainer, head, experience, kl_ctl=kl_ctl).backward()
+    grads = {n: p.grad.clone() for n, p in trainer.actor.named_parameters() if p.grad is not None}
+    trainer.actor.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("kl_loss", [False, True])
+def test_training_step_drops_openrlhf_kl_loss_unless_asked(adapter, example, kl_loss):
+    """With --algo.kl.use_loss and kl_ctl > 0 OpenRLHF adds kl_ctl * KL to the loss: the adapter must drop it
+    (gradient == pure trajectory balance) unless FlowRLConfig(kl_loss=True) (gradient == TB + kl_ctl * KL)."""
+    kl_ctl = 0.5
+    trainer, head, ref_model = example.build_trainer(adapter.FlowRLConfig(log_z_dropout=0.0, kl_loss=kl_loss))
+    assert trainer.args.algo.kl.use_loss and trainer.args.algo.kl.init_coef > 0
+    experience = example.make_experience(trainer, ref_model, seed=4)
+    with torch.no_grad():  # policy != reference, so the KL term and its gradient are far from zero
+        experience.base_action_log_probs = experience.base_action_log_probs - 0.3
+    tb = _reference_gradients(example, trainer, head, experience)
+    with_kl = _reference_gradients(example, trainer, head, experience, kl_ctl=kl_ctl)
+    got = _step_gradients(trainer, experience, kl_ctl)
+    assert set(got) == set(tb)
+    expected, other = (with_kl, tb) if kl_loss else (tb, with_kl)
+    for name in got:
+        assert_close(got[name], expected[name], dtype=torch.float32, scale=10.0,
+                     what=f"d loss / d {name} with kl_loss={kl_loss}")
+    # the KL term moves the policy's gradient well beyond the tolerance
+    diff = max(float((got[n] - other[n]).abs().max()) for n in got if "flowrl" not in n)
+    assert diff > 1e-3, f"training_step's gradient does not depend on kl_loss={kl_loss} (max diff {diff})"
 
 
 def test_training_step_loss_equals_trajectory_balance_loss_and_updates_head_and_policy(adapter, example):
