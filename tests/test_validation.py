@@ -7,12 +7,14 @@ import torch
 
 from flowloss import (
     LogZHead,
+    LogZTable,
     clipped_importance_weights,
     group_normalize_rewards,
     pool_prompt_hidden_states,
     reduce_sequences,
     reverse_kl_surrogate,
     sequence_logprobs,
+    token_logprobs,
     trajectory_balance_loss,
     vargrad_log_z,
 )
@@ -98,7 +100,7 @@ def call(**overrides):
         (dict(old_logprobs=torch.zeros(B, T), max_weight=0.0), ValueError, r"`max_weight`"),
         (dict(token_clip_mask=True), ValueError, r"`token_clip_mask=True` needs `old_logprobs`"),
         (dict(rollout_logprobs=torch.zeros(B, T)), ValueError, r"`rollout_logprobs`.*needs `old_logprobs`"),
-        (dict(normalizer=0), ValueError, r"`normalizer` must be a positive number"),
+        (dict(normalizer=0), ValueError, r"`normalizer` must be a finite positive number"),
         (dict(normalizer=torch.zeros(2)), ValueError, r"`normalizer` must be a scalar"),
         (dict(penalty="linex", linex_alpha=0.0), ValueError, r"`linex_alpha` must be non-zero"),
     ],
@@ -165,6 +167,23 @@ def test_other_functions_reject_bad_input():
         )
     with pytest.raises(ValueError, match="`reduction` must be one of"):
         reduce_sequences(torch.zeros(B), torch.ones(B, dtype=torch.bool), reduction="avg")
+    with pytest.raises(ValueError, match=r"`valid` must have the same shape as `per_sequence` \(3,\)"):
+        reduce_sequences(torch.zeros(B), torch.ones(B - 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="`normalizer` must be a finite positive number"):
+        reduce_sequences(torch.zeros(B), torch.ones(B, dtype=torch.bool), normalizer=float("inf"))
+    with pytest.raises(TypeError, match=r"`per_sequence` must be a torch\.Tensor"):
+        reduce_sequences([0.0, 1.0], torch.ones(2, dtype=torch.bool))
+    assert reduce_sequences(torch.tensor([1.0, 5.0, 3.0]), torch.tensor([1, 0, 1])).item() == 2.0  # 0/1 mask
+    with pytest.raises(TypeError, match=r"`prompt_ids` must be a \[B\] int32/int64"):
+        LogZTable(3)(torch.tensor([0, 1], dtype=torch.uint8))  # would index as a boolean mask
+    with pytest.raises(ValueError, match=r"`ref_logprobs` must have the same shape as `logprobs`"):
+        vargrad_log_z(torch.zeros(4, 2), torch.zeros(4, 3), torch.zeros(4), torch.ones(4, 2), 2)
+    with pytest.raises(ValueError, match=r"`rewards` must be finite"):
+        vargrad_log_z(torch.zeros(4, 2), torch.zeros(4, 2), torch.tensor([0, float("nan"), 0, 0]), torch.ones(4, 2), 2)
+    with pytest.raises(ValueError, match=r"`ref_logprobs` must be finite at unmasked positions"):
+        vargrad_log_z(torch.zeros(4, 2), torch.full((4, 2), float("nan")), torch.zeros(4), torch.ones(4, 2), 2)
+    with pytest.raises(TypeError, match=r"`mask` must be a torch\.Tensor, got list"):
+        token_logprobs(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), mask=[1, 1, 1])
 
 
 def test_masked_padding_may_hold_anything():

@@ -16,9 +16,11 @@ from flowloss._validation import (
     accumulation_dtype,
     as_bool_mask,
     describe,
+    require_finite,
     require_finite_number,
     require_float,
     require_ndim,
+    require_same_shape,
     require_tensor,
 )
 from flowloss.grouping import Groups, group_index
@@ -121,13 +123,13 @@ class LogZTable(nn.Module):
 
     def forward(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         require_tensor("prompt_ids", prompt_ids)
-        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool or prompt_ids.dim() != 1:
-            raise TypeError(f"`prompt_ids` must be a [B] integer tensor, got {describe(prompt_ids)}")
+        if prompt_ids.dtype not in (torch.int32, torch.int64) or prompt_ids.dim() != 1:
+            # uint8/bool would index as a mask, not as ids
+            raise TypeError(f"`prompt_ids` must be a [B] int32/int64 tensor, got {describe(prompt_ids)}")
         n = self.log_z.shape[0]
         if prompt_ids.numel() and (int(prompt_ids.min()) < 0 or int(prompt_ids.max()) >= n):
             raise ValueError(
-                f"`prompt_ids` must lie in [0, {n}), got values in [{int(prompt_ids.min())}, "
-                f"{int(prompt_ids.max())}]"
+                f"`prompt_ids` must lie in [0, {n}), got values in [{int(prompt_ids.min())}, {int(prompt_ids.max())}]"
             )
         return self.log_z[prompt_ids]
 
@@ -153,11 +155,18 @@ def vargrad_log_z(
     group ids (see :func:`~flowloss.group_normalize_rewards`). Returns ``[B]`` without gradient.
     """
     require_finite_number("beta", beta)
-    require_tensor("rewards", rewards)
-    require_float("rewards", rewards)
+    for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("rewards", rewards)):
+        require_tensor(name, t)
+        require_float(name, t)
     require_ndim("logprobs", logprobs, (2,), "a [B, T] tensor of token log-probs")
+    require_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs)
     if rewards.shape != (logprobs.shape[0],):
         raise ValueError(f"`rewards` must have shape ({logprobs.shape[0]},), got {describe(rewards)}")
+    m = as_bool_mask("mask", mask, "logprobs", logprobs)
+    require_finite("rewards", rewards)
+    for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
+        if not bool((torch.isfinite(t.detach()) | ~m).all()):
+            raise ValueError(f"`{name}` must be finite at unmasked positions, got non-finite values in {describe(t)}")
     reduction = "mean" if length_normalization else "sum"
     with torch.no_grad():
         lp = sequence_logprobs(logprobs, mask, reduction=reduction)
@@ -168,7 +177,5 @@ def vargrad_log_z(
         index, num_groups = group_index(groups, logprobs.shape[0], logprobs.device)
         target = torch.where(valid, target, torch.zeros_like(target))
         sums = torch.zeros(num_groups, dtype=dtype, device=target.device).index_add(0, index, target)
-        sizes = torch.zeros(num_groups, dtype=dtype, device=target.device).index_add(
-            0, index, valid.to(dtype)
-        )
+        sizes = torch.zeros(num_groups, dtype=dtype, device=target.device).index_add(0, index, valid.to(dtype))
         return (sums / sizes.clamp_min(1.0))[index]

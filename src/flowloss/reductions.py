@@ -40,9 +40,7 @@ def _checked(values: torch.Tensor, mask: torch.Tensor, name: str = "values") -> 
     require_ndim(name, values, (2,), "a [B, T] token-level tensor")
     m = as_bool_mask("mask", mask, name, values)
     if m.device != values.device:
-        raise ValueError(
-            f"`mask` is on {m.device} but `{name}` is on {values.device}; move them to one device"
-        )
+        raise ValueError(f"`mask` is on {m.device} but `{name}` is on {values.device}; move them to one device")
     return m
 
 
@@ -127,6 +125,12 @@ def reduce_sequences(
     the micro-batch losses add up to the gradient of the full-batch loss.
     """
     require_choice("reduction", reduction, ("mean", "sum", "none"))
+    require_tensor("per_sequence", per_sequence)
+    require_float("per_sequence", per_sequence)
+    require_ndim("per_sequence", per_sequence, (1,), "a [B] tensor of per-sequence losses")
+    valid = as_bool_mask("valid", valid, "per_sequence", per_sequence)
+    if valid.device != per_sequence.device:
+        raise ValueError(f"`valid` is on {valid.device} but `per_sequence` is on {per_sequence.device}")
     zeros = torch.zeros((), dtype=per_sequence.dtype, device=per_sequence.device)
     kept = torch.where(valid, per_sequence, zeros)
     if reduction == "none":
@@ -140,9 +144,9 @@ def reduce_sequences(
         if normalizer.numel() != 1:
             raise ValueError(f"`normalizer` must be a scalar, got shape {tuple(normalizer.shape)}")
         norm = normalizer.detach().to(device=total.device, dtype=total.dtype).reshape(())
-        if not bool(norm > 0):
-            raise ValueError(f"`normalizer` must be > 0, got {norm.item()}")
+        if not bool((norm > 0) & torch.isfinite(norm)):
+            raise ValueError(f"`normalizer` must be finite and > 0, got {norm.item()}")
         return total / norm
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not normalizer > 0:
-        raise ValueError(f"`normalizer` must be a positive number or scalar tensor, got {normalizer!r}")
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not 0 < normalizer < float("inf"):
+        raise ValueError(f"`normalizer` must be a finite positive number or scalar tensor, got {normalizer!r}")
     return total / float(normalizer)

@@ -20,6 +20,7 @@ float32 copy once per forward and once per backward (``V x H`` floats, not ``N x
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from flowloss._validation import (
     describe,
@@ -81,6 +82,7 @@ class _FusedLinearTokenLogprobs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, labels, valid, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -155,6 +157,9 @@ def _check(hidden, weight, bias, labels, mask, temperature, ignore_index, chunk_
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"`chunk_size` must be None or an int >= 1 (rows per block), got {chunk_size!r}")
+    for name, t in (("bias", bias), ("mask", mask)):
+        if t is not None:
+            require_tensor(name, t)
     require_same_device(
         [("hidden", hidden), ("lm_head_weight", weight), ("bias", bias), ("labels", labels), ("mask", mask)]
     )

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from flowloss._validation import (
     as_bool_mask,
@@ -266,6 +267,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
         logits, labels, valid, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
@@ -327,6 +329,8 @@ def _check_inputs(logits, labels, mask, temperature, ignore_index, impl, chunk_s
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"`chunk_size` must be None or an int >= 1 (rows per block), got {chunk_size!r}")
+    if mask is not None:
+        require_tensor("mask", mask)
     require_same_device([("logits", logits), ("labels", labels), ("mask", mask)])
     return kept_rows(labels, mask, ignore_index=ignore_index, vocab=logits.shape[-1])
 

@@ -113,6 +113,8 @@ def _validate(logits, labels, mask, temperature, ignore_index, vocab_size, inpla
         )
     if mask is not None:
         mask = as_bool_mask("mask", mask, "labels", labels)
+    if mask is not None:
+        require_tensor("mask", mask)
     require_same_device([("logits", logits), ("labels", labels), ("mask", mask)])
     if logits.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
