@@ -508,7 +508,9 @@ class _FlowRLEngineMixin:
       FSDP wrapping - so the optimizer and the checkpoint manager see it;
     * ``prepare_model_inputs``: records the micro-batch's prompt layout for the hook;
     * ``prepare_model_outputs``: adds ``log_z [B]`` to verl's outputs (log-probs, entropy);
-    * ``get_per_tensor_param``: leaves the head out of the weight sync to the rollout engine (vLLM/SGLang).
+    * ``get_per_tensor_param`` and ``get_per_tensor_param_shard``: leave the head out of the weight sync to
+      the rollout engine (vLLM/SGLang), full or delta (``get_per_tensor_param_delta_shard`` and
+      ``prime_delta_snapshots`` read the shard export).
     """
 
     flowrl_config: FlowRLConfig = FlowRLConfig()
@@ -549,12 +551,19 @@ class _FlowRLEngineMixin:
         params, peft_config = super().get_per_tensor_param(*args, **kwargs)  # type: ignore[misc]
         return _without_head(params), peft_config
 
+    def get_per_tensor_param_shard(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # The delta checkpoint engine's export: verl's get_per_tensor_param_delta_shard and
+        # prime_delta_snapshots both read their shards from this method, so filtering here covers them.
+        params, peft_config = super().get_per_tensor_param_shard(*args, **kwargs)  # type: ignore[misc]
+        return _without_head(params), peft_config
+
 
 def _without_head(params: Any) -> Any:
-    is_items = not hasattr(params, "items")
-    items = params if is_items else params.items()
-    kept = ((name, tensor) for name, tensor in items if HEAD_ATTRIBUTE not in name)
-    return kept if is_items else dict(kept)
+    """Drop the head's entries from a ``{name: tensor}`` dict or an iterable of tuples starting with the name
+    (``(name, tensor)`` from ``get_per_tensor_param``, ``(name, shard, ShardSpec)`` from the shard export)."""
+    if hasattr(params, "items"):
+        return {name: tensor for name, tensor in params.items() if HEAD_ATTRIBUTE not in name}
+    return (item for item in params if HEAD_ATTRIBUTE not in item[0])
 
 
 def _non_tensor(data: Any, key: str, default: Any) -> Any:

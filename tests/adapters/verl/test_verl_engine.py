@@ -191,3 +191,52 @@ def test_register_flowrl_engine_replaces_language_model_engine(monkeypatch):
         assert EngineRegistry.get_engine_cls("language_model", "fsdp2") is cls
     finally:
         EngineRegistry._engines["language_model"] = saved
+
+
+def _delta_engine(model):
+    engine = _engine(model, fv.FlowRLConfig(log_z_dropout=0.0))
+    engine._is_offload_param = False
+    engine._uses_fsdp2_cpu_offload_policy = False
+    engine.delta_pin_snapshots = False
+    return engine
+
+
+def test_shard_export_leaves_the_head_out(cpu_device):
+    # verl's delta checkpoint engine and prime_delta_snapshots read get_per_tensor_param_shard, which exports
+    # the module's whole state dict (the head included) as (name, local_flat_shard, ShardSpec).
+    model = _tiny_model()
+    engine = _delta_engine(model)
+    gen, peft_config = engine.get_per_tensor_param_shard()
+    exported = list(gen)
+    names = [name for name, _, _ in exported]
+    expected = [k for k in model.state_dict() if fv.HEAD_ATTRIBUTE not in k]
+    assert peft_config is None
+    assert names == expected and len(expected) < len(model.state_dict())
+    for name, local, spec in exported:
+        assert local.numel() == model.state_dict()[name].numel() and spec.full_shape == tuple(
+            model.state_dict()[name].shape)
+
+
+def test_delta_sync_snapshots_and_deltas_leave_the_head_out(cpu_device, monkeypatch):
+    # prime_delta_snapshots (verl's own, in engine/base.py) snapshots what get_per_tensor_param_shard yields;
+    # get_per_tensor_param_delta_shard hands the same export to verl.workers.engine.utils.hf_delta_export.
+    # That function imports verl.checkpoint_engine, whose package import needs rollout-side servers (uvicorn)
+    # this CPU venv lacks, so it is replaced by a stand-in recording the (name, shard, spec) stream it gets.
+    import verl.workers.engine.utils as engine_utils
+
+    model = _tiny_model()
+    engine = _delta_engine(model)
+    engine.prime_delta_snapshots()
+    snaps = engine._delta_shard_snap
+    assert snaps and not any(fv.HEAD_ATTRIBUTE in k for k in snaps)
+    assert set(snaps) == {k for k in model.state_dict() if fv.HEAD_ATTRIBUTE not in k}
+
+    def recording_export(gen, snap_dict, entry_fn):
+        for name, local, _spec in gen:
+            assert snap_dict[name].numel() == local.numel()  # what verl's hf_delta_export asserts
+            yield name
+
+    monkeypatch.setattr(engine_utils, "hf_delta_export", recording_export)
+    gen, peft_config = engine.get_per_tensor_param_delta_shard()
+    names = list(gen)
+    assert peft_config is None and names == list(snaps)
