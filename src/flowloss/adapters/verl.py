@@ -273,6 +273,8 @@ def flowrl_loss(
         "dp_size": data["dp_size"] if _has(data, "dp_size") else 1,
         "batch_num_tokens": data["batch_num_tokens"] if _has(data, "batch_num_tokens") else None,
         "global_batch_size": data["global_batch_size"] if _has(data, "global_batch_size") else None,
+        # As verl's ppo_loss: the divisor of "seq-mean-token-sum-norm" (None: the padded horizon T).
+        "loss_scale_factor": getattr(config, "loss_scale_factor", None),
     }
     aggregation = AggregationType.SUM if normalizer is not None else AggregationType.MEAN
     metrics: dict[str, Any] = {"actor/pg_loss": Metric(value=loss.detach(), aggregation=aggregation)}

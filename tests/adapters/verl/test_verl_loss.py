@@ -260,3 +260,23 @@ def test_registered_policy_loss_resolves_and_runs_inside_ppo_loss():
                    response_mask=data["response_mask"], loss_agg_mode="token-mean", config=_actor_config())
     torch.testing.assert_close(direct, expected.detach(), rtol=1e-6, atol=1e-6)
     assert "actor/pg_loss" in metrics
+
+
+def test_kl_loss_uses_loss_scale_factor_like_ppo_loss():
+    # verl's ppo_loss passes config.loss_scale_factor to agg_loss for the KL term; with
+    # "seq-mean-token-sum-norm" it replaces the padded horizon (T = 7 here) as the divisor.
+    from verl.trainer.ppo.core_algos import agg_loss, kl_penalty
+
+    data, token_lp, log_z, pl, rl = _batch(6)
+    rows = list(range(6))
+    config = _actor_config(kl_loss_coef=0.5, kl_loss_type="low_var_kl",
+                           loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=64)
+    _, metrics = fv.make_flowrl_loss_fn(config)(
+        model_output=_model_output(token_lp, rows, pl, rl, log_z),
+        data=_micro_batch(data, rows, dp_size=1, global_batch_size=6))
+    mask = data["response_mask"].bool()
+    kld = kl_penalty(logprob=token_lp, ref_logprob=data["ref_log_prob"], kl_penalty="low_var_kl")
+    expected = agg_loss(loss_mat=kld, loss_mask=mask, loss_agg_mode="seq-mean-token-sum-norm",
+                        dp_size=1, global_batch_size=6, loss_scale_factor=64)
+    assert mask.shape[-1] != 64
+    assert abs(float(metrics["kl_loss"].aggregate()) - float(expected)) <= 1e-6 * max(1.0, abs(float(expected)))
