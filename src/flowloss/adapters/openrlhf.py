@@ -453,6 +453,13 @@ class FlowRLActorPPOTrainer(ActorPPOTrainer):
             super().broadcast_to_vllm()
 
 
+_ENTROPY_ERROR = (
+    "--actor.entropy_coef {!r}: OpenRLHF would subtract an entropy bonus from the FlowRL loss, which changes the "
+    "objective (FlowRL's diversity comes from the trajectory-balance target itself); leave --actor.entropy_coef "
+    "unset or 0"
+)
+
+
 def _setup(trainer: ActorPPOTrainer, config: FlowRLConfig) -> None:
     args = getattr(trainer, "args", None)
     ds = getattr(args, "ds", None)
@@ -461,6 +468,9 @@ def _setup(trainer: ActorPPOTrainer, config: FlowRLConfig) -> None:
         raise ValueError("the FlowRL adapter does not support --ds.packing_samples or ring attention yet")
     if getattr(trainer, "ema_model", None) is not None:
         raise ValueError("the FlowRL adapter does not support --train.enable_ema (the EMA copy has no head)")
+    entropy_coef = getattr(getattr(args, "actor", None), "entropy_coef", None)
+    if entropy_coef:
+        raise ValueError(_ENTROPY_ERROR.format(entropy_coef))
     trainer.flowrl = config
     trainer.actor_loss_fn = FlowRLPolicyLoss(config)
     trainer._flowrl_head = find_log_z_head(trainer.actor.model, config.head_name)
@@ -502,17 +512,43 @@ def _head_attached_on_prepare(strategy: Any, config: FlowRLConfig) -> Iterator[N
                 attach_log_z_head(item[0].model, config)
         return original(*models, **kwargs)
 
-    strategy.prepare = prepare
+    with _instance_override(strategy, "prepare", prepare):
+        yield
+
+
+@contextlib.contextmanager
+def _instance_override(obj: Any, name: str, value: Any) -> Iterator[None]:
+    """Set ``obj.<name> = value`` inside the block; restore the instance attribute (or its absence) after."""
+    missing = object()
+    saved = vars(obj).get(name, missing)
+    setattr(obj, name, value)
     try:
         yield
     finally:
-        del strategy.prepare
+        if saved is missing:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, saved)
+
+
+@contextlib.contextmanager
+def _hf_exports_without_head(strategy: Any, head_name: str) -> Iterator[None]:
+    """While active, every ``strategy.save_model(model, ...)`` (HF export) runs with the head detached."""
+    export = strategy.save_model
+
+    def save_model(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with log_z_head_detached(model, head_name):
+            return export(model, *args, **kwargs)
+
+    with _instance_override(strategy, "save_model", save_model):
+        yield
 
 
 class FlowRLPolicyModelActorImpl(PolicyModelActor.__ray_metadata__.modified_class):  # type: ignore[misc]
     """OpenRLHF's policy worker with the head attached before DeepSpeed and the trainer swapped for FlowRL's.
 
-    Reads its options from ``strategy.args.flowrl`` (set by :func:`main`); excluded from HF exports.
+    Reads its options from ``strategy.args.flowrl`` (set by :func:`main`). The head is in the DeepSpeed
+    checkpoints and left out of every HF export (``save_model`` and ``save_checkpoint``'s ``--ckpt.save_hf``).
     """
 
     def init_model_from_pretrained(self, strategy: Any, pretrain: str, max_steps: Any = None,
@@ -523,8 +559,14 @@ class FlowRLPolicyModelActorImpl(PolicyModelActor.__ray_metadata__.modified_clas
         enable_flowrl(self.trainer, config)
 
     def save_model(self) -> None:
-        with log_z_head_detached(self.actor.model, self.trainer.flowrl.head_name):
+        with _hf_exports_without_head(self.strategy, self.trainer.flowrl.head_name):
             super().save_model()
+
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        """OpenRLHF's checkpoint: the DeepSpeed state keeps the head (``--ckpt.load_enable`` resumes it), the
+        ``{tag}_hf`` export of ``--ckpt.save_hf`` (``strategy.save_model`` called directly) leaves it out."""
+        with _hf_exports_without_head(self.strategy, self.trainer.flowrl.head_name):
+            super().save_checkpoint(*args, **kwargs)
 
 
 FlowRLPolicyModelActor = ray.remote(num_gpus=1)(FlowRLPolicyModelActorImpl)
@@ -581,6 +623,8 @@ def _check_openrlhf_args(args: Any, config: FlowRLConfig) -> None:
             "FlowRL's r_hat is the group z-scored reward: pass --algo.advantage.estimator group_norm "
             f"(got {adv.estimator!r}), or --flowrl.reward_source rewards"
         )
+    if args.actor.entropy_coef:
+        raise SystemExit(_ENTROPY_ERROR.format(args.actor.entropy_coef))
     if args.ds.packing_samples or args.ds.ring_attn_size > 1 or args.train.enable_ema:
         raise SystemExit("the FlowRL adapter does not support --ds.packing_samples, ring attention or "
                          "--train.enable_ema yet")

@@ -315,3 +315,83 @@ def test_example_runs(example, capsys):
     losses = example.main(steps=2)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert "FlowRL loss" in capsys.readouterr().out
+
+
+class _CheckpointStrategy:
+    """OpenRLHF's strategy calls that ``PolicyModelActor.save_checkpoint`` / ``save_model`` make: the DeepSpeed
+    checkpoint (here the full ``state_dict``, as DeepSpeed saves the engine's module) and the HF export (here
+    ``save_pretrained`` of the unwrapped model, as ``DeepspeedStrategy.save_model`` under ZeRO-1/2)."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def save_ckpt(self, model, save_dir, tag=None, *args, **kwargs):
+        Path(save_dir, tag).mkdir(parents=True)
+        torch.save(model.state_dict(), Path(save_dir, tag, "model.pt"))
+
+    def save_model(self, model, tokenizer, output_dir, **kwargs):
+        hf = model.model if hasattr(model, "model") else model
+        hf.save_pretrained(output_dir, state_dict=hf.state_dict())
+
+
+def _policy_worker(adapter, example, tmp_path, *, save_hf: bool):
+    """``FlowRLPolicyModelActorImpl`` without Ray or a GPU: the attributes its ``init_model_from_pretrained``
+    sets, on a trainer built by the example."""
+    from types import SimpleNamespace as ns
+
+    trainer, head, _ = example.build_trainer(adapter.FlowRLConfig())
+    args = example.openrlhf_args()
+    args.train.enable_ema = False
+    args.ckpt = ns(path=str(tmp_path / "ckpt"), max_num=3, max_mem=1000, output_dir=str(tmp_path / "final"),
+                   save_hf=save_hf, disable_ds=False)
+    worker = object.__new__(adapter.FlowRLPolicyModelActorImpl)
+    worker.strategy, worker.actor, worker.trainer = _CheckpointStrategy(args), trainer.actor, trainer
+    worker.tokenizer, worker.ema_model = None, None
+    worker.save_hf_ckpt, worker.disable_ds_ckpt = save_hf, False
+    return worker, head
+
+
+def _export_keys(path):
+    from safetensors import safe_open
+
+    keys = set()
+    for file in Path(path).glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            keys |= set(f.keys())
+    assert keys, f"no safetensors written under {path}"
+    return keys
+
+
+def test_save_checkpoint_keeps_head_for_resume_and_leaves_it_out_of_the_hf_export(adapter, example, tmp_path):
+    """``--ckpt.save_hf``: OpenRLHF's save_checkpoint calls strategy.save_model itself (not the worker's
+    save_model): the ``{tag}_hf`` export must still have no head keys, the DeepSpeed checkpoint must keep them."""
+    worker, head = _policy_worker(adapter, example, tmp_path, save_hf=True)
+    with example.cpu_compat():
+        worker.save_checkpoint("global_step1", client_states={"consumed_samples": 8})
+    resume = torch.load(tmp_path / "ckpt" / "_actor" / "global_step1" / "model.pt")
+    head_keys = {k for k in resume if "flowrl_log_z_head" in k}
+    assert head_keys and set(head.state_dict()) == {k.split("flowrl_log_z_head.")[1] for k in head_keys}
+    exported = _export_keys(tmp_path / "ckpt" / "global_step1_hf")
+    assert not {k for k in exported if "flowrl" in k}, f"head keys in the HF export: {sorted(exported)}"
+    assert "model.embed_tokens.weight" in exported
+    assert "flowrl_log_z_head" in dict(worker.actor.model.named_children())  # re-attached afterwards
+    assert "save_model" not in vars(worker.strategy)  # the strategy is left as it was
+    worker.save_model()  # the final export (--ckpt.output_dir) too
+    assert not {k for k in _export_keys(tmp_path / "final") if "flowrl" in k}
+
+
+def test_entropy_bonus_is_refused(adapter, example):
+    """A non-zero --actor.entropy_coef makes OpenRLHF subtract an entropy bonus from FlowRL's loss."""
+    args = example.openrlhf_args()
+    args.ds.ring_attn_size, args.train.enable_ema = 1, False
+    args.actor.entropy_coef = 0.0  # computed and logged, not added to the loss: allowed
+    adapter._check_openrlhf_args(args, adapter.FlowRLConfig())
+    args.actor.entropy_coef = 1e-3
+    with pytest.raises(SystemExit, match=r"--actor\.entropy_coef"):
+        adapter._check_openrlhf_args(args, adapter.FlowRLConfig())
+    trainer, _, _ = example.build_trainer(adapter.FlowRLConfig())
+    trainer.args.actor.entropy_coef = 1e-3
+    with pytest.raises(ValueError, match=r"--actor\.entropy_coef"):
+        adapter.enable_flowrl(trainer)
+    trainer.args.actor.entropy_coef = 0.0
+    adapter.enable_flowrl(trainer)
