@@ -91,19 +91,21 @@ def _logprob_forward_kernel(
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
 
-    # s = 0 only when the row is all -inf (or skipped): lse2 = -inf then. The guards keep the arithmetic
-    # free of 0 * inf and 0 / 0 even in the discarded branch.
-    log2_s = tl.log2(tl.where(s > 0.0, s, 1.0))
-    lse2 = tl.where(s > 0.0, m + log2_s, float("-inf"))
+    # s = 0 only when the row is all -inf (or skipped): lse2 = -inf then. `live` is `s != 0`, not `s > 0`, so a
+    # NaN/+inf logit (s = NaN) propagates as NaN instead of passing for a dead row. The guards keep the
+    # arithmetic free of 0 * inf and 0 / 0 even in the discarded branch.
+    live = s != 0.0
+    log2_s = tl.log2(tl.where(live, s, 1.0))
+    lse2 = tl.where(live, m + log2_s, float("-inf"))
     safe_label = tl.where(skip, 0, label)
     u_label = tl.load(row_ptr + safe_label, mask=~skip, other=0.0).to(tl.float32) * scale
-    logprob = (u_label - tl.where(s > 0.0, lse2, 0.0)) * LN2_C
-    logprob = tl.where(s > 0.0, logprob, float("-inf"))
+    logprob = (u_label - tl.where(live, lse2, 0.0)) * LN2_C
+    logprob = tl.where(live, logprob, float("-inf"))
     tl.store(logprobs_ptr + row, tl.where(skip, 0.0, logprob))
     tl.store(lse2_ptr + row, tl.where(skip, 0.0, lse2))
     if WITH_ENTROPY:
-        entropy = (log2_s - t / tl.where(s > 0.0, s, 1.0)) * LN2_C
-        entropy = tl.where(s > 0.0, entropy, 0.0)
+        entropy = (log2_s - t / tl.where(live, s, 1.0)) * LN2_C
+        entropy = tl.where(live, entropy, 0.0)
         tl.store(entropy_ptr + row, tl.where(skip, 0.0, entropy))
 
 

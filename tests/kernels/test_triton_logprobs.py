@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -557,3 +558,21 @@ def test_kernels_compile_for_sm90_with_vector_memory_access():
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_plus_inf_logit_propagates_nan_and_all_neg_inf_row_is_dead(bad):
+    """A NaN/+inf logit on a kept row gives NaN (not a silent -inf or 0 entropy); an all -inf row is a dead
+    row (-inf, entropy 0); the other rows are untouched. Same convention as the chunked path."""
+    logits = make_logits(3, 50, torch.float32)
+    logits[0, 7] = bad
+    logits[2] = float("-inf")
+    labels = make_labels(3, 50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        logp, entropy = triton_token_logprobs(logits, labels, return_entropy=True)
+    assert torch.isnan(logp[0]) and torch.isnan(entropy[0])
+    assert logp[2].item() == float("-inf") and entropy[2].item() == 0.0
+    expected, expected_entropy = reference.token_logprobs(logits[1:2], labels[1:2])
+    close(logp[1:2], expected, atol=1e-5, rtol=1e-5, what="untouched row")
+    close(entropy[1:2], expected_entropy, atol=1e-5, rtol=1e-5, what="untouched row entropy")

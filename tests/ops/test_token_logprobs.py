@@ -618,3 +618,20 @@ def test_row_blocks_of_a_non_flattenable_view_stay_inside_each_sequence():
     out = token_logprobs(logits, labels, mask=valid.reshape(3, 4), impl="chunked")
     expected, _ = reference.token_logprobs(logits.reshape(-1, 7), torch.where(valid, labels.reshape(-1), -100))
     torch.testing.assert_close(out.reshape(-1).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_plus_inf_logit_on_a_kept_row_propagates_nan(bad):
+    """The 0 log 0 = 0 rule applies only where p = 0: a NaN/+inf logit gives NaN log-prob and entropy, never a
+    finite-looking value, and the other rows are untouched."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    logits[0, 7] = bad
+    logits.requires_grad_(True)
+    labels = torch.tensor([1, 2, 3])
+    logp, entropy = token_logprobs(logits, labels, return_entropy=True, impl="chunked")
+    assert torch.isnan(logp[0]) and torch.isnan(entropy[0])
+    (entropy * torch.tensor([1.0, 1.0, 0.0])).sum().backward()
+    assert torch.isnan(logits.grad[0]).any()
+    assert torch.isfinite(logits.grad[1:]).all()
+    expected, _ = reference.token_logprobs(logits.detach()[1:], labels[1:])
+    torch.testing.assert_close(logp[1:].detach().double(), expected, rtol=1e-5, atol=1e-5)

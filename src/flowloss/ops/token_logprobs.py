@@ -166,8 +166,9 @@ def block_forward(
     logp = log_p.gather(1, labels.unsqueeze(1)).squeeze(1)
     entropy = None
     if want_entropy:
-        # p = 0 where z = -inf: 0 * -inf is NaN, and its limit is 0.
-        entropy = -log_p.exp().mul_(log_p).nan_to_num_(nan=0.0).sum(dim=-1)
+        p = log_p.exp()
+        # 0 log 0 = 0 where p = 0 (a -inf logit); a NaN/+inf logit stays NaN (not hidden by a blanket nan_to_num)
+        entropy = -(p * log_p).masked_fill_(p == 0, 0.0).sum(dim=-1)
     dead = _all_neg_inf_rows(z, logp)
     if dead is not None:  # no distribution: log-prob -inf and entropy 0, as the Triton kernel gives
         logp = logp.masked_fill(dead, float("-inf"))
@@ -220,7 +221,7 @@ def block_backward(
         log_p = torch.log_softmax(z, dim=-1)
         p = log_p.exp()
         coef = log_p.add_(entropy.unsqueeze(1)).mul_(g_h.unsqueeze(1)).add_(g.unsqueeze(1)).mul_(p)
-        coef.nan_to_num_(nan=0.0)  # p = 0 and log p = -inf: the limit is 0
+        coef.masked_fill_(p == 0, 0.0)  # p = 0 and log p = -inf: the limit is 0 (NaN input stays NaN)
     else:
         coef = torch.softmax(z, dim=-1).mul_(g.unsqueeze(1))
     dead = _all_neg_inf_rows(z, coef[:, 0]) if coef.shape[1] else None
