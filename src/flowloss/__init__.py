@@ -9,7 +9,8 @@ The whole public API::
     clipped_importance_weights  ratio_clip_token_mask  group_normalize_rewards
     # log-partition estimators
     LogZHead  pool_prompt_hidden_states  LogZTable  vargrad_log_z
-    # per-token log-probs from logits / hidden states (fused Triton on CUDA, chunked PyTorch on CPU)
+    # per-token log-probs: from logits (fused Triton on CUDA, chunked PyTorch on CPU) or from hidden states
+    # and the lm_head weight (chunked PyTorch on any device, never materializing the logits)
     token_logprobs  token_logprobs_from_hidden
 
 ``flowloss.reference`` holds the float64 oracle; ``flowloss.adapters.{trl,verl,openrlhf}`` the framework
