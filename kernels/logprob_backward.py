@@ -87,18 +87,20 @@ def logprob_backward(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     inplace: bool = False,
+    out: torch.Tensor | None = None,
     block_v: int = DEFAULT_BLOCK_V,
     num_warps: int = DEFAULT_NUM_WARPS,
 ) -> torch.Tensor:
     """Launch the backward kernel; no validation, no autograd (see ``flowloss.ops.triton_logprobs``).
 
-    Returns ``dlogits`` of ``logits``' shape and dtype: a new tensor, or ``logits`` itself (overwritten) when
+    Returns ``dlogits`` of ``logits``' shape and dtype: a new tensor, ``out`` (a ``[N, V]`` buffer of the
+    logits' dtype whose last dimension has stride 1) when given, or ``logits`` itself (overwritten) when
     ``inplace``. ``lse2`` is the forward's base-2 log-sum-exp. ``grad_logprobs`` / ``grad_entropy`` of
     ``None`` mean zero upstream gradient; ``entropy`` (the forward's) is needed only with ``grad_entropy``.
     """
     n_rows, n_cols = logits.shape
     vocab = n_cols if vocab_size is None else int(vocab_size)
-    dlogits = logits if inplace else torch.empty_like(logits)
+    dlogits = logits if inplace else (out if out is not None else torch.empty_like(logits))
     if n_rows == 0:
         return dlogits
     has_grad_entropy = grad_entropy is not None

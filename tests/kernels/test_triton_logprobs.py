@@ -453,7 +453,7 @@ def _call(logits=None, labels=None, **kwargs):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"logits": torch.zeros(15)}, ValueError, "logits.*2-D"),
+        ({"logits": torch.zeros(15)}, ValueError, r"`logits` must be \[N, V\], or \[B, T, V\]"),
         (
             {"logits": torch.zeros(3, 5, dtype=torch.float64)},
             TypeError,

@@ -136,8 +136,13 @@ def run_and_compare(logits, labels, mask, temperature, chunk_size, return_entrop
     dtype = logits.dtype
     x = logits.clone().requires_grad_()
     out = token_logprobs(
-        x, labels, temperature=temperature, mask=mask, chunk_size=chunk_size,
-        return_entropy=return_entropy, impl=impl,
+        x,
+        labels,
+        temperature=temperature,
+        mask=mask,
+        chunk_size=chunk_size,
+        return_entropy=return_entropy,
+        impl=impl,
     )
     logp, entropy = out if return_entropy else (out, None)
     assert logp.shape == labels.shape
@@ -153,7 +158,11 @@ def run_and_compare(logits, labels, mask, temperature, chunk_size, return_entrop
         valid = valid & mask
     valid = valid.reshape(-1)
     ref_logp, ref_ent, ref_grad = reference_with_grads(
-        logits, labels, valid, temperature, g_logp.reshape(-1),
+        logits,
+        labels,
+        valid,
+        temperature,
+        g_logp.reshape(-1),
         g_ent.reshape(-1) if entropy is not None else torch.zeros(valid.shape[0], dtype=F64),
     )
     zmax = float(logits.to(F64).abs().max()) / temperature if logits.numel() else 0.0
@@ -164,7 +173,10 @@ def run_and_compare(logits, labels, mask, temperature, chunk_size, return_entrop
     assert x.grad.dtype == dtype, "dlogits come back in the logits' dtype"
     atol, rtol = grad_tol(dtype, zmax, 1.0 / temperature * 4)
     close(
-        x.grad.reshape(ref_grad.shape), ref_grad, atol=atol, rtol=rtol,
+        x.grad.reshape(ref_grad.shape),
+        ref_grad,
+        atol=atol,
+        rtol=rtol,
         what="dlogits = [g (onehot - p) - g_H p (log p + H)] / T",
     )
     # skipped positions: exactly 0 and zero gradient
@@ -319,9 +331,7 @@ def test_inplace_backward_matches_and_reuses_the_logits_storage():
         logits = head(hidden)
         storage = []
         logits.register_hook(lambda grad, seen=storage: seen.append(grad.data_ptr()))
-        logp, h = token_logprobs(
-            logits, labels, return_entropy=True, temperature=0.7, inplace_backward=inplace
-        )
+        logp, h = token_logprobs(logits, labels, return_entropy=True, temperature=0.7, inplace_backward=inplace)
         (logp.sum() + 0.3 * h.sum()).backward()
         grads.append((head.weight.grad.clone(), head.bias.grad.clone()))
         # in place, dlogits is written into the logits' own storage: no second [N, V] buffer
@@ -476,6 +486,7 @@ def test_end_to_end_trajectory_balance_gradients_match_float64_pipeline():
 # ----------------------------------------------------------------------------------------------------------
 # memory: the chunked path's extra peak is one block, not O(N V); the naive path's is O(N V)
 
+
 def _extra_peak_bytes(mode: str, n: int, vocab: int) -> int:
     """Peak extra tensor bytes of one call, from the CPU allocator's running total (``torch.profiler`` memory
     events, see ``flowloss.bench.memory``): deterministic, unlike process RSS, which malloc's reuse of freed
@@ -511,8 +522,13 @@ def test_chunked_extra_memory_is_bounded_by_a_block_not_by_n_times_v():
     naive_fwd = _extra_peak_bytes("naive_fwd", n, vocab)
     naive_fwd_bwd = _extra_peak_bytes("naive_fwd_bwd", n, vocab)
     mib = {
-        "chunked fwd": chunked_fwd, "inplace fwd+bwd": inplace_fwd_bwd, "chunked fwd+bwd": chunked_fwd_bwd,
-        "naive fwd": naive_fwd, "naive fwd+bwd": naive_fwd_bwd, "logits": logits_bytes, "bound": bound,
+        "chunked fwd": chunked_fwd,
+        "inplace fwd+bwd": inplace_fwd_bwd,
+        "chunked fwd+bwd": chunked_fwd_bwd,
+        "naive fwd": naive_fwd,
+        "naive fwd+bwd": naive_fwd_bwd,
+        "logits": logits_bytes,
+        "bound": bound,
     }
     report = "extra peak MiB: " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in mib.items())
     # forward: a block vs the whole fp32 log-softmax
@@ -552,9 +568,7 @@ def test_triton_impl_matches_reference(dtype, shape):
     g2 = torch.randn(labels.shape, generator=gen)
     ((logp.cpu() * g1).sum() + (h.cpu() * g2).sum()).backward()
     valid = ((labels != -100) & mask).reshape(-1)
-    ref_logp, ref_h, ref_grad = reference_with_grads(
-        logits, labels, valid, 0.7, g1.reshape(-1), g2.reshape(-1)
-    )
+    ref_logp, ref_h, ref_grad = reference_with_grads(logits, labels, valid, 0.7, g1.reshape(-1), g2.reshape(-1))
     zmax = float(logits.double().abs().max()) / 0.7
     atol, rtol = value_tol(dtype, zmax)
     close(logp.cpu().reshape(-1), ref_logp, atol=atol, rtol=rtol, what="triton logp")
@@ -620,7 +634,11 @@ def test_row_blocks_of_a_non_flattenable_view_stay_inside_each_sequence():
     for lo, hi, (b, sl), _ in blocks:
         assert lo // 4 == b == (hi - 1) // 4 and (sl.start, sl.stop) == (lo - 4 * b, hi - 4 * b)
     assert [(lo, hi, kept) for lo, hi, _, kept in blocks] == [
-        (0, 2, True), (2, 4, False), (4, 7, False), (7, 8, True), (8, 12, True)
+        (0, 2, True),
+        (2, 4, False),
+        (4, 7, False),
+        (7, 8, True),
+        (8, 12, True),
     ]
     logits = torch.randn(3, 5, 7)[:, :-1]
     labels = torch.randint(0, 7, (3, 4))
@@ -644,3 +662,39 @@ def test_nan_or_plus_inf_logit_on_a_kept_row_propagates_nan(bad):
     assert torch.isfinite(logits.grad[1:]).all()
     expected, _ = reference.token_logprobs(logits.detach()[1:], labels[1:])
     torch.testing.assert_close(logp[1:].detach().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton_interpreter
+@pytest.mark.parametrize("inplace", [False, True])
+def test_triton_reads_a_non_viewable_slice_in_place_per_sequence(inplace):
+    """``logits[:, :-1]`` of a ``[B, T+1, V]`` tensor goes to the kernels without a copy (one launch per
+    sequence): the saved tensor is the original storage, and values/gradients equal the chunked path's."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 (set before triton is imported) or CUDA")
+    pytest.importorskip("flowloss.ops.triton_logprobs")
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randn(3, 6, 37, generator=gen)
+    labels = torch.randint(0, 37, (3, 5), generator=gen)
+    labels[1, 2] = -100
+    g = torch.randn(3, 5, generator=gen)
+    results = {}
+    for impl in ("triton", "chunked"):
+        leaf = full.clone().requires_grad_(True)
+        base = leaf * 1.0  # a non-leaf, so that the in-place backward may overwrite it
+        logp, entropy = token_logprobs(
+            base[:, :-1],
+            labels,
+            impl=impl,
+            temperature=0.8,
+            return_entropy=True,
+            inplace_backward=inplace and impl == "triton",
+        )
+        if impl == "triton":
+            node = logp.grad_fn
+            while not hasattr(node, "saved_tensors"):
+                node = node.next_functions[0][0]
+            assert node.saved_tensors[0].data_ptr() == base.data_ptr()  # the slice itself, not a copy
+        ((logp * g).sum() + 0.3 * entropy.sum()).backward()
+        results[impl] = (logp.detach(), entropy.detach(), leaf.grad)
+    for a, b, what in zip(results["triton"], results["chunked"], ("log-probs", "entropy", "dlogits")):
+        close(a, b, atol=1e-5, rtol=1e-5, what=f"triton vs chunked on a strided slice: {what}")

@@ -386,9 +386,10 @@ def _run_triton(logits, labels_flat, valid, temperature, return_entropy, ignore_
         raise ImportError(
             "`impl='triton'` needs triton and flowloss.ops.triton_logprobs; use impl='chunked'"
         ) from err
-    logits2d = logits.reshape(-1, logits.shape[-1])
+    # A view when possible; a non-viewable [B, T, V] slice (logits[:, :-1]) goes as is, never copied.
+    flat = _flat_view(logits)
     return module.triton_token_logprobs(
-        logits2d,
+        flat if flat is not None else logits,
         labels_flat,
         temperature=float(temperature),
         return_entropy=return_entropy,

@@ -30,24 +30,46 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LABEL_DTYPES = (torch.int32, torch.int64)
 
 
-class TritonTokenLogprobs(torch.autograd.Function):
-    """``(logits [N, V], labels [N]) -> logprobs [N]`` or ``(logprobs [N], entropy [N])``, fp32.
+def _sequences(logits: torch.Tensor) -> list[tuple[torch.Tensor, slice]]:
+    """``[N, V]`` -> one ``(rows, slice)``; ``[B, T, V]`` -> one ``(logits[b], rows of b)`` per sequence.
 
-    ``labels`` here are already effective: negative or ``ignore_index`` = skipped row. Validation happens in
-    :func:`triton_token_logprobs`; this class only launches.
+    A ``[B, T, V]`` input is one that cannot be viewed as ``[B*T, V]`` (``logits[:, :-1]`` of a
+    ``[B, T+1, V]`` tensor): each sequence is a ``[T, V]`` view with a plain row stride, so launching the kernels
+    once per sequence reads the logits in place instead of copying them (B launches of a few microseconds).
+    """
+    if logits.dim() == 2:
+        return [(logits, slice(0, logits.shape[0]))]
+    seq = logits.shape[1]
+    return [(logits[b], slice(b * seq, (b + 1) * seq)) for b in range(logits.shape[0])]
+
+
+class TritonTokenLogprobs(torch.autograd.Function):
+    """``(logits [N, V] or [B, T, V], labels [N]) -> logprobs [N]`` or ``(logprobs [N], entropy [N])``, fp32.
+
+    ``labels`` here are already effective (flat, ``N = B*T``): negative or ``ignore_index`` = skipped row.
+    Validation happens in :func:`triton_token_logprobs`; this class only launches.
     """
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, vocab_size, with_entropy, inplace, block_v):
-        logprobs, lse2, entropy = logprob_forward(
-            logits,
-            labels,
-            temperature=temperature,
-            ignore_index=ignore_index,
-            vocab_size=vocab_size,
-            with_entropy=with_entropy,
-            block_v=block_v,
-        )
+        parts = [
+            logprob_forward(
+                rows,
+                labels[span],
+                temperature=temperature,
+                ignore_index=ignore_index,
+                vocab_size=vocab_size,
+                with_entropy=with_entropy,
+                block_v=block_v,
+            )
+            for rows, span in _sequences(logits)
+        ]
+        if len(parts) == 1:
+            logprobs, lse2, entropy = parts[0]
+        else:
+            logprobs = torch.cat([p[0] for p in parts])
+            lse2 = torch.cat([p[1] for p in parts])
+            entropy = torch.cat([p[2] for p in parts]) if with_entropy else None
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, labels, lse2, entropy if with_entropy else None)
         ctx.options = (temperature, ignore_index, vocab_size, inplace, block_v)
@@ -64,19 +86,23 @@ class TritonTokenLogprobs(torch.autograd.Function):
             grad_logprobs = grad_logprobs.float().contiguous()
         if grad_entropy is not None:
             grad_entropy = grad_entropy.float().contiguous()
-        dlogits = logprob_backward(
-            logits,
-            labels,
-            lse2,
-            grad_logprobs,
-            entropy=entropy,
-            grad_entropy=grad_entropy,
-            temperature=temperature,
-            ignore_index=ignore_index,
-            vocab_size=vocab_size,
-            inplace=inplace,
-            block_v=block_v,
-        )
+        # One [.., V] buffer in the logits' dtype, or the logits themselves (in place).
+        dlogits = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for (rows, span), (out_rows, _) in zip(_sequences(logits), _sequences(dlogits)):
+            logprob_backward(
+                rows,
+                labels[span],
+                lse2[span],
+                grad_logprobs[span] if grad_logprobs is not None else None,
+                entropy=entropy[span] if entropy is not None else None,
+                grad_entropy=grad_entropy[span] if grad_entropy is not None else None,
+                temperature=temperature,
+                ignore_index=ignore_index,
+                vocab_size=vocab_size,
+                inplace=inplace,
+                out=None if inplace else out_rows,
+                block_v=block_v,
+            )
         if inplace:
             # The logits now hold their gradient: any other autograd node that saved them must fail loudly
             # ("modified by an inplace operation") rather than silently use the gradient as logits.
@@ -94,13 +120,14 @@ def _check_number(name: str, value: object) -> float:
 def _validate(logits, labels, mask, temperature, ignore_index, vocab_size, inplace_backward, block_v):
     require_tensor("logits", logits)
     require_tensor("labels", labels)
-    require_ndim("logits", logits, (2,), "2-D [N, V] (flatten [B, T, V] first)")
+    require_ndim("logits", logits, (2, 3), "[N, V], or [B, T, V] (when it cannot be viewed as [B*T, V])")
     if logits.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"`logits` must be float32, bfloat16 or float16 for the Triton kernels, got {describe(logits)}; "
             "use flowloss.token_logprobs(..., impl='chunked') for float64"
         )
-    n_rows, n_cols = logits.shape
+    n_cols = logits.shape[-1]
+    n_rows = logits.numel() // max(n_cols, 1) if n_cols else logits.shape[:-1].numel()
     if n_cols < 1:
         raise ValueError(f"`logits` must have at least one vocabulary column, got {describe(logits)}")
     require_ndim("labels", labels, (1,), "1-D [N]")
@@ -113,8 +140,6 @@ def _validate(logits, labels, mask, temperature, ignore_index, vocab_size, inpla
         )
     if mask is not None:
         mask = as_bool_mask("mask", mask, "labels", labels)
-    if mask is not None:
-        require_tensor("mask", mask)
     require_same_device([("logits", logits), ("labels", labels), ("mask", mask)])
     if logits.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
@@ -134,7 +159,10 @@ def _validate(logits, labels, mask, temperature, ignore_index, vocab_size, inpla
         raise ValueError(f"`vocab_size` must be in [1, {n_cols}] (logits.shape[-1]), got {vocab_size}")
     if isinstance(block_v, bool) or not isinstance(block_v, int) or block_v < 16 or block_v & (block_v - 1):
         raise ValueError(f"`block_v` must be a power of two >= 16, got {block_v!r}")
-    if inplace_backward and n_rows > 1 and logits.stride(0) < n_cols:
+    rows_overlap = logits.shape[-2] > 1 and logits.stride(-2) < n_cols
+    if logits.dim() == 3:
+        rows_overlap = rows_overlap or (logits.shape[0] > 1 and logits.stride(0) < logits.shape[1] * n_cols)
+    if inplace_backward and rows_overlap:
         raise ValueError(
             f"`inplace_backward=True` needs rows that do not overlap in memory, got {describe(logits)} with "
             f"strides {logits.stride()}"
@@ -174,9 +202,11 @@ def triton_token_logprobs(
     """Per-token ``log softmax(logits / T)[label]`` (and entropy) with the fused Triton kernels.
 
     Args:
-        logits: ``[N, V]`` float32/bfloat16/float16, CUDA (or CPU under ``TRITON_INTERPRET=1``). Any row
-            stride is used as is; a last dimension with stride != 1 is copied to a contiguous tensor first.
-        labels: ``[N]`` int32/int64 token ids in ``[0, vocab_size)``, or ``ignore_index``.
+        logits: ``[N, V]`` float32/bfloat16/float16, CUDA (or CPU under ``TRITON_INTERPRET=1``), or
+            ``[B, T, V]`` when it cannot be viewed as ``[B*T, V]`` (``logits[:, :-1]``): the kernels then run once
+            per sequence on the slice in place. Any row stride is used as is; a last dimension with
+            stride != 1 is copied to a contiguous tensor first.
+        labels: ``[N]`` (``N = B*T``) int32/int64 token ids in ``[0, vocab_size)``, or ``ignore_index``.
         temperature: ``T > 0``; the logits are upcast to fp32, then divided by ``T``; the gradient carries
             the ``1/T`` factor. Default 1.0 (the FlowRL math runs sample at temperature 1.0).
         return_entropy: also return ``H = -sum_v p_v log p_v`` of ``softmax(logits / T)`` (differentiable),
