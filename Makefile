@@ -1,5 +1,5 @@
 # `make bench` and `make test` work on a fresh machine: each creates .venv when missing.
-# CI pins the CPU build of torch through .ci/constraints.txt; set CONSTRAINTS= to use your own torch (GPU).
+# CI pins torch (the CPU build on this machine kind's local disk) and the test tools through .ci/constraints.txt; set CONSTRAINTS= to use your own torch (GPU).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
