@@ -62,3 +62,25 @@ def assert_close(
             f"{a.flatten()[worst].item():.10g}, expected {e.flatten()[worst].item():.10g}); "
             f"tolerance atol={atol * scale:.1e} rtol={rtol:.1e} for {dtype}"
         )
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str) -> None:
+    """Compare in float64 with explicit tolerances; NaN/inf positions must agree exactly (NaN with NaN, inf
+    with the same inf); the message names the formula under test and the worst element."""
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    if a.shape != e.shape:
+        raise AssertionError(f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    same_special = (a == e) | (a.isnan() & e.isnan())
+    if not bool((a.isfinite() == e.isfinite()).all() and (same_special | e.isfinite()).all()):
+        raise AssertionError(f"{what}: non-finite values differ:\n got {a}\n expected {e}")
+    fin = e.isfinite()
+    err = torch.where(fin, (a - e).abs(), torch.zeros_like(a))
+    bound = atol + rtol * e.abs().nan_to_num(0.0, 0.0, 0.0)
+    if not bool((err <= bound).all()):
+        worst = int(torch.argmax(err - bound))
+        raise AssertionError(
+            f"{what}: max abs error {err.max().item():.3e} (at flat index {worst}: got "
+            f"{a.flatten()[worst].item():.10g}, expected {e.flatten()[worst].item():.10g}); "
+            f"tolerance atol={atol:.1e} rtol={rtol:.1e}"
+        )

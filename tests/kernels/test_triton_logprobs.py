@@ -28,6 +28,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from flowloss import reference  # noqa: E402
 from flowloss.ops.triton_logprobs import triton_token_logprobs  # noqa: E402
+from tests.conftest import close  # noqa: E402
 
 # The kernels keep even discarded tl.where branches free of 0 * inf and 0 / 0: numpy (the interpreter) would
 # warn about them, so any RuntimeWarning here is an error.
@@ -41,27 +42,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VALUE_TOL = (2e-5, 2e-6)
 # Gradients are stored in the logits' dtype: rounding to 24/8/11 mantissa bits dominates.
 GRAD_TOL = {torch.float32: (2e-6, 2e-5), torch.bfloat16: (1e-4, 8e-3), torch.float16: (1e-5, 1e-3)}
-
-
-def close(actual, expected, *, atol, rtol, what):
-    """Compare in float64, NaN/inf positions must agree; the message names the formula under test."""
-    a = actual.detach().to(F64).cpu()
-    e = expected.detach().to(F64).cpu()
-    if a.shape != e.shape:
-        raise AssertionError(f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
-    same_special = (a == e) | (a.isnan() & e.isnan())
-    if not bool((a.isfinite() == e.isfinite()).all() and (same_special | e.isfinite()).all()):
-        raise AssertionError(f"{what}: non-finite values differ:\n got {a}\n expected {e}")
-    fin = e.isfinite()
-    err = torch.where(fin, (a - e).abs(), torch.zeros_like(a))
-    bound = atol + rtol * e.abs().nan_to_num(0.0, 0.0, 0.0)
-    if not bool((err <= bound).all()):
-        worst = int(torch.argmax(err - bound))
-        raise AssertionError(
-            f"{what}: max abs error {err.max().item():.3e} (at flat index {worst}: got "
-            f"{a.flatten()[worst].item():.10g}, expected {e.flatten()[worst].item():.10g}); "
-            f"tolerance atol={atol:.1e} rtol={rtol:.1e}"
-        )
 
 
 def analytic_grad(logits, labels, temperature, g, g_h, vocab_size=None):

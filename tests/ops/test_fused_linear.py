@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from flowloss import reference, trajectory_balance_loss
 from flowloss.ops.fused_linear import default_fused_chunk_rows, token_logprobs_from_hidden
 from flowloss.ops.token_logprobs import token_logprobs
-from tests.ops.test_token_logprobs import close
+from tests.conftest import close
 
 F64 = torch.float64
 EPS32 = torch.finfo(torch.float32).eps

@@ -25,6 +25,7 @@ from flowloss.ops.token_logprobs import (
     resolve_impl,
     token_logprobs,
 )
+from tests.conftest import close
 
 F64 = torch.float64
 EPS32 = torch.finfo(torch.float32).eps
@@ -49,25 +50,6 @@ def grad_tol(dtype: torch.dtype, zmax: float, gmax: float) -> tuple[float, float
     atol = (2e-6 + 8 * EPS32 * zmax) * scale
     rtol = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
     return atol, rtol
-
-
-def close(actual, expected, *, atol: float, rtol: float, what: str) -> None:
-    """Compare in float64; non-finite values must agree exactly; the message names the formula."""
-    a, e = actual.detach().to(F64), expected.detach().to(F64)
-    if a.shape != e.shape:
-        raise AssertionError(f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
-    fin = e.isfinite()
-    if not bool(((a == e) | fin).all()) or not bool(a[fin].isfinite().all()):
-        raise AssertionError(f"{what}: non-finite values differ:\n got {a}\n expected {e}")
-    err = torch.where(fin, (a - e).abs(), torch.zeros_like(a))
-    bound = atol + rtol * e.abs().nan_to_num(0.0, 0.0, 0.0)
-    if not bool((err <= bound).all()):
-        worst = int(torch.argmax(err - bound))
-        raise AssertionError(
-            f"{what}: max abs error {err.max().item():.3e} (at flat index {worst}: got "
-            f"{a.flatten()[worst].item():.10g}, expected {e.flatten()[worst].item():.10g}); "
-            f"atol={atol:.1e} rtol={rtol:.1e}"
-        )
 
 
 def reference_with_grads(logits, labels, valid, temperature, g_logp, g_entropy):
