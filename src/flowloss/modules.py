@@ -7,6 +7,7 @@ options are checked when the module is built, so a typo in a config fails at sta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,19 +39,36 @@ def _check_common(options: dict[str, Any]) -> None:
     require_choice("reduction", options.get("reduction", "mean"), ("mean", "sum", "none"))
 
 
-class TrajectoryBalanceLoss(nn.Module):
-    """Module form of :func:`~flowloss.trajectory_balance_loss`; keyword options as there."""
+class _LossModule(nn.Module):
+    """Options of ``function`` checked and fixed at construction; ``forward`` passes tensors and per-call values."""
+
+    function: Callable[..., Any]
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
         _check_common(options)
+        unknown = set(options) - set(self.function.__kwdefaults__)
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)} for {self.function.__name__}")
+        self.options = options
+
+    def _call(self, *tensors: torch.Tensor, **per_call: Any) -> Any:
+        return type(self).function(*tensors, **{**self.options, **per_call})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class TrajectoryBalanceLoss(_LossModule):
+    """Module form of :func:`~flowloss.trajectory_balance_loss`; keyword options as there."""
+
+    function = staticmethod(trajectory_balance_loss)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         check_penalty(
             options.get("penalty", "squared"), options.get("linex_alpha", 1.0), options.get("huber_delta", 1.0)
         )
-        unknown = set(options) - set(trajectory_balance_loss.__kwdefaults__)
-        if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)} for trajectory_balance_loss")
-        self.options = options
 
     def forward(
         self,
@@ -62,22 +80,13 @@ class TrajectoryBalanceLoss(nn.Module):
         **per_call: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``per_call``: ``old_logprobs``, ``rollout_logprobs``, ``normalizer`` (or any option to override)."""
-        return trajectory_balance_loss(logprobs, ref_logprobs, rewards, log_z, mask, **{**self.options, **per_call})
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return self._call(logprobs, ref_logprobs, rewards, log_z, mask, **per_call)
 
 
-class ReverseKLSurrogate(nn.Module):
+class ReverseKLSurrogate(_LossModule):
     """Module form of :func:`~flowloss.reverse_kl_surrogate`; keyword options as there."""
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        _check_common(options)
-        unknown = set(options) - set(reverse_kl_surrogate.__kwdefaults__)
-        if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)} for reverse_kl_surrogate")
-        self.options = options
+    function = staticmethod(reverse_kl_surrogate)
 
     def forward(
         self,
@@ -88,7 +97,4 @@ class ReverseKLSurrogate(nn.Module):
         **per_call: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``per_call``: ``baseline``, ``old_logprobs``, ``rollout_logprobs``, ``normalizer`` (or overrides)."""
-        return reverse_kl_surrogate(logprobs, ref_logprobs, rewards, mask, **{**self.options, **per_call})
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return self._call(logprobs, ref_logprobs, rewards, mask, **per_call)
