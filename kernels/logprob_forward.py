@@ -125,7 +125,7 @@ def logprob_forward(
     ``logits [N, V]`` with ``logits.stride(1) == 1``; ``labels [N]`` int32/int64, negative or ``ignore_index``
     = skip the row. Returns fp32 ``(logprobs [N], lse2 [N], entropy [N] or None)``; ``lse2 * ln 2`` is the
     natural log-sum-exp of ``logits / temperature`` over the first ``vocab_size`` columns (all by default),
-    kept in base 2 for :func:`logprob_backward` (see the module docstring). Skipped rows hold 0 in all three.
+    kept in base 2 for `logprob_backward` (see the module docstring). Skipped rows hold 0 in all three.
     """
     n_rows, n_cols = logits.shape
     vocab = n_cols if vocab_size is None else int(vocab_size)

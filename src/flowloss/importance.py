@@ -120,7 +120,7 @@ def importance_weights_with_stats(
     rollout_logprobs: torch.Tensor | None = None,
     tis_cap: float = DEFAULT_TIS_CAP,
 ) -> ImportanceWeights:
-    """:func:`clipped_importance_weights` plus the unclipped log-weights and the clip indicators ``[B]``."""
+    """`clipped_importance_weights` plus the unclipped log-weights and the clip indicators ``[B]``."""
     check_importance_options(mode, eps_low, eps_high, max_weight, tis_cap)
     for name, t in (("logprobs", logprobs), ("old_logprobs", old_logprobs)):
         require_tensor(name, t)

@@ -1,10 +1,10 @@
 """Estimators of the log-partition ``log Z(x)`` of FlowRL's target ``pi_ref(y|x) exp(beta r(x, y)) / Z(x)``.
 
-* :class:`LogZHead`: the authors' learned MLP on the prompt's pooled last hidden states (trained jointly with the
+* `LogZHead`: the authors' learned MLP on the prompt's pooled last hidden states (trained jointly with the
   policy; gradients flow into the LLM).
-* :func:`pool_prompt_hidden_states`: ``[B, T, H]`` hidden states + prompt mask -> ``[B, H]`` mean over prompt tokens.
-* :class:`LogZTable`: one learnable scalar per prompt id, for small problems with a fixed prompt set.
-* :func:`vargrad_log_z`: the parameter-free VarGrad estimate from a group of K responses (TBA, arXiv 2503.18929).
+* `pool_prompt_hidden_states`: ``[B, T, H]`` hidden states + prompt mask -> ``[B, H]`` mean over prompt tokens.
+* `LogZTable`: one learnable scalar per prompt id, for small problems with a fixed prompt set.
+* `vargrad_log_z`: the parameter-free VarGrad estimate from a group of K responses (TBA, arXiv 2503.18929).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class LogZHead(nn.Module):
 
     ``(num_layers - 1) x [Linear(H, H) -> GELU -> LayerNorm(H) -> Dropout(p)]`` then ``Linear(H, 1)``;
     ``num_layers = 3`` and ``p = 0.1`` are the authors' values. Input ``[B, H]`` (see
-    :func:`pool_prompt_hidden_states`), output ``[B]``. The head runs in the dtype of its parameters; the input
+    `pool_prompt_hidden_states`), output ``[B]``. The head runs in the dtype of its parameters; the input
     is cast to it. ``init_log_z`` sets the output layer's bias (its weight starts at zero when ``zero_init``), so
     training can start from a chosen constant.
     """
@@ -148,11 +148,12 @@ def vargrad_log_z(
 
     ``log Z_hat(x) = (1/K) sum_k [beta r_k - (l_k - l_ref_k)]`` over the ``K`` responses of a prompt, with ``l``
     the (length-normalized by default, as in the TB residual) log-likelihood. Plugged into
-    :func:`~flowloss.trajectory_balance_loss`, its expected on-policy gradient is ``(K - 1)/K`` times the KL
+    [`trajectory_balance_loss`][flowloss.trajectory_balance_loss], its expected on-policy gradient is
+    ``(K - 1)/K`` times the KL
     gradient (TBA, arXiv 2503.18929). Rows with no response token are left out of their group's mean.
 
     Args: ``logprobs, ref_logprobs [B, T]``, ``rewards [B]``, ``mask [B, T]``, ``groups`` a group size or ``[B]``
-    group ids (see :func:`~flowloss.group_normalize_rewards`). Returns ``[B]`` without gradient.
+    group ids (see [`group_normalize_rewards`][flowloss.group_normalize_rewards]). Returns ``[B]`` without gradient.
     """
     require_finite_number("beta", beta)
     for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("rewards", rewards)):

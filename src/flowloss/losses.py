@@ -12,7 +12,7 @@ Trajectory balance residual and loss::
 
 Proposition 1: without length normalization and with samples ``y ~ pi_theta`` held fixed,
 ``E[grad (1/2) delta^2] = grad KL(pi_theta || p*)``, ``p* = pi_ref exp(beta r) / Z``, for any constant ``log Z``.
-:func:`reverse_kl_surrogate` is the score-function form of the same gradient.
+`reverse_kl_surrogate` is the score-function form of the same gradient.
 """
 
 from __future__ import annotations
@@ -235,13 +235,14 @@ def trajectory_balance_loss(
         logprobs: ``[B, T]`` token log-probs ``log pi_theta(y_t | x, y_<t)`` (with gradient).
         ref_logprobs: ``[B, T]`` token log-probs of the reference policy.
         rewards: ``[B]`` rewards ``r_hat`` as used in ``delta`` (normalize first, e.g. with
-            :func:`~flowloss.group_normalize_rewards`; FlowRL uses the group z-score).
-        log_z: ``[B]`` or ``[B, 1]`` log-partition estimates ``log Z(x_i)`` (e.g. from :class:`~flowloss.LogZHead`).
+            [`group_normalize_rewards`][flowloss.group_normalize_rewards]; FlowRL uses the group z-score).
+        log_z: ``[B]`` or ``[B, 1]`` log-partition estimates ``log Z(x_i)`` (e.g. from [`LogZHead`][flowloss.LogZHead]).
         mask: ``[B, T]`` response mask, bool or 0/1. All-masked rows contribute 0 and are not counted.
         beta: reward temperature ``beta`` (15, the authors' value).
         old_logprobs: ``[B, T]`` log-probs of the sampling policy; enables importance weights.
         rollout_logprobs: ``[B, T]`` inference-engine log-probs; multiplies ``w`` by a truncated IS factor.
-        importance_weights: weight mode (see :func:`~flowloss.clipped_importance_weights`); default
+        importance_weights: weight mode (see
+            [`clipped_importance_weights`][flowloss.clipped_importance_weights]); default
             ``"sequence_clipped"`` (the paper) when ``old_logprobs`` is given, else ``"none"``.
         eps_low: clip range low side, ``w >= 1 - eps_low`` (0.2, the authors' value).
         eps_high: clip range high side, ``w <= 1 + eps_high`` (0.28, the authors' value).
@@ -327,7 +328,7 @@ def reverse_kl_surrogate(
     is not the KL; ``return_stats`` reports the KL estimate ``mean_i (l_i - l_ref_i - beta r_i)`` (up to
     ``log Z``) as ``"kl_estimate"``.
 
-    Args mirror :func:`trajectory_balance_loss`; ``baseline`` is a float or a ``[B]``/``[B, 1]`` tensor
+    Args mirror `trajectory_balance_loss`; ``baseline`` is a float or a ``[B]``/``[B, 1]`` tensor
     (detached), and ``length_normalization`` defaults to False here, the exact KL.
     """
     require_tensor("logprobs", logprobs)

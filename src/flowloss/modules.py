@@ -1,7 +1,8 @@
 """``nn.Module`` twins of the losses: options fixed once at construction, tensors per call.
 
 ``TrajectoryBalanceLoss(beta=15.0, importance_weights="sequence_clipped")(logprobs, ref_logprobs, r_hat,
-log_z, mask, old_logprobs=old)`` is exactly :func:`~flowloss.trajectory_balance_loss` with those options. The
+log_z, mask, old_logprobs=old)`` is exactly [`trajectory_balance_loss`][flowloss.trajectory_balance_loss] with
+those options. The
 options are checked when the module is built, so a typo in a config fails at start-up, not at the first step.
 """
 
@@ -60,7 +61,7 @@ class _LossModule(nn.Module):
 
 
 class TrajectoryBalanceLoss(_LossModule):
-    """Module form of :func:`~flowloss.trajectory_balance_loss`; keyword options as there."""
+    """Module form of [`trajectory_balance_loss`][flowloss.trajectory_balance_loss]; keyword options as there."""
 
     function = staticmethod(trajectory_balance_loss)
 
@@ -84,7 +85,7 @@ class TrajectoryBalanceLoss(_LossModule):
 
 
 class ReverseKLSurrogate(_LossModule):
-    """Module form of :func:`~flowloss.reverse_kl_surrogate`; keyword options as there."""
+    """Module form of [`reverse_kl_surrogate`][flowloss.reverse_kl_surrogate]; keyword options as there."""
 
     function = staticmethod(reverse_kl_surrogate)
 

@@ -7,10 +7,10 @@ Token level: ``values [B, T]`` with a response mask ``m [B, T]`` (bool or 0/1) r
 * ``"none"``: ``v_it * m_it`` unchanged in shape.
 
 An all-masked row (``|y_i| = 0``) is *legal*: its sum and its mean are defined as 0 (finite, with zero gradient),
-and sequence-level reductions leave it out of their counts (see :func:`count_valid_sequences`). Masked entries
+and sequence-level reductions leave it out of their counts (see `count_valid_sequences`). Masked entries
 may hold anything, even ``-inf`` or NaN padding: they are selected away, never multiplied by 0.
 
-Sequence level: :func:`reduce_sequences` turns per-sequence losses ``l_i`` into the batch loss
+Sequence level: `reduce_sequences` turns per-sequence losses ``l_i`` into the batch loss
 ``sum_i l_i / N`` where ``N`` defaults to the number of valid sequences in *this* batch. Pass ``normalizer=``
 the global count to make micro-batches and data-parallel ranks add up to the full-batch gradient.
 """
@@ -74,7 +74,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def length_normalize(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """FlowRL's length-normalized log-likelihood ``(1/|y|) log pi(y|x) = mean_t log pi(y_t|x, y_<t)``.
 
-    ``logprobs [B, T]`` token log-probs, ``mask [B, T]`` response mask -> ``[B]``. Same as :func:`masked_mean`.
+    ``logprobs [B, T]`` token log-probs, ``mask [B, T]`` response mask -> ``[B]``. Same as `masked_mean`.
     """
     return masked_mean(logprobs, mask)
 

@@ -3,7 +3,7 @@
 OpenRLHF has no loss registry. ``ActorPPOTrainer.training_step`` runs the actor forward and calls
 ``self.actor_loss_fn(log_probs, old_log_probs, advantages, action_mask=, rollout_log_probs=, dp_size=,
 batch_num_tokens=, global_batch_size=)`` which must return ``(loss, clip_ratio, ppo_kl, vllm_kl,
-is_filter_ratio)``. This module translates that call into :func:`flowloss.trajectory_balance_loss`::
+is_filter_ratio)``. This module translates that call into `flowloss.trajectory_balance_loss`::
 
     delta_i = log Z_phi(x_i) + mean_t log pi_theta(y_it) - beta * r_hat_i - mean_t log pi_ref(y_it)
     loss    = sum_i w_i delta_i^2 / (global_batch_size / dp_size)
@@ -17,17 +17,17 @@ with, per micro-batch of ``B`` sequences and ``A`` response positions:
 * ``r_hat`` ``[B]``: the masked token mean of ``advantages`` ``[B, A]`` (with ``--algo.advantage.estimator
   group_norm`` and no KL in the reward this is the group z-scored reward, constant over a response, which is
   what the FlowRL recipe feeds in), or ``Experience.rewards`` with ``reward_source="rewards"``;
-* ``log Z(x)`` ``[B]``: a :class:`flowloss.LogZHead` registered as a submodule of the HF model ``actor.model``
+* ``log Z(x)`` ``[B]``: a `flowloss.LogZHead` registered as a submodule of the HF model ``actor.model``
   (so DeepSpeed optimizes and checkpoints it), fed the prompt's last-layer hidden states, mean-pooled over the
-  prompt tokens (:func:`flowloss.pool_prompt_hidden_states`) and captured by a forward hook on the decoder;
+  prompt tokens (`flowloss.pool_prompt_hidden_states`) and captured by a forward hook on the decoder;
 * the normalizer ``global_batch_size / dp_size``: OpenRLHF's count of non-empty sequences in the whole
   optimizer step (all micro-batches, all data-parallel ranks, divided by the accumulation steps), divided
   by ``dp_size`` to undo DeepSpeed's gradient averaging. Micro-batches and ranks then add up to the gradient
   of one mean over the step, exactly like OpenRLHF's own per-sample ``aggregate_loss``.
 
-Public pieces: :class:`FlowRLConfig`, :class:`FlowRLPolicyLoss`, :class:`FlowRLActorPPOTrainer`,
-:func:`enable_flowrl`, :func:`attach_log_z_head`, :func:`find_log_z_head`, :func:`log_z_head_detached`,
-:class:`FlowRLPolicyModelActor` (the Ray actor) and :func:`main` (``python -m flowloss.adapters.openrlhf``,
+Public pieces: `FlowRLConfig`, `FlowRLPolicyLoss`, `FlowRLActorPPOTrainer`,
+`enable_flowrl`, `attach_log_z_head`, `find_log_z_head`, `log_z_head_detached`,
+`FlowRLPolicyModelActor` (the Ray actor) and `main` (``python -m flowloss.adapters.openrlhf``,
 OpenRLHF's ``train_ppo_ray`` with FlowRL swapped in). See ``docs/adapters/openrlhf.md``.
 """
 
@@ -100,7 +100,7 @@ class FlowRLConfig:
         length_normalization: token-mean log-likelihoods (True, the paper) or token sums (Proposition 1).
         reward_source: ``"advantages"`` (``r_hat`` = masked mean of OpenRLHF's advantages; use the
             ``group_norm`` estimator) or ``"rewards"`` (``Experience.rewards`` as given, e.g. already scaled).
-        log_z_num_layers, log_z_dropout: :class:`flowloss.LogZHead` shape (3 layers, dropout 0.1: the
+        log_z_num_layers, log_z_dropout: `flowloss.LogZHead` shape (3 layers, dropout 0.1: the
             authors').
         log_z_init: initial ``log Z`` (the output bias; 0).
         drop_last_prompt_token: leave each prompt's last token out of the pooled mean (the authors' slicing).
@@ -175,7 +175,7 @@ class FlowRLPolicyLoss(nn.Module):
     """Drop-in for ``openrlhf.models.loss.PolicyLoss``: same call, same 5-tuple, FlowRL's objective.
 
     The PolicyLoss call carries neither ``log pi_ref`` nor ``log Z``; supply them for each micro-batch with
-    :meth:`micro_batch` (``FlowRLActorPPOTrainer.training_step`` does)::
+    `micro_batch` (``FlowRLActorPPOTrainer.training_step`` does)::
 
         with loss_fn.micro_batch(ref_log_probs=exp.base_action_log_probs, log_z=log_z):
             loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio = loss_fn(
@@ -187,7 +187,7 @@ class FlowRLPolicyLoss(nn.Module):
     (fraction of sequences whose weight was clipped), ``ppo_kl`` (token mean of ``log pi_old - log pi_theta``,
     as OpenRLHF), and ``vllm_kl`` / ``is_filter_ratio`` (token mean of ``log pi_rollout - log pi_old`` and the
     fraction of sequences whose TIS factor hit ``tis_cap``) when rollout log-probs are used, else ``None``.
-    The detached diagnostics of the last call are in :attr:`last_stats`.
+    The detached diagnostics of the last call are in `last_stats`.
     """
 
     def __init__(self, config: FlowRLConfig | None = None) -> None:
@@ -309,7 +309,7 @@ def _hf_model(model: nn.Module) -> nn.Module:
 
 
 def attach_log_z_head(model: nn.Module, config: FlowRLConfig | None = None) -> LogZHead:
-    """Register a :class:`flowloss.LogZHead` as ``model.<head_name>`` (idempotent) and return it.
+    """Register a `flowloss.LogZHead` as ``model.<head_name>`` (idempotent) and return it.
 
     ``model`` is the HF causal LM (``actor.model`` before ``strategy.prepare``); the head takes its
     ``config.hidden_size``, dtype and device. Attach it before DeepSpeed is initialized so the optimizer and
@@ -333,7 +333,7 @@ def attach_log_z_head(model: nn.Module, config: FlowRLConfig | None = None) -> L
 
 
 def find_log_z_head(model: nn.Module, head_name: str = DEFAULT_HEAD_NAME) -> LogZHead:
-    """The head registered by :func:`attach_log_z_head` on ``model`` (Actor, DeepSpeed engine or HF model)."""
+    """The head registered by `attach_log_z_head` on ``model`` (Actor, DeepSpeed engine or HF model)."""
     head = getattr(_hf_model(model), head_name, None)
     if not isinstance(head, LogZHead):
         raise ValueError(
@@ -390,8 +390,8 @@ class _PromptHiddenStates:
 class FlowRLActorPPOTrainer(ActorPPOTrainer):
     """``ActorPPOTrainer`` with FlowRL's loss: same constructor plus ``flowrl=FlowRLConfig(...)``.
 
-    The head must already be on ``actor.model`` and in ``actor_optim`` (:func:`attach_log_z_head` before
-    ``strategy.prepare``). To convert a trainer OpenRLHF built, use :func:`enable_flowrl`.
+    The head must already be on ``actor.model`` and in ``actor_optim`` (`attach_log_z_head` before
+    ``strategy.prepare``). To convert a trainer OpenRLHF built, use `enable_flowrl`.
     """
 
     flowrl: FlowRLConfig
@@ -489,7 +489,7 @@ def _setup(trainer: ActorPPOTrainer, config: FlowRLConfig) -> None:
 def enable_flowrl(
     trainer: ActorPPOTrainer, config: FlowRLConfig | dict[str, Any] | None = None
 ) -> FlowRLActorPPOTrainer:
-    """Turn an ``ActorPPOTrainer`` OpenRLHF already built into a :class:`FlowRLActorPPOTrainer`, in place."""
+    """Turn an ``ActorPPOTrainer`` OpenRLHF already built into a `FlowRLActorPPOTrainer`, in place."""
     if not isinstance(trainer, ActorPPOTrainer):
         raise TypeError(f"`trainer` must be an openrlhf ActorPPOTrainer, got {type(trainer).__name__}")
     trainer.__class__ = FlowRLActorPPOTrainer
@@ -547,7 +547,7 @@ def _hf_exports_without_head(strategy: Any, head_name: str) -> Iterator[None]:
 class FlowRLPolicyModelActorImpl(PolicyModelActor.__ray_metadata__.modified_class):  # type: ignore[misc]
     """OpenRLHF's policy worker with the head attached before DeepSpeed and the trainer swapped for FlowRL's.
 
-    Reads its options from ``strategy.args.flowrl`` (set by :func:`main`). The head is in the DeepSpeed
+    Reads its options from ``strategy.args.flowrl`` (set by `main`). The head is in the DeepSpeed
     checkpoints and left out of every HF export (``save_model`` and ``save_checkpoint``'s ``--ckpt.save_hf``).
     """
 
@@ -633,7 +633,7 @@ def _check_openrlhf_args(args: Any, config: FlowRLConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     """``python -m flowloss.adapters.openrlhf [--flowrl.<option> value ...] <train_ppo_ray args>``.
 
-    Runs OpenRLHF's own launcher with :class:`FlowRLPolicyModelActor` in place of ``PolicyModelActor`` and the
+    Runs OpenRLHF's own launcher with `FlowRLPolicyModelActor` in place of ``PolicyModelActor`` and the
     FlowRL options on ``strategy.args.flowrl``.
     """
     import runpy

@@ -15,11 +15,11 @@ TRL generates, scores and batches exactly as for GRPO; only the loss is replaced
 with everything taken from TRL's batch: ``log pi_theta [B, T]`` from the policy's forward,
 ``log pi_ref [B, T]`` = ``ref_per_token_logps``, ``r_hat [B]`` = ``advantages`` (TRL's group z-score of the
 summed rewards), ``w [B]`` from ``old_per_token_logps`` when TRL keeps them (off-policy; ``w = 1``
-on-policy), and ``log Z_phi(x) [B]`` from a :class:`~flowloss.LogZHead` on the prompt's mean last hidden
+on-policy), and ``log Z_phi(x) [B]`` from a `LogZHead` on the prompt's mean last hidden
 state. ``N`` is the number of valid sequences in the whole generation batch over all ``W`` processes,
 ``G`` the gradient accumulation steps and ``S`` TRL's ``steps_per_generation``: with the default ``S = G``
 the gradients of an optimizer step are those of the mean over every sequence of the step (data-parallel
-ranks average their gradients). The math is :func:`flowloss.trajectory_balance_loss`; this module only
+ranks average their gradients). The math is `flowloss.trajectory_balance_loss`; this module only
 translates.
 
 Reference log-probs: TRL loads a reference model (a frozen copy of the initial policy; with PEFT, the base
@@ -100,7 +100,7 @@ class FlowRLConfig(GRPOConfig):
     * ``flowrl_length_normalization`` (True): token-mean log-likelihoods, as the paper.
     * ``flowrl_log_z_num_layers`` (3), ``flowrl_log_z_dropout`` (0.1), ``flowrl_log_z_init`` (0.0),
       ``flowrl_log_z_drop_last_prompt_token`` (False), ``flowrl_log_z_dtype`` (``"float32"``; None = the
-      policy's dtype): the :class:`~flowloss.LogZHead` on the prompt's mean last hidden state.
+      policy's dtype): the `LogZHead` on the prompt's mean last hidden state.
 
     Rejected because the FlowRL loss would silently ignore them: TRL's KL ``beta != 0`` (the reference is part
     of the residual), ``entropy_coef != 0`` / ``use_adaptive_entropy``, ``top_entropy_quantile < 1``,
@@ -201,7 +201,7 @@ def flowrl_loss_from_grpo_inputs(
     normalizer: torch.Tensor | float | None = None,
     rollout_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """FlowRL's loss on one TRL GRPO micro-batch: a direct call of :func:`flowloss.trajectory_balance_loss`.
+    """FlowRL's loss on one TRL GRPO micro-batch: a direct call of `flowloss.trajectory_balance_loss`.
 
     ``per_token_logps [B, T]`` (the policy's completion log-probs, with gradient), ``log_z [B]`` (with
     gradient), ``inputs`` TRL's batch: ``completion_mask [B, T]`` (times ``tool_mask`` when present),
@@ -319,8 +319,8 @@ def _checkpoint_dir(model: Any) -> str | None:
 class FlowRLTrainer(GRPOTrainer):
     """``GRPOTrainer`` with FlowRL's trajectory-balance loss and a learned ``log Z`` head.
 
-    Arguments are ``GRPOTrainer``'s; ``args`` must be a :class:`FlowRLConfig`. The head
-    (:class:`~flowloss.LogZHead` on the policy's mean last hidden state over the prompt tokens; gradients flow
+    Arguments are ``GRPOTrainer``'s; ``args`` must be a `FlowRLConfig`. The head
+    (`LogZHead` on the policy's mean last hidden state over the prompt tokens; gradients flow
     into the policy) is attached to the policy as ``model.flowrl_log_z_head`` so the optimizer trains it with
     the policy's learning rate, as the authors do. Checkpoints hold it as ``flowrl_log_z_head.safetensors``
     beside the model files; it is reloaded on ``train(resume_from_checkpoint=...)`` and when the model is

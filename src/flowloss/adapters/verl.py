@@ -2,7 +2,7 @@
 
 verl's actor worker computes its loss with ``loss_fn(model_output, data, dp_group)`` (by default
 ``partial(verl.workers.utils.losses.ppo_loss, config=actor_config)``). This module translates that call into
-:func:`flowloss.trajectory_balance_loss`; the math lives in flowloss. Per micro-batch, with ``B`` sequences
+`flowloss.trajectory_balance_loss`; the math lives in flowloss. Per micro-batch, with ``B`` sequences
 and ``T`` the longest response::
 
     log_probs [B, T]       <- model_output["log_probs"] (nested, sliced to the response like ppo_loss does)
@@ -20,7 +20,7 @@ makes the accumulated gradient that of the mean over the whole mini-batch, as ve
 
 What verl's policy-loss registry can serve: a registered function receives ``old_log_prob, log_prob,
 advantages, response_mask, loss_agg_mode, config, rollout_is_weights`` only - no reference log-probs, no
-log Z, no group ids. :func:`register_flowrl_policy_loss` registers ``"flowrl_old_ref"``: the
+log Z, no group ids. `register_flowrl_policy_loss` registers ``"flowrl_old_ref"``: the
 trajectory-balance loss with the *old* policy standing in for ``pi_ref`` and a detached micro-batch VarGrad
 constant for ``log Z``.
 It is not FlowRL's target; it is what the registry can express (see docs/adapters/verl.md).
@@ -68,7 +68,7 @@ __all__ = [
 
 # Name under which the log-Z head is attached to the Hugging Face model (and so in its state dict).
 HEAD_ATTRIBUTE = "flowrl_log_z_head"
-# Name of the policy loss registered in verl's registry by :func:`register_flowrl_policy_loss`.
+# Name of the policy loss registered in verl's registry by `register_flowrl_policy_loss`.
 REGISTERED_POLICY_LOSS = "flowrl_old_ref"
 
 LogZSource = Literal["head", "vargrad"]
@@ -81,7 +81,7 @@ class FlowRLConfig:
     Attributes:
         beta: reward temperature ``beta`` (15, hard-coded in the authors' code "as per paper").
         log_z: ``"head"`` (the authors' MLP head on pooled prompt hidden states; needs
-            :class:`FlowRLFSDPEngine`) or ``"vargrad"`` (parameter-free, TBA arXiv 2503.18929; needs group ids
+            `FlowRLFSDPEngine`) or ``"vargrad"`` (parameter-free, TBA arXiv 2503.18929; needs group ids
             ``data["uid"]``).
         importance_weights: ``w_i`` mode; ``"sequence_clipped"`` is the paper's
             ``clip(pi/pi_old, 1-eps, 1+eps)``.
@@ -91,7 +91,7 @@ class FlowRLConfig:
         length_normalization: token-mean log-likelihoods (True, the paper).
         use_rollout_log_probs: multiply ``w`` by ``min(pi_old / pi_rollout, tis_cap)`` from
             ``data["rollout_log_probs"]`` (off by default; the authors' dev variant).
-        log_z_num_layers, log_z_dropout, log_z_init: :class:`~flowloss.LogZHead` options (3 / 0.1 / 0.0).
+        log_z_num_layers, log_z_dropout, log_z_init: `LogZHead` options (3 / 0.1 / 0.0).
         drop_last_prompt_token: leave each prompt's last token out of the pooling (the authors' slicing).
     """
 
@@ -206,7 +206,7 @@ def flowrl_loss(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """verl worker loss ``loss_fn(model_output, data, dp_group)`` computing FlowRL's trajectory-balance loss.
 
-    Bind ``config`` (verl's ``ActorConfig``) and ``flowrl`` with :func:`make_flowrl_loss_fn`. Reads
+    Bind ``config`` (verl's ``ActorConfig``) and ``flowrl`` with `make_flowrl_loss_fn`. Reads
     ``model_output["log_probs"]`` (and ``model_output["log_z"]`` ``[B]`` for ``log_z="head"``) and the
     micro-batch TensorDict fields ``prompts, responses, response_mask, old_log_probs, ref_log_prob,
     advantages``; returns ``(loss, metrics)`` like verl's ``ppo_loss``;
@@ -401,7 +401,7 @@ def packed_prompt_log_z(
     Sequence ``i`` occupies ``seq_lens[i]`` consecutive rows (prompt first, ``prompt_lens[i]`` tokens), as in
     verl's remove-padding layout; rows past ``sum(seq_lens)`` (verl's static pad suffix) are ignored. The
     prompt rows are gathered into ``[B, P, H]`` with a mask and pooled by
-    :func:`~flowloss.pool_prompt_hidden_states`; the head maps ``[B, H] -> [B]``.
+    `pool_prompt_hidden_states`; the head maps ``[B, H] -> [B]``.
     """
     h = hidden_states.squeeze(0) if hidden_states.dim() == 3 else hidden_states
     prompt_lens = prompt_lens.to(device=h.device, dtype=torch.long)
@@ -445,7 +445,7 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 def attach_log_z_head(model: nn.Module, flowrl: FlowRLConfig | None = None) -> tuple[LogZHead, _HeadContext]:
-    """Add a :class:`~flowloss.LogZHead` to a Hugging Face causal LM as ``model.flowrl_log_z_head``.
+    """Add a `LogZHead` to a Hugging Face causal LM as ``model.flowrl_log_z_head``.
 
     Do it before FSDP wrapping so the head is sharded, optimized (it shares the policy's optimizer, as in the
     authors' runs) and saved with the model. A forward hook on the base model computes ``log Z`` from its last
@@ -506,7 +506,7 @@ def _engine_base() -> type:
 class _FlowRLEngineMixin:
     """Adds the log-Z head to verl's FSDP language-model engine and emits ``model_output["log_z"]``.
 
-    * ``_build_module``: the Hugging Face model from verl, plus the head (:func:`attach_log_z_head`), before
+    * ``_build_module``: the Hugging Face model from verl, plus the head (`attach_log_z_head`), before
       FSDP wrapping - so the optimizer and the checkpoint manager see it;
     * ``prepare_model_inputs``: records the micro-batch's prompt layout for the hook;
     * ``prepare_model_outputs``: adds ``log_z [B]`` to verl's outputs (log-probs, entropy);
@@ -590,7 +590,7 @@ def register_flowrl_engine(
     backend: Sequence[str] = ("fsdp", "fsdp2"),
     device: Sequence[str] = ("cuda", "npu"),
 ) -> type:
-    """Make :class:`FlowRLFSDPEngine` verl's ``language_model`` engine for ``backend``/``device``.
+    """Make `FlowRLFSDPEngine` verl's ``language_model`` engine for ``backend``/``device``.
 
     verl builds the actor's (and the reference's) engine through ``EngineRegistry``; after this call both get
     the head (the reference's copy is unused). Call it in each worker process before ``init_model``.

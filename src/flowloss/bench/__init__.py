@@ -2,16 +2,16 @@
 
 One module per job:
 
-- :mod:`flowloss.bench.config` - the run's settings (:class:`BenchConfig`) and their checks;
-- :mod:`flowloss.bench.impls` - the implementations compared (flowloss, naive PyTorch, ``torch.compile``,
+- `flowloss.bench.config` - the run's settings (`BenchConfig`) and their checks;
+- `flowloss.bench.impls` - the implementations compared (flowloss, naive PyTorch, ``torch.compile``,
   TRL / verl / OpenRLHF / Liger / flash-attn when installed), each with the reason it is skipped;
-- :mod:`flowloss.bench.timing` - median and p20/p80 of repeated calls (CUDA events or ``perf_counter``);
-- :mod:`flowloss.bench.memory` - peak extra memory of one call (CUDA allocator, or the CPU allocator's
+- `flowloss.bench.timing` - median and p20/p80 of repeated calls (CUDA events or ``perf_counter``);
+- `flowloss.bench.memory` - peak extra memory of one call (CUDA allocator, or the CPU allocator's
   counters read through the PyTorch profiler);
-- :mod:`flowloss.bench.reference` - the float64 reference (vectorized in row chunks) behind the error columns;
-- :mod:`flowloss.bench.runner` - builds the inputs of each case and measures every implementation;
-- :mod:`flowloss.bench.report` - the rich table and the JSON file; :mod:`flowloss.bench.plot` - the PNG;
-- :mod:`flowloss.bench.cli` - the ``bench`` subcommand.
+- `flowloss.bench.reference` - the float64 reference (vectorized in row chunks) behind the error columns;
+- `flowloss.bench.runner` - builds the inputs of each case and measures every implementation;
+- `flowloss.bench.report` - the rich table and the JSON file; `flowloss.bench.plot` - the PNG;
+- `flowloss.bench.cli` - the ``bench`` subcommand.
 """
 
 from flowloss.bench.config import BenchConfig

@@ -1,6 +1,6 @@
 """``--plot PATH``: a PNG with forward + backward time and peak extra memory per implementation, per case.
 
-matplotlib is optional (``pip install 'flowloss[plot]'``); without it :func:`write_plot` raises ``ImportError``
+matplotlib is optional (``pip install 'flowloss[plot]'``); without it `write_plot` raises ``ImportError``
 with that instruction.
 """
 

@@ -1,6 +1,6 @@
 """The float64 reference behind the benchmark's error columns, vectorized in row chunks.
 
-:func:`flowloss.reference.token_logprobs` loops over rows in Python: exact, but minutes at ``N x V = 2048 x 32000``.
+`flowloss.reference.token_logprobs` loops over rows in Python: exact, but minutes at ``N x V = 2048 x 32000``.
 Here the same formula runs on float64 copies of a block of rows at a time (``rows * V * 8`` bytes, about
 256 MiB at most), so big shapes stay affordable; ``tests/bench`` checks it against the row loop.
 

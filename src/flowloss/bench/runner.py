@@ -48,7 +48,7 @@ class LogprobInputs:
 
 
 def count_units(config: BenchConfig) -> int:
-    """How many progress steps :func:`run_suite` reports (one per implementation per case)."""
+    """How many progress steps `run_suite` reports (one per implementation per case)."""
     total = 0
     for _n in config.n:
         for _dtype in config.dtypes:

@@ -11,9 +11,9 @@ Responses are token sequences ``y = (y_1, ..., y_L)`` over a vocabulary of ``V``
 * Target (FlowRL, Proposition 1, on sequence-level log-likelihoods):
   ``p*(y) = pi_ref(y) exp(beta r(y)) / Z``, ``Z = sum_y pi_ref(y) exp(beta r(y))``, enumerated exactly.
 
-A policy is a table ``logits [num_prefixes, V]``; :meth:`TabularProblem.token_logprobs` gives the ``[N, L]``
+A policy is a table ``logits [num_prefixes, V]``; `TabularProblem.token_logprobs` gives the ``[N, L]``
 token log-probs ``log pi(y_t | y_<t)`` of any batch of sequences (differentiable in the table), and
-:meth:`TabularProblem.all_sequences` the ``[V^L, L]`` enumeration used for exact KLs.
+`TabularProblem.all_sequences` the ``[V^L, L]`` enumeration used for exact KLs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ DEFAULT_HEIGHTS: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85)
 
 @dataclass(frozen=True)
 class TabularProblem:
-    """The problem's fixed data (see the module docstring); build it with :func:`make_problem`."""
+    """The problem's fixed data (see the module docstring); build it with `make_problem`."""
 
     vocab_size: int
     length: int

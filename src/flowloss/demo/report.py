@@ -1,4 +1,4 @@
-"""Present a :class:`~flowloss.demo.train.DemoResult`: a rich table, a PNG plot, a JSON file."""
+"""Present a `DemoResult`: a rich table, a PNG plot, a JSON file."""
 
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 Methods (each step: ``groups`` groups of ``group_size`` responses sampled on-policy, one Adam step):
 
-* ``"flowrl"``: :func:`flowloss.trajectory_balance_loss` on group-z-scored rewards
+* ``"flowrl"``: `flowloss.trajectory_balance_loss` on group-z-scored rewards
   ``r_hat = group_normalize_rewards(r, K)`` (as the FlowRL recipe), a learned ``log Z``
-  (:class:`flowloss.LogZTable`), sequence-level log-likelihoods (``length_normalization=False``), and the
+  (`flowloss.LogZTable`), sequence-level log-likelihoods (``length_normalization=False``), and the
   temperature ``beta_hat = beta * sigma*`` (``sigma*``, ``mu*``: reward std and mean under ``p*``).
   Reasoning: at ``pi = p*`` the population z-score gives ``beta_hat r_hat = beta (r - mu*)``, the shift is
   absorbed by ``log Z``, so ``p*`` would be a fixed point. It is only approximately one: the group's sample
@@ -13,8 +13,8 @@ Methods (each step: ``groups`` groups of ``group_size`` responses sampled on-pol
   The demo reports how far this variant lands from ``p*``.
 * ``"flowrl-raw"``: the same loss on raw rewards with ``beta``: Proposition 1 holds exactly and the target
   is ``p*``; this is the variant whose fixed point is known.
-* ``"grpo"``: the BASELINE :func:`flowloss.demo.baselines.grpo_loss` (reward maximization), same ``r_hat``.
-* ``"reverse-kl"``: :func:`flowloss.reverse_kl_surrogate` with the VarGrad baseline ``-vargrad_log_z``.
+* ``"grpo"``: the BASELINE `flowloss.demo.baselines.grpo_loss` (reward maximization), same ``r_hat``.
+* ``"reverse-kl"``: `flowloss.reverse_kl_surrogate` with the VarGrad baseline ``-vargrad_log_z``.
 
 All start from ``pi = pi_ref`` with the same sampling seed and optimizer; only the loss differs.
 """

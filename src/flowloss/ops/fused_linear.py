@@ -186,7 +186,7 @@ def token_logprobs_from_hidden(
         labels: ``[...]`` int32/int64 token ids in ``[0, V)`` or ``ignore_index``; ``hidden``'s leading shape.
         temperature: sampling temperature ``T`` (finite, > 0), applied to the fp32 logits (default 1.0, the
             FlowRL math runs' rollout temperature).
-        chunk_size: rows per block; default :func:`default_fused_chunk_rows` (~32 MiB of fp32 logits).
+        chunk_size: rows per block; default `default_fused_chunk_rows` (~32 MiB of fp32 logits).
         ignore_index: label of skipped positions (default -100, as in ``F.cross_entropy``).
         mask: optional bool (or 0/1) tensor shaped like ``labels``; 0 positions are skipped too.
         return_entropy: also return the per-token entropy of ``softmax(z / T)`` (differentiable).

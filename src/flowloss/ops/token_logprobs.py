@@ -17,11 +17,11 @@ path here is a ``torch.autograd.Function`` that loops over blocks of rows, each 
 backward recomputes ``p = softmax`` one block at a time and writes
 ``dlogits`` straight into a single ``[.., V]`` buffer of the logits' dtype, or into the logits themselves
 with ``inplace_backward=True``. Its extra memory is one block's fp32 working set (see
-:data:`DEFAULT_CHUNK_BYTES`), plus ``dlogits`` in backward, which any implementation must return.
+`DEFAULT_CHUNK_BYTES`), plus ``dlogits`` in backward, which any implementation must return.
 
 Dispatch (``impl=``): ``"auto"`` picks the fused Triton kernels (``flowloss.ops.triton_logprobs``) for CUDA
 logits (not float64) when triton is importable, else ``"chunked"``; ``"reference"`` is the float64 oracle
-(:func:`flowloss.reference.token_logprobs`, slow, for tests).
+(`flowloss.reference.token_logprobs`, slow, for tests).
 """
 
 from __future__ import annotations
@@ -434,7 +434,7 @@ def token_logprobs(
         mask: optional ``[B, T]``/``[N]`` bool (or 0/1) tensor; positions where it is 0 are skipped too.
         impl: ``"auto"`` (Triton on CUDA when available, else chunked), ``"triton"``, ``"chunked"`` (the
             PyTorch row-block path) or ``"reference"`` (float64 oracle, slow).
-        chunk_size: rows per block on the chunked path; default :func:`default_chunk_rows` (~4 MiB fp32).
+        chunk_size: rows per block on the chunked path; default `default_chunk_rows` (~4 MiB fp32).
         inplace_backward: write ``dlogits`` into ``logits``' own storage in backward (saves one ``[.., V]``
             buffer). Only when nothing else reads the logits afterwards: autograd's version counter raises if
             another op saved them for its backward.

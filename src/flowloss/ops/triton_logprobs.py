@@ -47,7 +47,7 @@ class TritonTokenLogprobs(torch.autograd.Function):
     """``(logits [N, V] or [B, T, V], labels [N]) -> logprobs [N]`` or ``(logprobs [N], entropy [N])``, fp32.
 
     ``labels`` here are already effective (flat, ``N = B*T``): negative or ``ignore_index`` = skipped row.
-    Validation happens in :func:`triton_token_logprobs`; this class only launches.
+    Validation happens in `triton_token_logprobs`; this class only launches.
     """
 
     @staticmethod
