@@ -16,6 +16,7 @@ from flowloss import (
     count_valid_sequences,
     group_normalize_rewards,
     length_normalize,
+    masked_mean,
     masked_sum,
     pool_prompt_hidden_states,
     ratio_clip_token_mask,
@@ -28,29 +29,14 @@ from tests.strategies import batches, f64_leaf, leaf, masks
 
 
 @given(batch=batches(), reduction=st.sampled_from(["mean", "sum"]))
-def test_sequence_logprobs_match_reference(batch, reduction):
-    """l_i = sum_t m_it lp_it (sum) or that over |y_i| (mean); 0 for an empty row; gradient m_it (/|y_i|)."""
+def test_masked_reductions_match_reference(batch, reduction):
+    """l_i = sum_t m_it lp_it (masked_sum) or that over |y_i| (masked_mean); 0 for an empty row; gradient
+    m_it (/|y_i|)."""
     lp = leaf(batch.logprobs)
-    out = sequence_logprobs(lp, batch.mask, reduction=reduction)
+    out = (masked_mean if reduction == "mean" else masked_sum)(lp, batch.mask)
     lp64 = f64_leaf(batch.logprobs)
     expected = ref.sequence_logprob(lp64, batch.mask, normalize=reduction == "mean")
     assert_close(out, expected, dtype=batch.dtype, what=f"masked token-{reduction}", scale=batch.mask.shape[1])
-    if reduction == "mean":
-        assert_close(
-            length_normalize(batch.logprobs, batch.mask),
-            expected,
-            dtype=batch.dtype,
-            what="length_normalize",
-            scale=batch.mask.shape[1],
-        )
-    else:
-        assert_close(
-            masked_sum(batch.logprobs, batch.mask),
-            expected,
-            dtype=batch.dtype,
-            what="masked_sum",
-            scale=batch.mask.shape[1],
-        )
     weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     (out * weights.to(out.dtype)).sum().backward()
     if expected.requires_grad:
@@ -60,11 +46,20 @@ def test_sequence_logprobs_match_reference(batch, reduction):
         assert not lp.grad.any()
 
 
-def test_sequence_logprobs_none_keeps_shape_and_zeroes_padding():
-    lp = torch.tensor([[-1.0, float("-inf")], [float("nan"), -2.0]])
-    mask = torch.tensor([[1, 0], [0, 1]])
-    out = sequence_logprobs(lp, mask, reduction="none")
-    assert out.tolist() == [[-1.0, 0.0], [0.0, -2.0]]
+def test_deprecated_reduction_aliases_warn_and_equal_the_one_name():
+    g = torch.Generator().manual_seed(0)
+    lp = torch.randn(3, 4, generator=g).masked_fill(torch.eye(3, 4, dtype=torch.bool), float("nan"))
+    mask = ~torch.eye(3, 4, dtype=torch.bool)
+    with pytest.warns(DeprecationWarning, match="use `masked_mean`"):
+        assert torch.equal(length_normalize(lp, mask), masked_mean(lp, mask))
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        assert torch.equal(sequence_logprobs(lp, mask, reduction="sum"), masked_sum(lp, mask))
+    with pytest.warns(DeprecationWarning):
+        out = sequence_logprobs(lp, mask, reduction="none")
+    assert torch.equal(out, torch.where(mask, lp, 0.0))
+    with pytest.warns(DeprecationWarning, match="`mode=` is deprecated"):
+        w = clipped_importance_weights(lp, torch.zeros(3, 4), mask, mode="sequence")
+    assert torch.equal(w, clipped_importance_weights(lp, torch.zeros(3, 4), mask, importance_weights="sequence"))
     assert count_valid_sequences(torch.tensor([[1, 0], [0, 0]])).item() == 1
 
 
@@ -135,7 +130,7 @@ def test_importance_weights_match_reference(batch, mode, with_rollout, shift):
     """Every mode of w computed in log space; log-ratios of +-1000 stay finite."""
     old = (batch.old_logprobs.double() + shift).to(batch.dtype)
     rollout = batch.rollout_logprobs if with_rollout else None
-    w = clipped_importance_weights(batch.logprobs, old, batch.mask, mode=mode, rollout_logprobs=rollout)
+    w = clipped_importance_weights(batch.logprobs, old, batch.mask, importance_weights=mode, rollout_logprobs=rollout)
     expected = ref.importance_weights(batch.logprobs, old, batch.mask, mode=mode, rollout_logprobs=rollout)
     assert torch.isfinite(w).all()
     assert not w.requires_grad
@@ -229,8 +224,10 @@ def test_log_z_table():
     out.sum().backward()
     assert out.tolist() == [1.0, 1.0, 1.0]
     assert table.log_z.grad.tolist() == [1.0, 0.0, 2.0]
-    with pytest.raises(ValueError, match="prompt_ids"):
-        table(torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"`prompt_ids` must lie in \[0, 3\)"):
+        table(torch.tensor([3]), strict=True)
+    outside = table(torch.tensor([3, -1, 1]))  # default: NaN, never an out-of-bounds read, no host sync
+    assert outside[:2].isnan().all() and outside[2].item() == 1.0
     with pytest.raises(TypeError, match="prompt_ids"):
         table(torch.tensor([0.0]))
 
@@ -242,7 +239,11 @@ def test_clip_bounds_are_log1p():
     assert w.tolist() == pytest.approx([1.5, 0.9])
     assert math.isclose(
         clipped_importance_weights(
-            torch.tensor([[9.0]]), torch.zeros(1, 1), torch.ones(1, 1), mode="sequence_capped", max_weight=3.0
+            torch.tensor([[9.0]]),
+            torch.zeros(1, 1),
+            torch.ones(1, 1),
+            importance_weights="sequence_capped",
+            max_weight=3.0,
         ).item(),
         3.0,
         rel_tol=1e-6,

@@ -2,19 +2,21 @@
 
 The whole public API::
 
-    # losses (pure functions on tensors) and their nn.Module twins (options fixed at construction)
-    trajectory_balance_loss   reverse_kl_surrogate   TrajectoryBalanceLoss   ReverseKLSurrogate
+    # losses (pure functions on tensors), their options object and nn.Module twins
+    trajectory_balance_loss   reverse_kl_surrogate   FlowRLOptions   TrajectoryBalanceLoss   ReverseKLSurrogate
     # building blocks
-    length_normalize  sequence_logprobs  masked_mean  masked_sum  count_valid_sequences  reduce_sequences
+    masked_mean  masked_sum  count_valid_sequences  reduce_sequences
     clipped_importance_weights  ratio_clip_token_mask  group_normalize_rewards
     # log-partition estimators
     LogZHead  pool_prompt_hidden_states  LogZTable  vargrad_log_z
-    # per-token log-probs: from logits (fused Triton on CUDA, chunked PyTorch on CPU) or from hidden states
-    # and the lm_head weight (chunked PyTorch on any device, never materializing the logits)
+    # per-token log-probs: from logits or from hidden states and the lm_head weight (logits never built)
     token_logprobs  token_logprobs_from_hidden
+    # value checks that read device memory (off by default; FLOWLOSS_STRICT=1 turns them on)
+    strict_mode  set_strict  is_strict
 
 ``flowloss.reference`` holds the float64 oracle; ``flowloss.adapters.{trl,verl,openrlhf}`` the framework
-adapters (imported on demand, never by ``import flowloss``).
+adapters (imported on demand, never by ``import flowloss``). ``length_normalize`` and ``sequence_logprobs``
+are deprecated aliases of ``masked_mean``/``masked_sum``.
 """
 
 from flowloss.grouping import group_normalize_rewards
@@ -24,6 +26,7 @@ from flowloss.losses import reverse_kl_surrogate, trajectory_balance_loss
 from flowloss.modules import ReverseKLSurrogate, TrajectoryBalanceLoss
 from flowloss.ops.fused_linear import token_logprobs_from_hidden
 from flowloss.ops.token_logprobs import token_logprobs
+from flowloss.options import FlowRLOptions
 from flowloss.reductions import (
     count_valid_sequences,
     length_normalize,
@@ -32,10 +35,12 @@ from flowloss.reductions import (
     reduce_sequences,
     sequence_logprobs,
 )
+from flowloss.strict import is_strict, set_strict, strict_mode
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FlowRLOptions",
     "LogZHead",
     "LogZTable",
     "ReverseKLSurrogate",
@@ -44,16 +49,20 @@ __all__ = [
     "clipped_importance_weights",
     "count_valid_sequences",
     "group_normalize_rewards",
-    "length_normalize",
+    "is_strict",
     "masked_mean",
     "masked_sum",
     "pool_prompt_hidden_states",
     "ratio_clip_token_mask",
     "reduce_sequences",
     "reverse_kl_surrogate",
-    "sequence_logprobs",
+    "set_strict",
+    "strict_mode",
     "token_logprobs",
     "token_logprobs_from_hidden",
     "trajectory_balance_loss",
     "vargrad_log_z",
 ]
+
+# Deprecated aliases (importable, not part of __all__): length_normalize, sequence_logprobs.
+_DEPRECATED = (length_normalize, sequence_logprobs)

@@ -10,18 +10,25 @@ import torch
 
 from flowloss._validation import (
     accumulation_dtype,
+    as_flag,
+    as_number,
+    check_finite_values,
     describe,
-    require_finite,
-    require_float,
+    require_float_tensor,
     require_ndim,
-    require_tensor,
 )
+from flowloss.strict import is_strict
 
 Groups = int | torch.Tensor
 
 
 def group_index(groups: Groups, batch_size: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Return ``(index [B] int64 in [0, G), G)`` for a group size or a tensor of group ids."""
+    """Return ``(index [B] int64, G)``: ``index[i]`` in ``[0, G)`` is the group of row ``i``.
+
+    For a group size ``K``, ``G = B / K`` exactly. For ``[B]`` group ids, ``G = B`` (an upper bound: slots no
+    row maps to stay empty), so that counting the distinct ids never needs a host synchronisation; ids are
+    numbered by sorting, so any integer ids in any order work.
+    """
     if isinstance(groups, bool):
         raise TypeError("`groups` must be an int group size or a [B] tensor of group ids, got bool")
     if isinstance(groups, int):
@@ -41,8 +48,12 @@ def group_index(groups: Groups, batch_size: int, device: torch.device) -> tuple[
             raise TypeError(f"`groups` (group ids) must be an integer tensor, got {describe(groups)}")
         if groups.device != device:
             raise ValueError(f"`groups` is on {groups.device} but the values are on {device}")
-        uniques, index = torch.unique(groups, return_inverse=True)
-        return index, int(uniques.numel())
+        sorted_ids, order = torch.sort(groups, stable=True)
+        starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+        starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+        rank = torch.cumsum(starts, dim=0) - 1  # group number of each sorted row
+        index = torch.empty_like(rank).scatter_(0, order, rank)
+        return index, batch_size
     raise TypeError(f"`groups` must be an int group size or a [B] tensor of group ids, got {type(groups).__name__}")
 
 
@@ -56,7 +67,7 @@ def group_mean(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> tu
 
 
 def group_normalize_rewards(
-    rewards: torch.Tensor, groups: Groups, *, eps: float = 1e-6, scale: bool = True
+    rewards: torch.Tensor, groups: Groups, *, eps: float = 1e-6, scale: bool = True, strict: bool | None = None
 ) -> torch.Tensor:
     """Z-score each reward within its prompt's group: ``r_hat_i = (r_i - mean_g) / (std_g + eps)``.
 
@@ -65,13 +76,14 @@ def group_normalize_rewards(
     the FlowRL recipe feeds in as its reward; a group of one has mean 0 and std 1 (so ``r_hat = r / (1 + eps)``),
     as in verl. A group whose rewards are all equal gets ``r_hat = 0``. With ``scale=False`` only the mean is
     removed (Dr. GRPO style). Returns ``[B]`` in float32 (float64 for float64 input); no gradient is needed.
+    A non-finite reward makes its group's values NaN; strict mode (`flowloss.strict`) refuses it instead.
     """
-    require_tensor("rewards", rewards)
-    require_float("rewards", rewards)
+    require_float_tensor("rewards", rewards)
     require_ndim("rewards", rewards, (1,), "a [B] tensor of one reward per response")
-    require_finite("rewards", rewards)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"`eps` must be a number >= 0, got {eps!r}")
+    eps = as_number("eps", eps, low=0.0)
+    scale = as_flag("scale", scale)
+    if is_strict(strict):
+        check_finite_values([("rewards", rewards)])
     index, num_groups = group_index(groups, rewards.shape[0], rewards.device)
     r = rewards.detach().to(accumulation_dtype(rewards))
     mean, sizes = group_mean(r, index, num_groups)

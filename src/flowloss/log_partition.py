@@ -15,17 +15,21 @@ from torch import nn
 from flowloss._validation import (
     accumulation_dtype,
     as_bool_mask,
+    as_flag,
+    check_finite_values,
+    check_finite_where,
     describe,
-    require_finite,
     require_finite_number,
     require_float,
+    require_float_tensor,
     require_ndim,
+    require_same_device,
     require_same_shape,
     require_tensor,
 )
 from flowloss.grouping import Groups, group_index
-from flowloss.losses import DEFAULT_BETA
-from flowloss.reductions import sequence_logprobs
+from flowloss.reductions import masked_mean, masked_sum
+from flowloss.strict import is_strict
 
 
 class LogZHead(nn.Module):
@@ -87,7 +91,8 @@ def pool_prompt_hidden_states(
 
     ``h_bar_i = (1/n_i) sum_t m_it h_it`` accumulated in float32 (float64 for float64 input) and returned in the
     input dtype. Works for left- or right-padded prompts. ``drop_last_token=True`` leaves out each prompt's last
-    token as the authors' slicing does. A row with no prompt token pools to zeros (finite).
+    token as the authors' slicing does. A row with no prompt token pools to zeros (finite). Masked positions may
+    hold anything (NaN/inf padding): they are selected away, never multiplied by 0.
     """
     require_tensor("hidden_states", hidden_states)
     require_float("hidden_states", hidden_states)
@@ -106,9 +111,10 @@ def pool_prompt_hidden_states(
         last = torch.where(m, positions, torch.full_like(positions, -1)).amax(dim=1, keepdim=True)
         m = m & (positions != last)
     dtype = accumulation_dtype(hidden_states)
-    weights = m.to(dtype).unsqueeze(-1)
-    total = (hidden_states.to(dtype) * weights).sum(dim=1)
-    return (total / weights.sum(dim=1).clamp_min(1.0)).to(hidden_states.dtype)
+    kept = m.unsqueeze(-1)
+    total = torch.where(kept, hidden_states.to(dtype), hidden_states.new_zeros((), dtype=dtype)).sum(dim=1)
+    count = m.sum(dim=1, keepdim=True).to(dtype).clamp_min(1.0)
+    return (total / count).to(hidden_states.dtype)
 
 
 class LogZTable(nn.Module):
@@ -121,17 +127,21 @@ class LogZTable(nn.Module):
         require_finite_number("init_log_z", init_log_z)
         self.log_z = nn.Parameter(torch.full((num_prompts,), float(init_log_z)))
 
-    def forward(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, prompt_ids: torch.Tensor, *, strict: bool | None = None) -> torch.Tensor:
+        """``[B]`` ids -> ``[B]`` log Z; an id outside ``[0, num_prompts)`` gives NaN (never an out-of-bounds
+        read), or an error in strict mode."""
         require_tensor("prompt_ids", prompt_ids)
         if prompt_ids.dtype not in (torch.int32, torch.int64) or prompt_ids.dim() != 1:
             # uint8/bool would index as a mask, not as ids
             raise TypeError(f"`prompt_ids` must be a [B] int32/int64 tensor, got {describe(prompt_ids)}")
         n = self.log_z.shape[0]
-        if prompt_ids.numel() and (int(prompt_ids.min()) < 0 or int(prompt_ids.max()) >= n):
+        inside = (prompt_ids >= 0) & (prompt_ids < n)
+        if is_strict(strict) and prompt_ids.numel() and not bool(inside.all()):
             raise ValueError(
                 f"`prompt_ids` must lie in [0, {n}), got values in [{int(prompt_ids.min())}, {int(prompt_ids.max())}]"
             )
-        return self.log_z[prompt_ids]
+        values = self.log_z[prompt_ids.clamp(0, n - 1)]
+        return torch.where(inside, values, values.new_full((), float("nan")))
 
 
 def vargrad_log_z(
@@ -141,8 +151,9 @@ def vargrad_log_z(
     mask: torch.Tensor,
     groups: Groups,
     *,
-    beta: float = DEFAULT_BETA,
+    beta: float = 15.0,
     length_normalization: bool = True,
+    strict: bool | None = None,
 ) -> torch.Tensor:
     """Parameter-free VarGrad estimate of ``log Z`` per group, broadcast to its members (detached).
 
@@ -155,26 +166,27 @@ def vargrad_log_z(
     Args: ``logprobs, ref_logprobs [B, T]``, ``rewards [B]``, ``mask [B, T]``, ``groups`` a group size or ``[B]``
     group ids (see [`group_normalize_rewards`][flowloss.group_normalize_rewards]). Returns ``[B]`` without gradient.
     """
-    require_finite_number("beta", beta)
+    beta = require_finite_number("beta", beta)
+    length_normalization = as_flag("length_normalization", length_normalization)
     for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("rewards", rewards)):
-        require_tensor(name, t)
-        require_float(name, t)
+        require_float_tensor(name, t)
     require_ndim("logprobs", logprobs, (2,), "a [B, T] tensor of token log-probs")
     require_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs)
     if rewards.shape != (logprobs.shape[0],):
         raise ValueError(f"`rewards` must have shape ({logprobs.shape[0]},), got {describe(rewards)}")
-    m = as_bool_mask("mask", mask, "logprobs", logprobs)
-    require_finite("rewards", rewards)
-    for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
-        if not bool((torch.isfinite(t.detach()) | ~m).all()):
-            raise ValueError(f"`{name}` must be finite at unmasked positions, got non-finite values in {describe(t)}")
-    reduction = "mean" if length_normalization else "sum"
+    strict = is_strict(strict)
+    m = as_bool_mask("mask", mask, "logprobs", logprobs, strict=strict)
+    require_same_device([("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("rewards", rewards), ("mask", m)])
+    if strict:
+        check_finite_values([("rewards", rewards)])
+        check_finite_where(m, [("logprobs", logprobs), ("ref_logprobs", ref_logprobs)])
+    reduce = masked_mean if length_normalization else masked_sum
     with torch.no_grad():
-        lp = sequence_logprobs(logprobs, mask, reduction=reduction)
-        ref = sequence_logprobs(ref_logprobs, mask, reduction=reduction)
+        lp = reduce(logprobs.detach(), m)
+        ref = reduce(ref_logprobs.detach(), m)
         dtype = accumulation_dtype(logprobs, ref_logprobs, rewards)
         target = beta * rewards.to(dtype) - (lp.to(dtype) - ref.to(dtype))
-        valid = as_bool_mask("mask", mask, "logprobs", logprobs).any(dim=-1)
+        valid = m.any(dim=-1)
         index, num_groups = group_index(groups, logprobs.shape[0], logprobs.device)
         target = torch.where(valid, target, torch.zeros_like(target))
         sums = torch.zeros(num_groups, dtype=dtype, device=target.device).index_add(0, index, target)

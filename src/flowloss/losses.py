@@ -12,188 +12,241 @@ Trajectory balance residual and loss::
 
 Proposition 1: without length normalization and with samples ``y ~ pi_theta`` held fixed,
 ``E[grad (1/2) delta^2] = grad KL(pi_theta || p*)``, ``p* = pi_ref exp(beta r) / Z``, for any constant ``log Z``.
-`reverse_kl_surrogate` is the score-function form of the same gradient.
+[`reverse_kl_surrogate`][flowloss.reverse_kl_surrogate] is the score-function form of the same gradient.
+
+Hot path: no function here synchronises with the device (no ``.item()``/``bool(tensor)``), so a training step
+can run ahead of the GPU, be captured in a CUDA graph and be compiled with ``torch.compile(fullgraph=True)``;
+value checks run in strict mode only (see `flowloss.strict`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
 from flowloss._validation import (
     accumulation_dtype,
     as_bool_mask,
+    as_flag,
+    as_number,
+    check_finite_values,
+    check_finite_where,
     describe,
-    require_finite_number,
-    require_float,
+    require_float_tensor,
     require_ndim,
     require_same_device,
     require_same_shape,
-    require_tensor,
 )
-from flowloss.importance import (
-    DEFAULT_EPS_HIGH,
-    DEFAULT_EPS_LOW,
-    DEFAULT_MAX_WEIGHT,
-    DEFAULT_TIS_CAP,
-    IMPORTANCE_MODES,
-    ImportanceMode,
-    check_importance_options,
-    importance_weights_with_stats,
-    ratio_clip_token_mask,
-)
-from flowloss.penalties import Penalty, apply_penalty, check_penalty
-from flowloss.reductions import SequenceReduction, reduce_sequences
+from flowloss.importance import clip_drop_mask, log_weights, masked_token_sum
+from flowloss.options import FlowRLOptions
+from flowloss.penalties import apply_penalty
+from flowloss.reductions import apply_reduction, check_normalizer
+from flowloss.strict import is_strict
 
 # FlowRL's reward temperature: `beta = 15` in the authors' code and the verl recipe ("as per paper").
 DEFAULT_BETA = 15.0
 
-
-@dataclass
-class _Prepared:
-    """Validated inputs reduced to sequence level, in the accumulation dtype."""
-
-    seq_logprobs: torch.Tensor  # [B], carries the gradient of `logprobs`
-    seq_ref_logprobs: torch.Tensor  # [B], detached
-    rewards: torch.Tensor  # [B], detached
-    weights: torch.Tensor  # [B], detached
-    valid: torch.Tensor  # [B] bool: sequences with at least one (kept) token
-    stats: dict[str, torch.Tensor]
+_OPTIONS_CACHE: dict[tuple, FlowRLOptions] = {}
 
 
-def _mean_over(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    values = values.detach().to(torch.float64 if values.dtype == torch.float64 else torch.float32)
-    return torch.where(valid, values, torch.zeros_like(values)).sum() / valid.sum().clamp_min(1)
+def resolve_options(**options: Any) -> FlowRLOptions:
+    """Validated `FlowRLOptions` for these keyword values; validation runs once per distinct set of values.
+
+    The cache key holds each value's type, so ``1`` never passes for ``True`` (nor ``True`` for ``1.0``).
+    """
+    try:
+        key = tuple((type(v), v) for v in options.values())
+        cached = _OPTIONS_CACHE.get(key)
+    except TypeError:  # an unhashable value: let the dataclass refuse it
+        return FlowRLOptions(**options)
+    if cached is None:
+        cached = FlowRLOptions(**options)
+        if len(_OPTIONS_CACHE) < 1024:
+            _OPTIONS_CACHE[key] = cached
+    return cached
 
 
-def _prepare(
-    *,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    rewards: torch.Tensor,
-    mask: torch.Tensor,
+class _SequenceTerms(NamedTuple):
+    """The per-sequence quantities both losses are built from (accumulation dtype, ``[B]`` each)."""
+
+    seq_logprobs: torch.Tensor  # l_i, with the gradient of `logprobs` (TB: l_i - l_ref_i, see `difference`)
+    seq_ref_logprobs: torch.Tensor | None  # l_ref_i, detached (None when folded into seq_logprobs)
+    rewards: torch.Tensor  # r_hat_i, detached
+    weights: torch.Tensor | None  # w_i, detached (None: all 1)
+    contributes: torch.Tensor  # bool: rows with at least one kept token (their term enters the sum)
+    counted: torch.Tensor  # bool: rows with at least one token in `mask` (the default count N)
+    lengths: torch.Tensor  # |y_i| after the token clip mask
+    kept: torch.Tensor  # [B, T] bool: tokens that enter the means
+    iw: Any  # ImportanceWeights or None (diagnostics)
+
+
+def _check_inputs(
+    logprobs: object,
+    ref_logprobs: object,
+    rewards: object,
+    mask: object,
+    old_logprobs: object,
+    rollout_logprobs: object,
     extra: list[tuple[str, torch.Tensor]],
-    beta: float,
-    old_logprobs: torch.Tensor | None,
-    rollout_logprobs: torch.Tensor | None,
-    importance_weights: ImportanceMode | None,
-    eps_low: float,
-    eps_high: float,
-    max_weight: float,
-    tis_cap: float,
-    token_clip_mask: bool,
-    length_normalization: bool,
-) -> _Prepared:
-    require_finite_number("beta", beta)
+    strict: bool,
+) -> torch.Tensor:
+    """Metadata checks of the shared inputs; returns the bool mask. Value checks only when ``strict``."""
     for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("rewards", rewards)):
-        require_tensor(name, t)
-        require_float(name, t)
+        require_float_tensor(name, t)
+    assert isinstance(logprobs, torch.Tensor) and isinstance(ref_logprobs, torch.Tensor)
+    assert isinstance(rewards, torch.Tensor)
     require_ndim("logprobs", logprobs, (2,), "a [B, T] tensor of token log-probs")
     require_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs)
     batch = logprobs.shape[0]
     if rewards.shape != (batch,):
         raise ValueError(f"`rewards` must have shape ({batch},) (one per sequence), got {describe(rewards)}")
-    m = as_bool_mask("mask", mask, "logprobs", logprobs)
+    m = as_bool_mask("mask", mask, "logprobs", logprobs, strict=strict)
     for name, t in (("old_logprobs", old_logprobs), ("rollout_logprobs", rollout_logprobs)):
         if t is not None:
-            require_tensor(name, t)
-            require_float(name, t)
-            require_same_shape(name, t, "logprobs", logprobs)
+            require_float_tensor(name, t)
+            require_same_shape(name, t, "logprobs", logprobs)  # type: ignore[arg-type]
     require_same_device(
         [
             ("logprobs", logprobs),
             ("ref_logprobs", ref_logprobs),
             ("rewards", rewards),
             ("mask", m),
-            ("old_logprobs", old_logprobs),
-            ("rollout_logprobs", rollout_logprobs),
+            ("old_logprobs", old_logprobs),  # type: ignore[list-item]
+            ("rollout_logprobs", rollout_logprobs),  # type: ignore[list-item]
             *extra,
         ]
     )
-    if importance_weights is None:
-        importance_weights = "sequence_clipped" if old_logprobs is not None else "none"
-    if importance_weights not in IMPORTANCE_MODES:
-        raise ValueError(f"`importance_weights` must be one of {IMPORTANCE_MODES}, got {importance_weights!r}")
-    # Options are checked even when unused (on-policy), so a bad config fails on the first call.
-    check_importance_options(importance_weights, eps_low, eps_high, max_weight, tis_cap)
-    if importance_weights != "none" and old_logprobs is None:
-        raise ValueError(f"`importance_weights={importance_weights!r}` needs `old_logprobs` (got None)")
     if rollout_logprobs is not None and old_logprobs is None:
         raise ValueError("`rollout_logprobs` (truncated IS) needs `old_logprobs` (got None)")
-    if token_clip_mask and old_logprobs is None:
-        raise ValueError("`token_clip_mask=True` needs `old_logprobs` (got None)")
+    if strict:
+        check_finite_where(
+            m,
+            [
+                ("logprobs", logprobs),
+                ("ref_logprobs", ref_logprobs),
+                ("old_logprobs", old_logprobs),  # type: ignore[list-item]
+                ("rollout_logprobs", rollout_logprobs),  # type: ignore[list-item]
+            ],
+        )
+        check_finite_values([("rewards", rewards.detach())] + [(n, t.detach()) for n, t in extra])
+    return m
 
-    dtype = accumulation_dtype(logprobs, ref_logprobs, rewards, *(t for _, t in extra))
-    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
-    # One host sync for every finiteness check; find the culprit only when something is wrong.
-    lp_valid = torch.where(m, logprobs.detach().to(dtype), zero)
-    ref_valid = torch.where(m, ref_logprobs.detach().to(dtype), zero)
-    checks = [
-        ("logprobs (at unmasked positions)", lp_valid),
-        ("ref_logprobs (at unmasked positions)", ref_valid),
-    ]
-    for name, t in (("old_logprobs", old_logprobs), ("rollout_logprobs", rollout_logprobs)):
-        if t is not None:
-            checks.append((f"{name} (at unmasked positions)", torch.where(m, t.detach().to(dtype), zero)))
-    checks += [("rewards", rewards.detach())] + [(n, t.detach()) for n, t in extra]
-    if not bool(torch.stack([torch.isfinite(t).all() for _, t in checks]).all()):
-        for name, t in checks:
-            if not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                raise ValueError(f"`{name}` must be finite, found {bad} non-finite value(s) in {describe(t)}")
 
-    stats: dict[str, torch.Tensor] = {}
+def _sequence_terms(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    m: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    rollout_logprobs: torch.Tensor | None,
+    *,
+    mode: str,
+    eps_low: float,
+    eps_high: float,
+    max_weight: float,
+    tis_cap: float,
+    token_clip_mask: bool,
+    length_normalization: bool,
+    dtype: torch.dtype,
+    difference: bool,
+) -> _SequenceTerms:
+    """Masked sums over tokens, lengths, weights: the few element-wise passes both losses need.
+
+    ``difference=True`` folds the reference into one reduction, ``seq_logprobs = l_i - l_ref_i`` (what the
+    TB residual needs; one pass fewer), and leaves ``seq_ref_logprobs`` None.
+    """
+    r = rewards.detach().to(dtype)
     kept = m
-    if token_clip_mask:
-        assert old_logprobs is not None
-        kept = ratio_clip_token_mask(logprobs, old_logprobs, rewards, m, eps_low=eps_low, eps_high=eps_high)
-        stats["token_clip_frac"] = (m & ~kept).sum() / m.sum().clamp_min(1)
-    if old_logprobs is None:
-        iw = None
-        weights = torch.ones(batch, dtype=dtype, device=logprobs.device)
+    log_ratio = None
+    if old_logprobs is not None:
+        old = old_logprobs.detach().to(dtype)
+        log_ratio = logprobs.detach().to(dtype) - old
+        if token_clip_mask:
+            kept = m & ~clip_drop_mask(log_ratio, r, eps_low=eps_low, eps_high=eps_high)
+    lengths = kept.sum(dim=-1).to(dtype)
+    lp = logprobs.to(dtype)
+    ref = ref_logprobs.detach().to(dtype)
+    if difference:
+        seq_lp, seq_ref = masked_token_sum(lp - ref, kept), None
     else:
-        iw = importance_weights_with_stats(
-            logprobs,
-            old_logprobs,
+        seq_lp, seq_ref = masked_token_sum(lp, kept), masked_token_sum(ref, kept)
+    if length_normalization:
+        denominator = lengths.clamp_min(1.0)
+        seq_lp = seq_lp / denominator
+        seq_ref = None if seq_ref is None else seq_ref / denominator
+    iw = None
+    if log_ratio is not None:
+        rollout = None
+        if rollout_logprobs is not None:
+            rollout = old_logprobs.detach().to(dtype) - rollout_logprobs.detach().to(dtype)  # type: ignore[union-attr]
+        iw = log_weights(
+            log_ratio,
             kept,
-            mode=importance_weights,
+            lengths,
+            mode=mode,
             eps_low=eps_low,
             eps_high=eps_high,
             max_weight=max_weight,
-            rollout_logprobs=rollout_logprobs,
+            rollout_log_ratio=rollout,
             tis_cap=tis_cap,
         )
-        weights = iw.weights.to(dtype)
+    return _SequenceTerms(
+        seq_logprobs=seq_lp,
+        seq_ref_logprobs=seq_ref,
+        rewards=r,
+        weights=None if iw is None else iw.weights,
+        contributes=lengths > 0,
+        counted=m.any(dim=-1),
+        lengths=lengths,
+        kept=kept,
+        iw=iw,
+    )
 
-    lengths = kept.sum(dim=-1).to(dtype)
-    seq_lp = torch.where(kept, logprobs.to(dtype), zero).sum(dim=-1)
-    seq_ref = torch.where(kept, ref_valid, zero).sum(dim=-1)
+
+def _mean_over(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    values = values.detach()
+    return torch.where(rows, values, values.new_zeros(())).sum() / rows.sum().clamp_min(1)
+
+
+def _base_stats(
+    terms: _SequenceTerms,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    m: torch.Tensor,
+    length_normalization: bool,
+) -> dict[str, torch.Tensor]:
+    """Detached diagnostics shared by both losses (computed only for ``return_stats``)."""
+    dtype, rows = terms.rewards.dtype, terms.contributes
+    seq_lp = masked_token_sum(logprobs.detach().to(dtype), terms.kept)
+    seq_ref = masked_token_sum(ref_logprobs.detach().to(dtype), terms.kept)
     if length_normalization:
-        seq_lp = seq_lp / lengths.clamp_min(1.0)
-        seq_ref = seq_ref / lengths.clamp_min(1.0)
-    valid = lengths > 0
-
-    stats["valid_sequences"] = valid.sum()
-    stats["logprobs_mean"] = _mean_over(seq_lp, valid)
-    stats["ref_logprobs_mean"] = _mean_over(seq_ref, valid)
-    stats["reward_mean"] = _mean_over(rewards, valid)
-    stats["response_length_mean"] = _mean_over(lengths, valid)
+        seq_lp, seq_ref = seq_lp / terms.lengths.clamp_min(1.0), seq_ref / terms.lengths.clamp_min(1.0)
+    stats = {
+        "valid_sequences": terms.counted.sum(),
+        "logprobs_mean": _mean_over(seq_lp, rows),
+        "ref_logprobs_mean": _mean_over(seq_ref, rows),
+        "reward_mean": _mean_over(terms.rewards, rows),
+        "response_length_mean": _mean_over(terms.lengths, rows),
+    }
+    if terms.kept is not m:
+        stats["token_clip_frac"] = (m & ~terms.kept).sum() / m.sum().clamp_min(1)
+    iw = terms.iw
     if iw is not None:
-        log_cap = math.log(torch.finfo(iw.log_weights_unclipped.dtype).max) - 1.0
-        stats["log_weight_unclipped_mean"] = _mean_over(iw.log_weights_unclipped, valid)
-        stats["weight_unclipped_mean"] = _mean_over(iw.log_weights_unclipped.clamp_max(log_cap).exp(), valid)
-        stats["weight_mean"] = _mean_over(weights, valid)
-        stats["clip_frac_low"] = _mean_over(iw.clipped_low.to(dtype), valid)
-        stats["clip_frac_high"] = _mean_over(iw.clipped_high.to(dtype), valid)
+        log_cap = math.log(torch.finfo(dtype).max) - 1.0  # exp() of the unclipped log-weight stays finite
+        stats["log_weight_unclipped_mean"] = _mean_over(iw.log_weights_unclipped, rows)
+        stats["weight_unclipped_mean"] = _mean_over(iw.log_weights_unclipped.clamp_max(log_cap).exp(), rows)
+        stats["weight_mean"] = _mean_over(iw.weights, rows)
+        stats["clip_frac_low"] = _mean_over(iw.clipped_low.to(dtype), rows)
+        stats["clip_frac_high"] = _mean_over(iw.clipped_high.to(dtype), rows)
         stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
-    return _Prepared(seq_lp, seq_ref, rewards.detach().to(dtype), weights, valid, stats)
+    return stats
 
 
-def _as_sequence_vector(name: str, t: torch.Tensor, batch: int) -> torch.Tensor:
-    require_tensor(name, t)
-    require_float(name, t)
+def _as_sequence_vector(name: str, t: object, batch: int) -> torch.Tensor:
+    require_float_tensor(name, t)
+    assert isinstance(t, torch.Tensor)
     if t.shape == (batch, 1):
         return t.squeeze(-1)
     if t.shape != (batch,):
@@ -208,36 +261,41 @@ def trajectory_balance_loss(
     log_z: torch.Tensor,
     mask: torch.Tensor,
     *,
-    beta: float = DEFAULT_BETA,
+    beta: float = 15.0,
     old_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
-    importance_weights: ImportanceMode | None = None,
-    eps_low: float = DEFAULT_EPS_LOW,
-    eps_high: float = DEFAULT_EPS_HIGH,
-    max_weight: float = DEFAULT_MAX_WEIGHT,
-    tis_cap: float = DEFAULT_TIS_CAP,
+    importance_weights: str | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    max_weight: float = 10.0,
+    tis_cap: float = 2.0,
     token_clip_mask: bool = False,
     length_normalization: bool = True,
-    penalty: Penalty = "squared",
+    penalty: str = "squared",
     linex_alpha: float = 1.0,
     huber_delta: float = 1.0,
-    reduction: SequenceReduction = "mean",
+    reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
     return_stats: bool = False,
+    strict: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """FlowRL's trajectory-balance loss ``mean_i w_i * g(delta_i)``.
 
     ``delta_i = log Z(x_i) + l_i - beta * r_hat_i - l_ref_i`` with ``l`` the length-normalized (token-mean)
     log-likelihood by default, ``g(d) = d^2``, ``w_i`` detached importance weights (1 when ``old_logprobs`` is
     None). Gradients flow into ``logprobs`` and ``log_z``; ``ref_logprobs``, ``rewards`` and ``w`` are constants.
+    The keyword options are the fields of [`FlowRLOptions`][flowloss.FlowRLOptions]: pass one as
+    ``**options.to_dict()``.
 
     Args:
         logprobs: ``[B, T]`` token log-probs ``log pi_theta(y_t | x, y_<t)`` (with gradient).
         ref_logprobs: ``[B, T]`` token log-probs of the reference policy.
         rewards: ``[B]`` rewards ``r_hat`` as used in ``delta`` (normalize first, e.g. with
             [`group_normalize_rewards`][flowloss.group_normalize_rewards]; FlowRL uses the group z-score).
-        log_z: ``[B]`` or ``[B, 1]`` log-partition estimates ``log Z(x_i)`` (e.g. from [`LogZHead`][flowloss.LogZHead]).
-        mask: ``[B, T]`` response mask, bool or 0/1. All-masked rows contribute 0 and are not counted.
+        log_z: ``[B]`` or ``[B, 1]`` log-partition estimates ``log Z(x_i)`` (e.g. from
+            [`LogZHead`][flowloss.LogZHead]).
+        mask: ``[B, T]`` response mask, bool (numbers are read as ``mask != 0``). All-masked rows contribute 0
+            and are not counted.
         beta: reward temperature ``beta`` (15, the authors' value).
         old_logprobs: ``[B, T]`` log-probs of the sampling policy; enables importance weights.
         rollout_logprobs: ``[B, T]`` inference-engine log-probs; multiplies ``w`` by a truncated IS factor.
@@ -248,35 +306,30 @@ def trajectory_balance_loss(
         eps_high: clip range high side, ``w <= 1 + eps_high`` (0.28, the authors' value).
         max_weight: cap of ``"sequence_capped"`` (10, verl ``recipe/flowrl``).
         tis_cap: truncation of the TIS factor ``min(pi_old / pi_rollout, C)`` (2, verl's default).
+        token_clip_mask: drop tokens whose ratio left ``[1-eps_low, 1+eps_high]`` in the direction of
+            ``sign(r_hat)`` from every mean and from ``w`` (verl PR #3924). A row whose tokens are all dropped
+            contributes 0 but still counts in ``N``, so micro-batches add up to the full batch.
+        length_normalization: token-mean (True, the paper) or token-sum (False, Proposition 1) log-likelihoods.
+        penalty: ``"squared"`` (default), ``"shifted_cosh"``, ``"linex"`` or ``"huber"`` (all ``d^2 + O(d^3)``).
         linex_alpha: ``a`` of the ``"linex"`` penalty (1.0).
         huber_delta: ``k`` of the ``"huber"`` penalty (1.0).
-        token_clip_mask: drop tokens whose ratio left ``[1-eps_low, 1+eps_high]`` in the direction of
-            ``sign(r_hat)`` from every mean and from ``w`` (verl PR #3924).
-        length_normalization: token-mean (True, the paper) or token-sum (False, Proposition 1) log-likelihoods.
-        penalty: ``"squared"`` (default), ``"shifted_cosh"``, ``"linex"`` or ``"huber"`` (see ``flowloss.penalties``).
-        reduction: ``"mean"`` over valid sequences (default), ``"sum"`` or ``"none"`` (``[B]``, 0 for invalid rows).
-        normalizer: divide the sum by this instead of the local valid count; pass the number of valid
-            sequences in the whole optimizer step to make micro-batches/ranks add up to the full-batch gradient.
+        reduction: ``"mean"`` over valid sequences (default), ``"sum"`` or ``"none"`` (``[B]``, 0 for invalid
+            rows).
+        normalizer: divide the sum (or, for ``"none"``, each term) by this instead of the local valid count;
+            pass the number of valid sequences in the whole optimizer step to make micro-batches/ranks add up
+            to the full-batch gradient. A number, or a 1-element tensor (never read on the host).
         return_stats: also return a dict of detached diagnostics (mean log-probs, log Z, residual, weights before
             and after clipping, clip fractions).
+        strict: value checks (finite inputs at unmasked positions, finite rewards/log Z, 0/1 mask, positive
+            normalizer tensor) that read device memory; default: the global setting (`flowloss.strict`).
 
     Returns:
         The loss (0-dim, or ``[B]`` for ``reduction="none"``) in float32 (float64 for float64 inputs), and the
-        stats dict when ``return_stats``.
+        stats dict when ``return_stats``. Outside strict mode a non-finite input at an unmasked position gives
+        a non-finite loss (never a silently finite one).
     """
-    require_tensor("logprobs", logprobs)
-    require_ndim("logprobs", logprobs, (2,), "a [B, T] tensor of token log-probs")
-    log_z_vec = _as_sequence_vector("log_z", log_z, logprobs.shape[0])
-    check_penalty(penalty, linex_alpha, huber_delta)
-    prep = _prepare(
-        logprobs=logprobs,
-        ref_logprobs=ref_logprobs,
-        rewards=rewards,
-        mask=mask,
-        extra=[("log_z", log_z_vec)],
+    opts = resolve_options(
         beta=beta,
-        old_logprobs=old_logprobs,
-        rollout_logprobs=rollout_logprobs,
         importance_weights=importance_weights,
         eps_low=eps_low,
         eps_high=eps_high,
@@ -284,18 +337,58 @@ def trajectory_balance_loss(
         tis_cap=tis_cap,
         token_clip_mask=token_clip_mask,
         length_normalization=length_normalization,
+        penalty=penalty,
+        linex_alpha=linex_alpha,
+        huber_delta=huber_delta,
+        reduction=reduction,
     )
-    dtype = prep.seq_logprobs.dtype
-    delta = log_z_vec.to(dtype) + prep.seq_logprobs - beta * prep.rewards - prep.seq_ref_logprobs
-    per_sequence = prep.weights * apply_penalty(delta, penalty, linex_alpha=linex_alpha, huber_delta=huber_delta)
-    loss = reduce_sequences(per_sequence, prep.valid, reduction=reduction, normalizer=normalizer)
+    return_stats = as_flag("return_stats", return_stats)
+    strict = is_strict(strict)
+    require_float_tensor("logprobs", logprobs)
+    require_ndim("logprobs", logprobs, (2,), "a [B, T] tensor of token log-probs")
+    log_z_vec = _as_sequence_vector("log_z", log_z, logprobs.shape[0])
+    m = _check_inputs(
+        logprobs, ref_logprobs, rewards, mask, old_logprobs, rollout_logprobs, [("log_z", log_z_vec)], strict
+    )
+    mode = opts.resolved_importance_weights(old_logprobs is not None)
+    if mode != "none" and old_logprobs is None:
+        raise ValueError(f"`importance_weights={mode!r}` needs `old_logprobs` (got None)")
+    if opts.token_clip_mask and old_logprobs is None:
+        raise ValueError("`token_clip_mask=True` needs `old_logprobs` (got None)")
+    norm = check_normalizer(normalizer, strict=strict)
+
+    dtype = accumulation_dtype(logprobs, ref_logprobs, rewards, log_z_vec)
+    terms = _sequence_terms(
+        logprobs,
+        ref_logprobs,
+        rewards,
+        m,
+        old_logprobs,
+        rollout_logprobs,
+        mode=mode,
+        eps_low=opts.eps_low,
+        eps_high=opts.eps_high,
+        max_weight=opts.max_weight,
+        tis_cap=opts.tis_cap,
+        token_clip_mask=opts.token_clip_mask,
+        length_normalization=opts.length_normalization,
+        dtype=dtype,
+        difference=not return_stats,
+    )
+    diff = terms.seq_logprobs if terms.seq_ref_logprobs is None else terms.seq_logprobs - terms.seq_ref_logprobs
+    delta = log_z_vec.to(dtype) + diff - opts.beta * terms.rewards
+    per_sequence = apply_penalty(delta, opts.penalty, linex_alpha=opts.linex_alpha, huber_delta=opts.huber_delta)
+    if terms.weights is not None:
+        per_sequence = terms.weights * per_sequence
+    loss = apply_reduction(per_sequence, terms.contributes, terms.counted, opts.reduction, norm)
     if not return_stats:
         return loss
-    stats = prep.stats
-    stats["log_z_mean"] = _mean_over(log_z_vec, prep.valid)
-    stats["residual_mean"] = _mean_over(delta, prep.valid)
-    stats["residual_abs_mean"] = _mean_over(delta.abs(), prep.valid)
-    stats["loss"] = loss.detach() if reduction != "none" else _mean_over(per_sequence, prep.valid)
+    stats = _base_stats(terms, logprobs, ref_logprobs, m, opts.length_normalization)
+    rows = terms.contributes
+    stats["log_z_mean"] = _mean_over(log_z_vec.to(dtype), rows)
+    stats["residual_mean"] = _mean_over(delta, rows)
+    stats["residual_abs_mean"] = _mean_over(delta.abs(), rows)
+    stats["loss"] = loss.detach() if opts.reduction != "none" else _mean_over(per_sequence, rows)
     return loss, stats
 
 
@@ -305,19 +398,20 @@ def reverse_kl_surrogate(
     rewards: torch.Tensor,
     mask: torch.Tensor,
     *,
-    beta: float = DEFAULT_BETA,
+    beta: float = 15.0,
     baseline: torch.Tensor | float | None = None,
     old_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
-    importance_weights: ImportanceMode | None = None,
-    eps_low: float = DEFAULT_EPS_LOW,
-    eps_high: float = DEFAULT_EPS_HIGH,
-    max_weight: float = DEFAULT_MAX_WEIGHT,
-    tis_cap: float = DEFAULT_TIS_CAP,
+    importance_weights: str | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    max_weight: float = 10.0,
+    tis_cap: float = 2.0,
     length_normalization: bool = False,
-    reduction: SequenceReduction = "mean",
+    reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
     return_stats: bool = False,
+    strict: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Score-function surrogate whose gradient estimates ``grad KL(pi_theta || pi_ref exp(beta r) / Z)``.
 
@@ -328,41 +422,63 @@ def reverse_kl_surrogate(
     is not the KL; ``return_stats`` reports the KL estimate ``mean_i (l_i - l_ref_i - beta r_i)`` (up to
     ``log Z``) as ``"kl_estimate"``.
 
-    Args mirror `trajectory_balance_loss`; ``baseline`` is a float or a ``[B]``/``[B, 1]`` tensor
-    (detached), and ``length_normalization`` defaults to False here, the exact KL.
+    Args mirror [`trajectory_balance_loss`][flowloss.trajectory_balance_loss]; ``baseline`` is a float or a
+    ``[B]``/``[B, 1]`` tensor (detached), and ``length_normalization`` defaults to False here, the exact KL.
     """
-    require_tensor("logprobs", logprobs)
-    require_ndim("logprobs", logprobs, (2,), "a [B, T] tensor of token log-probs")
-    extra: list[tuple[str, torch.Tensor]] = []
-    if isinstance(baseline, torch.Tensor):
-        extra.append(("baseline", _as_sequence_vector("baseline", baseline, logprobs.shape[0]).detach()))
-    elif baseline is not None:
-        require_finite_number("baseline", baseline)
-    prep = _prepare(
-        logprobs=logprobs,
-        ref_logprobs=ref_logprobs,
-        rewards=rewards,
-        mask=mask,
-        extra=extra,
+    opts = resolve_options(
         beta=beta,
-        old_logprobs=old_logprobs,
-        rollout_logprobs=rollout_logprobs,
         importance_weights=importance_weights,
         eps_low=eps_low,
         eps_high=eps_high,
         max_weight=max_weight,
         tis_cap=tis_cap,
-        token_clip_mask=False,
         length_normalization=length_normalization,
+        reduction=reduction,
     )
-    dtype = prep.seq_logprobs.dtype
-    log_ratio = prep.seq_logprobs.detach() - prep.seq_ref_logprobs - beta * prep.rewards
-    b = extra[0][1].to(dtype) if extra else (float(baseline) if baseline is not None else 0.0)
-    per_sequence = prep.weights * (log_ratio - b) * prep.seq_logprobs
-    loss = reduce_sequences(per_sequence, prep.valid, reduction=reduction, normalizer=normalizer)
+    return_stats = as_flag("return_stats", return_stats)
+    strict = is_strict(strict)
+    require_float_tensor("logprobs", logprobs)
+    require_ndim("logprobs", logprobs, (2,), "a [B, T] tensor of token log-probs")
+    extra: list[tuple[str, torch.Tensor]] = []
+    baseline_value = 0.0
+    if isinstance(baseline, torch.Tensor):
+        extra.append(("baseline", _as_sequence_vector("baseline", baseline, logprobs.shape[0]).detach()))
+    elif baseline is not None:
+        baseline_value = as_number("baseline", baseline)
+    m = _check_inputs(logprobs, ref_logprobs, rewards, mask, old_logprobs, rollout_logprobs, extra, strict)
+    mode = opts.resolved_importance_weights(old_logprobs is not None)
+    if mode != "none" and old_logprobs is None:
+        raise ValueError(f"`importance_weights={mode!r}` needs `old_logprobs` (got None)")
+    norm = check_normalizer(normalizer, strict=strict)
+    dtype = accumulation_dtype(logprobs, ref_logprobs, rewards, *(t for _, t in extra))
+    terms = _sequence_terms(
+        logprobs,
+        ref_logprobs,
+        rewards,
+        m,
+        old_logprobs,
+        rollout_logprobs,
+        mode=mode,
+        eps_low=opts.eps_low,
+        eps_high=opts.eps_high,
+        max_weight=opts.max_weight,
+        tis_cap=opts.tis_cap,
+        token_clip_mask=False,
+        length_normalization=opts.length_normalization,
+        dtype=dtype,
+        difference=False,
+    )
+    assert terms.seq_ref_logprobs is not None
+    log_ratio = terms.seq_logprobs.detach() - terms.seq_ref_logprobs - opts.beta * terms.rewards
+    b = extra[0][1].to(dtype) if extra else baseline_value
+    per_sequence = (log_ratio - b) * terms.seq_logprobs
+    if terms.weights is not None:
+        per_sequence = terms.weights * per_sequence
+    loss = apply_reduction(per_sequence, terms.contributes, terms.counted, opts.reduction, norm)
     if not return_stats:
         return loss
-    stats = prep.stats
-    stats["kl_estimate"] = _mean_over(prep.weights * log_ratio, prep.valid)
-    stats["loss"] = loss.detach() if reduction != "none" else _mean_over(per_sequence, prep.valid)
+    stats = _base_stats(terms, logprobs, ref_logprobs, m, opts.length_normalization)
+    weighted = log_ratio if terms.weights is None else terms.weights * log_ratio
+    stats["kl_estimate"] = _mean_over(weighted, terms.contributes)
+    stats["loss"] = loss.detach() if opts.reduction != "none" else _mean_over(per_sequence, terms.contributes)
     return loss, stats

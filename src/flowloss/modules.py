@@ -1,75 +1,45 @@
 """``nn.Module`` twins of the losses: options fixed once at construction, tensors per call.
 
-``TrajectoryBalanceLoss(beta=15.0, importance_weights="sequence_clipped")(logprobs, ref_logprobs, r_hat,
-log_z, mask, old_logprobs=old)`` is exactly [`trajectory_balance_loss`][flowloss.trajectory_balance_loss] with
-those options. The
-options are checked when the module is built, so a typo in a config fails at start-up, not at the first step.
+``TrajectoryBalanceLoss(FlowRLOptions(beta=15.0))(logprobs, ref_logprobs, r_hat, log_z, mask, old_logprobs=old)``
+is exactly [`trajectory_balance_loss`][flowloss.trajectory_balance_loss] with those options (keyword options
+work too: ``TrajectoryBalanceLoss(beta=15.0)``). The options are checked when the module is built, so a typo in
+a config fails at start-up, not at the first step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from flowloss._validation import require_choice, require_finite_number
-from flowloss.importance import IMPORTANCE_MODES, check_importance_options
-from flowloss.losses import reverse_kl_surrogate, trajectory_balance_loss
-from flowloss.penalties import check_penalty
+from flowloss.losses import resolve_options, reverse_kl_surrogate, trajectory_balance_loss
+from flowloss.options import FlowRLOptions
 
-_PER_CALL = ("old_logprobs", "rollout_logprobs", "normalizer", "baseline")
+_PER_CALL = ("old_logprobs", "rollout_logprobs", "normalizer", "baseline", "return_stats", "strict")
 
 
-def _check_common(options: dict[str, Any]) -> None:
+def _refuse_per_call(options: Mapping[str, Any]) -> None:
     for name in _PER_CALL:
         if name in options:
             raise TypeError(f"`{name}` is a per-call tensor/value: pass it to forward(), not to the constructor")
-    require_finite_number("beta", options.get("beta", 15.0))
-    mode = options.get("importance_weights")
-    if mode is not None:
-        require_choice("importance_weights", mode, IMPORTANCE_MODES)
-    check_importance_options(
-        mode or "none",
-        options.get("eps_low", 0.2),
-        options.get("eps_high", 0.28),
-        options.get("max_weight", 10.0),
-        options.get("tis_cap", 2.0),
-    )
-    require_choice("reduction", options.get("reduction", "mean"), ("mean", "sum", "none"))
 
 
-class _LossModule(nn.Module):
-    """Options of ``function`` checked and fixed at construction; ``forward`` passes tensors and per-call values."""
+class TrajectoryBalanceLoss(nn.Module):
+    """Module form of [`trajectory_balance_loss`][flowloss.trajectory_balance_loss].
 
-    function: Callable[..., Any]
+    Build it from a [`FlowRLOptions`][flowloss.FlowRLOptions], a mapping (e.g. a Hydra node) and/or keyword
+    options; ``self.options`` holds the validated object. ``forward`` takes the tensors and the per-call
+    values (``old_logprobs``, ``rollout_logprobs``, ``normalizer``, ``return_stats``, ``strict``).
+    """
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, options: FlowRLOptions | Mapping[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__()
-        _check_common(options)
-        unknown = set(options) - set(self.function.__kwdefaults__)
-        if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)} for {self.function.__name__}")
-        self.options = options
-
-    def _call(self, *tensors: torch.Tensor, **per_call: Any) -> Any:
-        return type(self).function(*tensors, **{**self.options, **per_call})
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
-
-class TrajectoryBalanceLoss(_LossModule):
-    """Module form of [`trajectory_balance_loss`][flowloss.trajectory_balance_loss]; keyword options as there."""
-
-    function = staticmethod(trajectory_balance_loss)
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        check_penalty(
-            options.get("penalty", "squared"), options.get("linex_alpha", 1.0), options.get("huber_delta", 1.0)
-        )
+        _refuse_per_call(overrides)
+        if isinstance(options, Mapping):
+            _refuse_per_call(options)
+        self.options = FlowRLOptions.from_any(options, **overrides)
 
     def forward(
         self,
@@ -78,16 +48,57 @@ class TrajectoryBalanceLoss(_LossModule):
         rewards: torch.Tensor,
         log_z: torch.Tensor,
         mask: torch.Tensor,
-        **per_call: Any,
+        *,
+        old_logprobs: torch.Tensor | None = None,
+        rollout_logprobs: torch.Tensor | None = None,
+        normalizer: float | torch.Tensor | None = None,
+        return_stats: bool = False,
+        strict: bool | None = None,
+        **overrides: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``per_call``: ``old_logprobs``, ``rollout_logprobs``, ``normalizer`` (or any option to override)."""
-        return self._call(logprobs, ref_logprobs, rewards, log_z, mask, **per_call)
+        """The loss with ``self.options``; ``overrides`` replace options for this call only."""
+        options = self.options.replace(**overrides) if overrides else self.options
+        return trajectory_balance_loss(
+            logprobs,
+            ref_logprobs,
+            rewards,
+            log_z,
+            mask,
+            old_logprobs=old_logprobs,
+            rollout_logprobs=rollout_logprobs,
+            normalizer=normalizer,
+            return_stats=return_stats,
+            strict=strict,
+            **options.to_dict(),
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.to_dict().items())
 
 
-class ReverseKLSurrogate(_LossModule):
+class ReverseKLSurrogate(nn.Module):
     """Module form of [`reverse_kl_surrogate`][flowloss.reverse_kl_surrogate]; keyword options as there."""
 
-    function = staticmethod(reverse_kl_surrogate)
+    _OPTIONS = (
+        "beta",
+        "importance_weights",
+        "eps_low",
+        "eps_high",
+        "max_weight",
+        "tis_cap",
+        "length_normalization",
+        "reduction",
+    )
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        _refuse_per_call(options)
+        unknown = sorted(set(options) - set(self._OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for reverse_kl_surrogate; known: {list(self._OPTIONS)}")
+        options.setdefault("length_normalization", False)  # the function's default (the exact KL)
+        resolve_options(**options)  # validated now, not at the first step
+        self.options = options
 
     def forward(
         self,
@@ -98,4 +109,7 @@ class ReverseKLSurrogate(_LossModule):
         **per_call: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``per_call``: ``baseline``, ``old_logprobs``, ``rollout_logprobs``, ``normalizer`` (or overrides)."""
-        return self._call(logprobs, ref_logprobs, rewards, mask, **per_call)
+        return reverse_kl_surrogate(logprobs, ref_logprobs, rewards, mask, **{**self.options, **per_call})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -10,28 +10,14 @@ the penalty keeps the loss scale (and Proposition 1 to first order) while changi
   ``k = huber_delta``).
 
 ``cosh``/``exp`` tails overflow to ``inf`` in float32 past ``|delta| ~ 88``: that is the true value out of range.
+The options are checked by `flowloss.FlowRLOptions`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from flowloss._validation import require_choice, require_finite_number
-
-Penalty = Literal["squared", "shifted_cosh", "linex", "huber"]
-PENALTIES: tuple[str, ...] = ("squared", "shifted_cosh", "linex", "huber")
-
-
-def check_penalty(penalty: str, linex_alpha: float, huber_delta: float) -> None:
-    require_choice("penalty", penalty, PENALTIES)
-    require_finite_number("linex_alpha", linex_alpha)
-    if linex_alpha == 0:
-        raise ValueError("`linex_alpha` must be non-zero (linex with a = 0 is the squared penalty)")
-    require_finite_number("huber_delta", huber_delta)
-    if huber_delta <= 0:
-        raise ValueError(f"`huber_delta` must be > 0, got {huber_delta!r}")
+from flowloss.options import PENALTIES, Penalty
 
 
 def apply_penalty(

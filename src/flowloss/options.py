@@ -1,0 +1,160 @@
+"""`FlowRLOptions`: the options of FlowRL's trajectory-balance loss, validated once, carried as one object.
+
+The fields are exactly the keyword options of [`trajectory_balance_loss`][flowloss.trajectory_balance_loss]
+(same names, same defaults), so ``trajectory_balance_loss(..., **options.to_dict())`` and
+``TrajectoryBalanceLoss(options)`` are the same loss, and every layer above (modules, adapters, the CLI) holds
+one object instead of re-listing the keywords. Per-call tensors (``old_logprobs``, ``rollout_logprobs``,
+``normalizer``) are not options.
+
+Defaults, with their sources (see ``docs/math.md``):
+
+================================  ==========================  ==================================================
+field                             default                     source
+================================  ==========================  ==================================================
+``beta``                          15.0                        authors' code and verl ``recipe/flowrl``
+``importance_weights``            None: ``"sequence_clipped"`` the paper's ``clip(pi/pi_old, 1-eps, 1+eps)``
+                                  with ``old_logprobs``, else
+                                  ``"none"``
+``eps_low`` / ``eps_high``        0.2 / 0.28                  verl recipe ``clip_ratio_low/high``
+``max_weight``                    10.0                        verl PR #4397 ("pure" recipe)
+``tis_cap``                       2.0                         verl ``tis_imp_ratio_cap``
+``token_clip_mask``               False                       verl PR #3924 (CISPO-style mask)
+``length_normalization``          True                        the paper (token-mean log-likelihoods)
+``penalty``                       ``"squared"``               trajectory balance
+``linex_alpha`` / ``huber_delta`` 1.0 / 1.0                   torchgfn's alternatives
+``reduction``                     ``"mean"``                  mean over valid sequences
+================================  ==========================  ==================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from flowloss._validation import as_flag, as_number, require_choice
+
+ImportanceMode = Literal["sequence_clipped", "sequence_capped", "sequence", "geometric_clipped", "none"]
+IMPORTANCE_MODES: tuple[str, ...] = ("sequence_clipped", "sequence_capped", "sequence", "geometric_clipped", "none")
+Penalty = Literal["squared", "shifted_cosh", "linex", "huber"]
+PENALTIES: tuple[str, ...] = ("squared", "shifted_cosh", "linex", "huber")
+SequenceReduction = Literal["mean", "sum", "none"]
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+
+# Largest float32: beta * r and the weights are computed in float32, so beta must at least be representable.
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_importance_bounds(eps_low: object, eps_high: object, max_weight: object, tis_cap: object) -> tuple:
+    """``(eps_low, eps_high, max_weight, tis_cap)`` as floats: ``eps_low`` in [0, 1), ``eps_high`` >= 0 finite,
+    the caps finite and > 0."""
+    return (
+        as_number("eps_low", eps_low, low=0.0, high=1.0, high_inclusive=False),
+        as_number("eps_high", eps_high, low=0.0),
+        as_number("max_weight", max_weight, low=0.0, low_inclusive=False),
+        as_number("tis_cap", tis_cap, low=0.0, low_inclusive=False),
+    )
+
+
+def check_beta(beta: object) -> float:
+    """A finite reward temperature whose magnitude fits float32 (``|beta| <= 3.4e38``)."""
+    value = as_number("beta", beta)
+    if abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"`beta` must be a finite number representable in float32 (|beta| <= 3.4e38), got {beta!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class FlowRLOptions:
+    """Options of FlowRL's trajectory-balance loss (see the module docstring for defaults and sources).
+
+    Built from keyword arguments (``FlowRLOptions(beta=10.0)``), a mapping or a namespace
+    (``FlowRLOptions.from_any(cfg)``, unknown keys refused); validated when built: numbers must be finite
+    and in range (numpy scalars are accepted and stored as float), flags must be bools (``"false"`` is
+    refused, not read as True), choices must be one of the listed strings.
+    """
+
+    beta: float = 15.0
+    importance_weights: ImportanceMode | None = None
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    max_weight: float = 10.0
+    tis_cap: float = 2.0
+    token_clip_mask: bool = False
+    length_normalization: bool = True
+    penalty: Penalty = "squared"
+    linex_alpha: float = 1.0
+    huber_delta: float = 1.0
+    reduction: SequenceReduction = "mean"
+
+    def __post_init__(self) -> None:
+        if self.importance_weights is not None:
+            require_choice("importance_weights", self.importance_weights, IMPORTANCE_MODES)
+        require_choice("penalty", self.penalty, PENALTIES)
+        require_choice("reduction", self.reduction, REDUCTIONS)
+        eps_low, eps_high, max_weight, tis_cap = check_importance_bounds(
+            self.eps_low, self.eps_high, self.max_weight, self.tis_cap
+        )
+        linex_alpha = as_number("linex_alpha", self.linex_alpha)
+        if linex_alpha == 0:
+            raise ValueError("`linex_alpha` must be non-zero (linex with a = 0 is the squared penalty)")
+        normalized = {
+            "beta": check_beta(self.beta),
+            "eps_low": eps_low,
+            "eps_high": eps_high,
+            "max_weight": max_weight,
+            "tis_cap": tis_cap,
+            "token_clip_mask": as_flag("token_clip_mask", self.token_clip_mask),
+            "length_normalization": as_flag("length_normalization", self.length_normalization),
+            "linex_alpha": linex_alpha,
+            "huber_delta": as_number("huber_delta", self.huber_delta, low=0.0, low_inclusive=False),
+        }
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_any(cls, value: FlowRLOptions | Mapping[str, Any] | Any | None = None, **overrides: Any) -> FlowRLOptions:
+        """Options from an instance, a mapping (dict, OmegaConf node), a namespace or None, then ``overrides``.
+
+        Unknown keys raise ``TypeError`` listing the known ones (a typo never passes silently).
+        """
+        if value is None:
+            items: dict[str, Any] = {}
+        elif isinstance(value, cls):
+            items = value.to_dict()
+        elif isinstance(value, Mapping):
+            items = dict(value)
+        elif hasattr(value, "__dict__"):
+            items = dict(vars(value))
+        else:
+            raise TypeError(f"FlowRL options must be a FlowRLOptions, a mapping or a namespace, got {value!r}")
+        items.update(overrides)
+        known = cls.field_names()
+        unknown = sorted(set(items) - set(known))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for FlowRLOptions; known: {sorted(known)}")
+        return cls(**items)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{name: value}`` of every field: ``trajectory_balance_loss(..., **options.to_dict())``."""
+        return {name: getattr(self, name) for name in self.field_names()}
+
+    def replace(self, **changes: Any) -> FlowRLOptions:
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def resolved_importance_weights(self, has_old_logprobs: bool) -> str:
+        """The weight mode in effect: ``importance_weights``, or its default given whether ``old_logprobs`` exist."""
+        if self.importance_weights is not None:
+            return self.importance_weights
+        return "sequence_clipped" if has_old_logprobs else "none"
+
+
+DEFAULT_OPTIONS = FlowRLOptions()
