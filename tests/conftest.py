@@ -84,3 +84,17 @@ def close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: fl
             f"{a.flatten()[worst].item():.10g}, expected {e.flatten()[worst].item():.10g}); "
             f"tolerance atol={atol:.1e} rtol={rtol:.1e}"
         )
+
+
+def op_node(output: torch.Tensor):
+    """The autograd node of the flowloss custom op behind ``output`` (searched through views/where nodes)."""
+    seen, todo = set(), [output.grad_fn]
+    while todo:
+        node = todo.pop(0)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "flowloss" in type(node).__name__:
+            return node
+        todo.extend(n for n, _ in node.next_functions)
+    raise AssertionError(f"no flowloss op in the autograd graph of {output.grad_fn}")

@@ -115,7 +115,13 @@ def as_temperature(value: object) -> float:
 
     Smaller values (``1e-45``) round to 0 in the float32 kernels and would silently give NaN.
     """
-    return as_number("temperature", value, low=torch.finfo(torch.float32).tiny)
+    try:
+        return as_number("temperature", value, low=torch.finfo(torch.float32).tiny)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"`temperature` must be a finite number > 0 (at least 2**-126, the smallest normal float32), "
+            f"got {value!r}"
+        ) from err
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flowloss import reference, trajectory_balance_loss
-from flowloss.ops.fused_linear import default_fused_chunk_rows, token_logprobs_from_hidden
+from flowloss.ops.chunked import default_fused_chunk_rows
+from flowloss.ops.fused_linear import token_logprobs_from_hidden
 from flowloss.ops.token_logprobs import token_logprobs
-from tests.conftest import close
+from tests.conftest import close, op_node
 
 F64 = torch.float64
 EPS32 = torch.finfo(torch.float32).eps
@@ -147,10 +148,7 @@ def test_saved_state_has_no_logits():
     hidden = torch.randn(6, 4, requires_grad=True)
     weight = torch.randn(100, 4, requires_grad=True)
     logp = token_logprobs_from_hidden(hidden, weight, torch.randint(0, 100, (6,)))
-    node = logp.grad_fn
-    while not hasattr(node, "saved_tensors"):
-        node = node.next_functions[0][0]
-    saved = [t for t in node.saved_tensors if t is not None]
+    saved = [t for t in op_node(logp).saved_tensors if t is not None]
     assert any(t.data_ptr() == weight.data_ptr() for t in saved)
     assert all(t.numel() <= max(hidden.numel(), weight.numel()) for t in saved)
     assert not any(t.shape == (6, 100) for t in saved)
@@ -166,6 +164,7 @@ def test_only_requested_gradients_are_computed():
 def test_default_chunk_rows():
     assert default_fused_chunk_rows(151936) == 64  # the matmul floor at large V
     assert default_fused_chunk_rows(32000) == 32 * 2**20 // (4 * 32000)
+    assert default_fused_chunk_rows(151936, "cuda") == 512 * 2**20 // (4 * 151936)  # GPU: larger GEMMs
 
 
 def test_end_to_end_trajectory_balance_through_fused_head():
@@ -218,7 +217,8 @@ def test_rejects_bad_shapes():
 def test_rejects_bad_values_and_options():
     h, w = torch.zeros(2, 3), torch.zeros(5, 3)
     with pytest.raises(ValueError, match=r"`labels` must be in \[0, V=5\)"):
-        token_logprobs_from_hidden(h, w, torch.tensor([0, 5]))
+        token_logprobs_from_hidden(h, w, torch.tensor([0, 5]), strict=True)
+    assert token_logprobs_from_hidden(h, w, torch.tensor([0, 5]))[1].isnan()  # default: NaN, no host sync
     with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
         token_logprobs_from_hidden(h, w, torch.tensor([0, 1]), temperature=0.0)
     with pytest.raises(ValueError, match="`chunk_size` must be None or an int >= 1"):

@@ -10,6 +10,7 @@ Skipped positions (``ignore_index`` or ``mask == 0``) give 0 and a zero gradient
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -19,13 +20,10 @@ from hypothesis import strategies as st
 
 from flowloss import reference, trajectory_balance_loss
 from flowloss.bench.memory import peak_extra_bytes
-from flowloss.ops.token_logprobs import (
-    DEFAULT_CHUNK_BYTES,
-    default_chunk_rows,
-    resolve_impl,
-    token_logprobs,
-)
-from tests.conftest import close
+from flowloss.ops.chunked import DEFAULT_CHUNK_BYTES, default_chunk_rows
+from flowloss.ops.dispatch import resolve_impl
+from flowloss.ops.token_logprobs import token_logprobs
+from tests.conftest import close, op_node
 
 F64 = torch.float64
 EPS32 = torch.finfo(torch.float32).eps
@@ -277,10 +275,7 @@ def test_non_viewable_slice_is_not_copied_and_matches():
     labels = torch.randint(0, 11, (3, 5))
     g = torch.randn(3, 5)
     logp = token_logprobs(big[:, :-1], labels, chunk_size=2, temperature=0.9)
-    node = logp.grad_fn
-    while not hasattr(node, "saved_tensors"):
-        node = node.next_functions[0][0]
-    saved_logits = node.saved_tensors[0]
+    saved_logits = op_node(logp).saved_tensors[0]
     assert saved_logits.data_ptr() == big.data_ptr() and saved_logits.stride() == big[:, :-1].stride()  # no copy
     (logp * g).sum().backward()
     ours = big.grad.clone()
@@ -294,10 +289,7 @@ def test_saved_state_is_o_of_n():
     """Forward keeps the logits by reference (no copy) plus O(N) vectors: nothing else of size N x V."""
     x = torch.randn(8, 300, requires_grad=True)
     logp, _ = token_logprobs(x, torch.randint(0, 300, (8,)), return_entropy=True, impl="chunked")
-    node = logp.grad_fn
-    while not hasattr(node, "saved_tensors"):  # past the reshape to labels' shape
-        node = node.next_functions[0][0]
-    saved = node.saved_tensors
+    saved = op_node(logp).saved_tensors
     assert saved[0].data_ptr() == x.data_ptr()
     assert all(t.numel() <= 8 for t in saved[1:])
 
@@ -390,11 +382,17 @@ def test_rejects_mismatched_shapes():
         token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), mask=torch.ones(3) > 0)
 
 
-def test_rejects_labels_out_of_range_unless_skipped():
+def test_labels_out_of_range_give_nan_or_are_refused_in_strict_mode():
     with pytest.raises(ValueError, match=r"`labels` must be in \[0, V=3\).*got 3 at position \(1,\)"):
-        token_logprobs(torch.zeros(2, 3), torch.tensor([0, 3]))
+        token_logprobs(torch.zeros(2, 3), torch.tensor([0, 3]), strict=True)
     with pytest.raises(ValueError, match=r"got -1"):
-        token_logprobs(torch.zeros(2, 3), torch.tensor([-1, 0]))
+        token_logprobs(torch.zeros(2, 3), torch.tensor([-1, 0]), strict=True)
+    # default: NaN for the bad row (never read out of bounds, no host synchronisation), others intact
+    x = torch.zeros(3, 3, requires_grad=True)
+    logp, h = token_logprobs(x, torch.tensor([0, 3, -5]), return_entropy=True)
+    assert logp[0].item() == pytest.approx(-math.log(3)) and logp[1:].isnan().all() and h[1:].isnan().all()
+    logp[0].backward()
+    assert torch.equal(x.grad[1:], torch.zeros(2, 3))
     # ignored (ignore_index) and masked positions may hold anything
     out = token_logprobs(torch.zeros(3, 3), torch.tensor([-100, 7, 1]), mask=torch.tensor([1, 0, 1]))
     assert out[0] == 0 and out[1] == 0
@@ -417,7 +415,7 @@ def test_rejects_bad_options():
     with pytest.raises(TypeError, match=r"`ignore_index` must be an int"):
         token_logprobs(x, y, ignore_index=-100.0)
     with pytest.raises(ValueError, match=r"`mask` must hold only 0/1"):
-        token_logprobs(x, y, mask=torch.tensor([0.5, 1.0]))
+        token_logprobs(x, y, mask=torch.tensor([0.5, 1.0]), strict=True)
 
 
 def test_rejects_device_mismatch():
@@ -586,11 +584,10 @@ def test_kept_row_of_all_neg_inf_logits_matches_the_triton_convention(want_entro
 def test_row_segments_tile_the_rows_and_skip_only_long_ignored_runs(flags, rows):
     """Blocks cover every row once, in order; a block marked skipped holds only ignored rows, and every
     ignored run of at least max(1, rows // 2) rows is skipped (so long padding is never read)."""
-    from flowloss.ops.token_logprobs import _row_blocks
+    from flowloss.ops._rows import row_blocks
 
     n = len(flags)
-    valid = torch.tensor(flags, dtype=torch.bool)
-    blocks = list(_row_blocks(torch.Size([n, 5]), True, rows, valid))
+    blocks = list(row_blocks(torch.Size([n, 5]), True, rows, flags))
     assert [b[0] for b in blocks] == sorted(b[0] for b in blocks)
     covered = [r for lo, hi, _, _ in blocks for r in range(lo, hi)]
     assert covered == list(range(n))
@@ -609,10 +606,10 @@ def test_row_segments_tile_the_rows_and_skip_only_long_ignored_runs(flags, rows)
 
 def test_row_blocks_of_a_non_flattenable_view_stay_inside_each_sequence():
     """logits[:, :-1] of a [B, T+1, V] tensor cannot be flattened: blocks are (b, slice) of one sequence."""
-    from flowloss.ops.token_logprobs import _row_blocks
+    from flowloss.ops._rows import row_blocks
 
     valid = torch.tensor([1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1], dtype=torch.bool)  # B=3, T=4
-    blocks = list(_row_blocks(torch.Size([3, 4, 7]), False, 4, valid))
+    blocks = list(row_blocks(torch.Size([3, 4, 7]), False, 4, valid.tolist()))
     for lo, hi, (b, sl), _ in blocks:
         assert lo // 4 == b == (hi - 1) // 4 and (sl.start, sl.stop) == (lo - 4 * b, hi - 4 * b)
     assert [(lo, hi, kept) for lo, hi, _, kept in blocks] == [

@@ -1,1 +1,8 @@
-"""ops"""
+"""Per-token log-prob ops, one job per module.
+
+* ``token_logprobs`` / ``fused_linear``: the public functions (validation, label resolution, dispatch);
+* ``library``: the ``torch.library`` custom ops and their autograd (what ``torch.compile`` sees);
+* ``chunked``: the PyTorch row-block implementations; ``_block_math``: one block's math; ``_rows``: row blocks;
+* ``triton_logprobs`` (and ``triton_linear``): the Triton implementations, imported on first use;
+* ``dispatch``: ``impl=`` resolution and the one Triton-availability check.
+"""
