@@ -7,7 +7,7 @@ CONSTRAINTS ?= .ci/constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 export HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: setup bench test lint test-core test-kernels test-adapters docs clean
+.PHONY: setup bench test lint test-core test-kernels test-adapters test-gpu docs clean
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test-core: setup
 # Triton's interpreter must be switched on before triton is imported: a process of its own.
 test-kernels: setup
 	TRITON_INTERPRET=1 $(BIN)/pytest -q -m triton_interpreter --ignore=tests/adapters
+
+# On a CUDA machine: the kernel, op and loss tests on the GPU (the interpreter-marked tests run on CUDA there),
+# plus the GPU-only lane (realistic shapes, no host sync, CUDA-graph capture). Fails when no GPU is visible.
+# GPU_PYTHON: a Python whose torch is a CUDA build (e.g. `make setup CONSTRAINTS=` then .venv/bin/python).
+GPU_PYTHON ?= python3
+test-gpu:
+	FLOWLOSS_REQUIRE_CUDA=1 HYPOTHESIS_PROFILE=dev $(GPU_PYTHON) -m pytest -q -p no:cacheprovider \
+		tests/kernels tests/ops tests/test_hot_path.py tests/test_losses.py
 
 # Framework adapters: one virtual environment per framework (their pins conflict), made by .ci/install-<fw>.sh.
 FRAMEWORKS := trl verl openrlhf

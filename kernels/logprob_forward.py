@@ -95,7 +95,8 @@ def _logprob_forward_kernel(
     # NaN/+inf logit (s = NaN) propagates as NaN instead of passing for a dead row. The guards keep the
     # arithmetic free of 0 * inf and 0 / 0 even in the discarded branch.
     live = s != 0.0
-    log2_s = tl.log2(tl.where(live, s, 1.0))
+    # s == 1 (one token holds all the mass, e.g. V = 1): log2(1) = 0 exactly, whatever the fast log2 rounds to.
+    log2_s = tl.where(s == 1.0, 0.0, tl.log2(tl.where(live, s, 1.0)))
     lse2 = tl.where(live, m + log2_s, float("-inf"))
     safe_label = tl.where(skip, 0, label)
     u_label = tl.load(row_ptr + safe_label, mask=~skip, other=0.0).to(tl.float32) * scale

@@ -17,6 +17,9 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+if os.environ.get("FLOWLOSS_REQUIRE_CUDA") == "1" and not torch.cuda.is_available():
+    raise RuntimeError("FLOWLOSS_REQUIRE_CUDA=1 (make test-gpu) but torch sees no CUDA device")
+
 # Absolute/relative tolerances per input dtype, against the float64 reference.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-10),

@@ -248,3 +248,18 @@ def test_clip_bounds_are_log1p():
         3.0,
         rel_tol=1e-6,
     )
+
+
+def test_pooling_selects_the_prompt_tokens_so_nan_padding_cannot_leak():
+    """0.1 multiplied by the mask: NaN/inf in padding made log Z NaN (and the loss blamed `log_z`)."""
+    hidden = torch.randn(2, 4, 3)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    clean = pool_prompt_hidden_states(hidden, mask)
+    poisoned = hidden.clone()
+    poisoned[0, 0] = float("nan")
+    poisoned[1, 2:] = float("inf")
+    leaf_h = poisoned.clone().requires_grad_()
+    pooled = pool_prompt_hidden_states(leaf_h, mask)
+    torch.testing.assert_close(pooled, clean)
+    pooled.sum().backward()
+    assert torch.isfinite(leaf_h.grad).all() and (leaf_h.grad[~mask] == 0).all()

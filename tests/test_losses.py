@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from flowloss import count_valid_sequences, ratio_clip_token_mask, reverse_kl_surrogate, trajectory_balance_loss
 from flowloss import reference as ref
-from flowloss import reverse_kl_surrogate, trajectory_balance_loss
 from tests.conftest import assert_close
 from tests.strategies import batches, f64_leaf, leaf
 
@@ -70,13 +72,18 @@ def test_trajectory_balance_matches_reference(
         reduction=reduction,
     )
     scale = _scale(batch, beta)
-    assert_close(loss, expected, dtype=batch.dtype, what="TB loss value", scale=scale * 1e-3)
     upstream = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    if expected.requires_grad:
+        (expected * upstream).sum().backward()
+        # Inputs whose exact gradient does not fit the leaf's dtype (a float16 linex tail can reach 7e4 > 65504)
+        # are outside what that dtype can represent: not a case to compare.
+        biggest = max(lp64.grad.abs().max().item(), lz64.grad.abs().max().item())
+        assume(biggest < torch.finfo(batch.dtype).max / 2)
+    assert_close(loss, expected, dtype=batch.dtype, what="TB loss value", scale=scale * 1e-3)
     (loss * upstream.to(loss.dtype)).sum().backward()
     if not expected.requires_grad:  # every row empty: the loss is the constant 0
         assert not lp.grad.any() and not lz.grad.any()
         return
-    (expected * upstream).sum().backward()
     assert_close(lp.grad, lp64.grad, dtype=batch.dtype, what="dloss/dlogprobs", scale=scale**0.5 * 1e-2, grad=True)
     assert_close(lz.grad, lz64.grad, dtype=batch.dtype, what="dloss/dlog_z", scale=scale**0.5 * 1e-2, grad=True)
     assert loss.dtype == (torch.float64 if batch.dtype == torch.float64 else torch.float32)
@@ -294,3 +301,92 @@ def test_module_twins_equal_the_functions_and_check_options_at_construction():
         TrajectoryBalanceLoss(betta=15.0)
     with pytest.raises(TypeError, match="`old_logprobs` is a per-call"):
         TrajectoryBalanceLoss(old_logprobs=old)
+
+
+@given(
+    batch=batches(dtypes=(torch.float64, torch.float32)),
+    mode=st.sampled_from(MODES[1:]),
+    eps=st.sampled_from([(0.2, 0.28), (0.05, 0.5), (0.4, 0.1)]),
+    length_normalization=st.booleans(),
+)
+def test_token_clip_mask_matches_reference(batch, mode, eps, length_normalization):
+    """CISPO mask (verl PR #3924) against the float64 loop reference: kept tokens enter the means and the weight;
+    N counts every row with a token in `mask` (a fully clipped row contributes 0 but is counted)."""
+    eps_low, eps_high = eps
+    lp, lz = leaf(batch.logprobs), leaf(batch.log_z)
+    old = batch.old_logprobs
+    loss = trajectory_balance_loss(
+        lp, batch.ref_logprobs, batch.rewards, lz, batch.mask, beta=1.5, old_logprobs=old,
+        importance_weights=mode, eps_low=eps_low, eps_high=eps_high, token_clip_mask=True,
+        length_normalization=length_normalization,
+    )
+    kept = ref.ratio_clip_token_mask(batch.logprobs, old, batch.rewards, batch.mask, eps_low=eps_low, eps_high=eps_high)
+    assert torch.equal(
+        kept,
+        ratio_clip_token_mask(batch.logprobs, old, batch.rewards, batch.mask, eps_low=eps_low, eps_high=eps_high),
+    )
+    weights = ref.importance_weights(batch.logprobs, old, kept, mode=mode, eps_low=eps_low, eps_high=eps_high)
+    lp64, lz64 = f64_leaf(batch.logprobs), f64_leaf(batch.log_z)
+    expected = ref.trajectory_balance_loss(
+        lp64, batch.ref_logprobs, batch.rewards, lz64, batch.mask, beta=1.5, weights=weights,
+        length_normalization=length_normalization, kept=kept,
+    )
+    scale = _scale(batch, 1.5)
+    assert_close(loss, expected, dtype=batch.dtype, what="TB loss with the token clip mask", scale=scale * 1e-3)
+    loss.backward()
+    if expected.requires_grad:
+        expected.backward()
+        assert_close(lp.grad, lp64.grad, dtype=batch.dtype, what="d/dlogprobs (clip mask)", scale=scale**0.5 * 1e-2,
+                     grad=True)
+        assert_close(lz.grad, lz64.grad, dtype=batch.dtype, what="d/dlog_z (clip mask)", scale=scale**0.5 * 1e-2,
+                     grad=True)
+
+
+def test_token_clip_mask_keeps_micro_batches_additive():
+    """Rows whose tokens are all clipped stay in N: micro-batches with normalizer=count_valid_sequences(mask) of
+    the whole batch add up to the whole batch (0.1 counted them out: 288.0 vs 144.0 on this example)."""
+    lp = torch.tensor([[-1.0, -1.0], [-2.0, -2.0], [-1.0, -3.0], [-2.0, -1.0]], dtype=torch.float64)
+    old = lp - torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)  # ratio e
+    r = torch.tensor([1.0, 1.0, 1.0, -1.0], dtype=torch.float64)  # rows 0 and 2: every token clipped
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    zeros = torch.zeros(4, 2, dtype=torch.float64)
+    lz = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+
+    def loss(rows, normalizer=None):
+        return trajectory_balance_loss(
+            lp[rows], zeros[rows], r[rows], lz[rows], mask[rows], old_logprobs=old[rows], token_clip_mask=True,
+            normalizer=normalizer,
+        )
+
+    full = loss(slice(0, 4))
+    (g_full,) = torch.autograd.grad(full, lz)
+    n = count_valid_sequences(mask)
+    parts = loss(slice(0, 2), n) + loss(slice(2, 4), n)
+    (g_parts,) = torch.autograd.grad(parts, lz)
+    torch.testing.assert_close(parts, full)
+    torch.testing.assert_close(g_parts, g_full)
+    assert full.item() == pytest.approx((15 + 2) ** 2 / 4 + (-15 + 1.5) ** 2 / 4)  # rows 1 and 3 over N = 4
+
+
+def test_ratio_clip_token_mask_at_and_between_the_thresholds():
+    """eps_low != eps_high, ratios exactly on, just past and between the bounds (float64): kills the mutants
+    that swap eps_low/eps_high or turn `>` into `>=`."""
+    eps_low, eps_high = 0.1, 0.5
+    hi, lo = math.log1p(eps_high), math.log1p(-eps_low)
+    log_ratio = torch.tensor(
+        [[hi, math.nextafter(hi, 1.0), 0.3, lo, math.nextafter(lo, -1.0), -0.2, 0.2]], dtype=torch.float64
+    ).repeat(2, 1)
+    advantages = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    mask = torch.ones_like(log_ratio, dtype=torch.bool)
+    kept = ratio_clip_token_mask(log_ratio, torch.zeros_like(log_ratio), advantages, mask, eps_low=eps_low,
+                                 eps_high=eps_high)
+    # A > 0 drops only ratios above 1 + eps_high; A < 0 drops only ratios below 1 - eps_low
+    assert kept[0].tolist() == [True, False, True, True, True, True, True]
+    assert kept[1].tolist() == [True, True, True, True, False, False, True]
+    expected = ref.ratio_clip_token_mask(log_ratio, torch.zeros_like(log_ratio), advantages, mask,
+                                         eps_low=eps_low, eps_high=eps_high)
+    assert torch.equal(kept, expected)
+    # A = 0 keeps everything; masked tokens stay out
+    none = ratio_clip_token_mask(log_ratio[:1] * 100, torch.zeros(1, 7, dtype=torch.float64),
+                                 torch.zeros(1, dtype=torch.float64), mask[:1].clone().fill_(True))
+    assert none.all()

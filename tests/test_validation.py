@@ -6,15 +6,20 @@ import pytest
 import torch
 
 from flowloss import (
+    FlowRLOptions,
     LogZHead,
     LogZTable,
+    ReverseKLSurrogate,
+    TrajectoryBalanceLoss,
     clipped_importance_weights,
     group_normalize_rewards,
     pool_prompt_hidden_states,
+    ratio_clip_token_mask,
     reduce_sequences,
     reverse_kl_surrogate,
     strict_mode,
     token_logprobs,
+    token_logprobs_from_hidden,
     trajectory_balance_loss,
     vargrad_log_z,
 )
@@ -213,3 +218,81 @@ def test_masked_padding_may_hold_anything():
     loss = trajectory_balance_loss(lp, args["ref_logprobs"], args["rewards"], args["log_z"], args["mask"])
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Options are read exactly: a flag must be a bool, a number a real number (numpy scalars welcome)
+
+
+@pytest.mark.parametrize("name", ["length_normalization", "token_clip_mask"])
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None])
+def test_flags_are_bools_not_truthy(name, value):
+    """`length_normalization="false"` used to mean True; now it is refused everywhere the option is taken."""
+    with pytest.raises(TypeError, match=f"`{name}` must be a bool"):
+        call(**{name: value})
+    with pytest.raises(TypeError, match=f"`{name}` must be a bool"):
+        TrajectoryBalanceLoss(**{name: value})
+    with pytest.raises(TypeError, match=f"`{name}` must be a bool"):
+        FlowRLOptions.from_any({name: value})
+
+
+def test_other_flags_are_bools_too():
+    x, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    for kwargs in (dict(return_entropy="yes"), dict(inplace_backward=1)):
+        with pytest.raises(TypeError, match="must be a bool"):
+            token_logprobs(x, y, **kwargs)
+    with pytest.raises(TypeError, match="`return_stats` must be a bool"):
+        call(return_stats="no")
+    with pytest.raises(TypeError, match="`length_normalization` must be a bool"):
+        ReverseKLSurrogate(length_normalization="false")
+    with pytest.raises(TypeError, match="`strict` must be None or a bool"):
+        call(strict="yes")
+
+
+def test_numpy_scalars_are_numbers():
+    """`temperature=np.float32(0.7)` was refused; numpy scalars now mean what their value says."""
+    np = pytest.importorskip("numpy")
+    x, y = torch.randn(3, 5), torch.randint(0, 5, (3,))
+    torch.testing.assert_close(token_logprobs(x, y, temperature=np.float32(0.7)), token_logprobs(x, y, temperature=0.7))
+    def seeded(**options):
+        torch.manual_seed(0)
+        return call(**options)
+
+    torch.testing.assert_close(seeded(beta=np.float64(2.0), eps_low=np.float32(0.25)), seeded(beta=2.0, eps_low=0.25))
+    assert FlowRLOptions(beta=np.int64(3)).beta == 3.0 and type(FlowRLOptions(beta=np.int64(3)).beta) is float
+    assert call(token_clip_mask=np.bool_(False)).isfinite()
+
+
+@pytest.mark.parametrize(
+    ("fn", "error", "match"),
+    [
+        # 1e-45 rounds to 0 in float32: it used to give NaN
+        (lambda: token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), temperature=1e-45),
+         ValueError, "`temperature` must be a finite number > 0"),
+        (lambda: token_logprobs_from_hidden(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, dtype=torch.long),
+                                            temperature=1e-45), ValueError, "`temperature`"),
+        # beta beyond float32: NaN before
+        (lambda: reverse_kl_surrogate(torch.zeros(B, T), torch.zeros(B, T), torch.ones(B), torch.ones(B, T),
+                                      beta=1e300), ValueError, "`beta` must be a finite number representable"),
+        (lambda: call(beta=1e300), ValueError, "`beta`"),
+        # a bad normalizer is refused whatever the reduction
+        (lambda: call(reduction="none", normalizer=0), ValueError, "`normalizer` must be a finite positive"),
+        (lambda: call(reduction="sum", normalizer=-1.0), ValueError, "`normalizer`"),
+        # an int64-overflowing ignore_index: a clear error, not a raw OverflowError
+        (lambda: token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), ignore_index=2**70),
+         ValueError, "`ignore_index` must fit in int64"),
+        # ratio_clip_token_mask checks its types
+        (lambda: ratio_clip_token_mask([[0.0]], torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1)),
+         TypeError, "`logprobs` must be a torch.Tensor"),
+        (lambda: ratio_clip_token_mask(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1),
+                                       torch.ones(1, 1)), TypeError, "`old_logprobs` must be a floating-point"),
+        (lambda: ratio_clip_token_mask(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long),
+                                       torch.ones(1, 1)), TypeError, "`advantages` must be a floating-point"),
+        (lambda: ratio_clip_token_mask(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1),
+                                       eps_high=-1.0), ValueError, "`eps_high`"),
+        (lambda: FlowRLOptions(beta=torch.tensor(1.0)), TypeError, "`beta` must be a Python number"),
+    ],
+)
+def test_extreme_or_ill_typed_values_are_refused_clearly(fn, error, match):
+    with pytest.raises(error, match=match):
+        fn()

@@ -31,9 +31,13 @@ def describe(t: torch.Tensor) -> str:
 # Python options (numbers, flags, choices): exact types, so that a config typo fails at once.
 
 
+def _is_numpy_bool(value: object) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
+
+
 def _is_real(value: object) -> bool:
-    # numpy floating/integer scalars are numbers.Real; bool and numpy.bool_ are refused as numbers.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+    # numpy floating/integer scalars are numbers.Real; bool and numpy bools are refused as numbers.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not _is_numpy_bool(value)
 
 
 def as_number(
@@ -84,7 +88,7 @@ def as_flag(name: str, value: object) -> bool:
     """``value`` if it is a bool (or numpy bool), else TypeError: ``"false"`` or ``0`` is never read as a flag."""
     if isinstance(value, bool):
         return value
-    if type(value).__name__ == "bool_":
+    if _is_numpy_bool(value):
         return bool(value)
     raise TypeError(f"`{name}` must be a bool (True/False), got {type(value).__name__} {value!r}")
 

@@ -87,6 +87,28 @@ def importance_weights(
     return torch.tensor(out, dtype=F64)
 
 
+def ratio_clip_token_mask(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+) -> torch.Tensor:
+    """Keep token ``t`` of row ``i`` unless ``A_i > 0`` and ``log(pi/pi_old) > log(1 + eps_high)``, or ``A_i < 0``
+    and ``log(pi/pi_old) < log(1 - eps_low)`` (a ratio exactly on a bound is kept); masked tokens stay out."""
+    kept = torch.zeros(mask.shape, dtype=torch.bool)
+    for i in range(mask.shape[0]):
+        a = float(advantages[i])
+        for t in _kept_tokens(mask[i]):
+            log_ratio = float(logprobs[i, t]) - float(old_logprobs[i, t])
+            too_high = a > 0 and log_ratio > math.log1p(eps_high)
+            too_low = a < 0 and log_ratio < math.log1p(-eps_low)
+            kept[i, t] = not (too_high or too_low)
+    return kept
+
+
 def penalty(delta: torch.Tensor, name: str, *, linex_alpha: float = 1.0, huber_delta: float = 1.0):
     if name == "squared":
         return delta**2
@@ -114,14 +136,20 @@ def trajectory_balance_loss(
     penalty_name: str = "squared",
     reduction: str = "mean",
     normalizer: float | None = None,
+    kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``sum_i w_i g(log Z_i + l_i - beta r_i - l_ref_i) / N`` over rows with at least one kept token."""
+    """``sum_i w_i g(log Z_i + l_i - beta r_i - l_ref_i) / N`` over rows with at least one kept token.
+
+    ``kept`` (default ``mask``): the tokens that enter the means (the token clip mask); ``N`` counts the rows
+    with a token in ``mask``, and a row with no kept token contributes 0.
+    """
     log_z = log_z.reshape(-1)
+    kept = mask if kept is None else kept
     per_seq = []
     valid = []
     for i in range(logprobs.shape[0]):
-        tokens = _kept_tokens(mask[i])
-        valid.append(bool(tokens))
+        tokens = _kept_tokens(kept[i])
+        valid.append(bool(_kept_tokens(mask[i])))
         lp = sum((logprobs[i, t].to(F64) for t in tokens), torch.zeros((), dtype=F64))
         ref = sum((ref_logprobs[i, t].to(F64) for t in tokens), torch.zeros((), dtype=F64))
         if length_normalization and tokens:
@@ -131,7 +159,7 @@ def trajectory_balance_loss(
         per_seq.append(w * penalty(delta, penalty_name) if tokens else torch.zeros((), dtype=F64))
     stacked = torch.stack(per_seq)
     if reduction == "none":
-        return stacked
+        return stacked if normalizer is None else stacked / normalizer
     total = stacked.sum()
     if normalizer is not None:
         return total / normalizer

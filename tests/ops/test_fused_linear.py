@@ -198,7 +198,7 @@ def test_rejects_bad_types():
         token_logprobs_from_hidden(torch.zeros(2, 3), None, torch.zeros(2, dtype=torch.long))
     with pytest.raises(TypeError, match="`hidden` must be a floating-point"):
         token_logprobs_from_hidden(torch.zeros(2, 3, dtype=torch.long), torch.zeros(4, 3), torch.zeros(2).long())
-    with pytest.raises(TypeError, match="`labels` must be an int32/int64"):
+    with pytest.raises(TypeError, match="`labels` must be an int32 or int64"):
         token_logprobs_from_hidden(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2))
 
 

@@ -42,7 +42,7 @@ def triton_module(kind: str = "logits") -> ModuleType:
     return importlib.import_module(_TRITON_MODULES[kind])
 
 
-def resolve_impl(impl: str, x: torch.Tensor, *, kind: str = "logits") -> str:
+def resolve_impl(impl: str, x: torch.Tensor, *, kind: str = "logits", name: str = "logits") -> str:
     """``"auto"`` -> ``"triton"`` for CUDA fp16/bf16/fp32 tensors when the kernels import, else ``"chunked"``.
 
     float64 stays on the chunked path (the kernels compute in fp32; float64 is for checking).
@@ -53,12 +53,12 @@ def resolve_impl(impl: str, x: torch.Tensor, *, kind: str = "logits") -> str:
     if impl == "triton":
         if x.dtype not in TRITON_DTYPES:
             raise TypeError(
-                f"`impl='triton'` needs float32, bfloat16 or float16 inputs, got {describe(x)}; use "
-                "impl='chunked' for float64"
+                f"`{name}` must be float32, bfloat16 or float16 for the Triton kernels (impl='triton'), got "
+                f"{describe(x)}; use impl='chunked' for float64"
             )
         if not x.is_cuda and not interpreter_on():
             raise ValueError(
-                f"`impl='triton'` needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter), got "
+                f"`impl='triton'` needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter), got `{name}` "
                 f"{describe(x)}; use impl='chunked' on CPU"
             )
         if not triton_available(kind):

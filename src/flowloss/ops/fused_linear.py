@@ -45,7 +45,7 @@ def _check(hidden, weight, bias, labels, mask, impl, chunk_size, strict) -> torc
     require_float_tensor("lm_head_weight", weight)
     require_tensor("labels", labels)
     if labels.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"`labels` must be an int32/int64 tensor of token ids, got {describe(labels)}")
+        raise TypeError(f"`labels` must be an int32 or int64 tensor of token ids, got {describe(labels)}")
     if weight.dim() != 2 or weight.shape[0] < 1:
         raise ValueError(f"`lm_head_weight` must be [V, H] with V >= 1 (nn.Linear layout), got {describe(weight)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -124,7 +124,7 @@ def token_logprobs_from_hidden(
                 f"{lm_head_weight.dtype}"
             )
         impl = "chunked"
-    chosen = resolve_impl(impl, hidden, kind="linear")
+    chosen = resolve_impl(impl, hidden, kind="linear", name="hidden")
     effective, bad = resolve_labels(
         labels, bool_mask, ignore_index=ignore_index, vocab=lm_head_weight.shape[0], strict=strict
     )

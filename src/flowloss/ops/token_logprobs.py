@@ -74,19 +74,33 @@ def resolve_labels(
     bad = kept & ~in_vocab
     if strict and bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])
+        value = int(labels[where])
+        flat = int(bad.reshape(-1).nonzero()[0, 0])
         raise ValueError(
             f"`labels` must be in [0, V={vocab}) or equal to ignore_index={ignore_index} (or be masked out); "
-            f"got {int(labels[where])} at position {where} of labels {describe(labels)}"
+            f"got {value} at position {where} (labels[{flat}] = {value}, {int(bad.sum())} bad label(s)) of "
+            f"labels {describe(labels)}"
         )
     effective = torch.where(kept & in_vocab, labels, labels.new_full((), -1)).reshape(-1).to(torch.int64)
     return effective, bad.reshape(-1)
 
 
 def _check_layout(logits: torch.Tensor, labels: torch.Tensor, flat_labels: bool) -> None:
-    if flat_labels:
-        ok = labels.dim() == 1 and logits.dim() in (2, 3) and logits.shape[:-1].numel() == labels.shape[0]
-    else:
-        ok = logits.dim() in (2, 3) and logits.dim() == labels.dim() + 1 and logits.shape[:-1] == labels.shape
+    if flat_labels:  # the kernels' own layout: flat labels [N] with [N, V] or a non-flattenable [B, T, V]
+        if logits.dim() not in (2, 3):
+            raise ValueError(
+                f"`logits` must be [N, V], or [B, T, V] (when it cannot be viewed as [B*T, V]), got {describe(logits)}"
+            )
+        if labels.dim() != 1:
+            raise ValueError(f"`labels` must be 1-D [N], got {describe(labels)}")
+        rows = logits.shape[:-1].numel()
+        if labels.shape[0] != rows:
+            raise ValueError(
+                f"`labels` must have one entry per row of `logits` ({rows}), got {describe(labels)} with "
+                f"logits {describe(logits)}"
+            )
+        return
+    ok = logits.dim() in (2, 3) and logits.dim() == labels.dim() + 1 and logits.shape[:-1] == labels.shape
     if not ok:
         raise ValueError(
             "`logits` must be [B, T, V] with `labels` [B, T], or [N, V] with `labels` [N]; got "
@@ -123,11 +137,11 @@ def run_token_logprobs(
     require_float_tensor("logits", logits)
     require_tensor("labels", labels)
     if labels.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"`labels` must be an int32/int64 tensor of token ids, got {describe(labels)}")
+        raise TypeError(f"`labels` must be an int32 or int64 tensor of token ids, got {describe(labels)}")
     _check_layout(logits, labels, flat_labels)
     vocab = logits.shape[-1]
     if vocab < 1:
-        raise ValueError(f"`logits` must have a vocabulary dimension V >= 1, got {describe(logits)}")
+        raise ValueError(f"`logits` must have at least one vocabulary column (V >= 1), got {describe(logits)}")
     temperature = as_temperature(temperature)
     return_entropy = as_flag("return_entropy", return_entropy)
     inplace_backward = as_flag("inplace_backward", inplace_backward)
@@ -152,7 +166,7 @@ def run_token_logprobs(
             f"`inplace_backward=True` needs rows that do not overlap in memory, got {describe(logits)} with "
             f"strides {logits.stride()}"
         )
-    chosen = resolve_impl(impl, logits)
+    chosen = resolve_impl(impl, logits, name="logits")
     effective, bad = resolve_labels(labels, bool_mask, ignore_index=ignore_index, vocab=vocab, strict=strict)
 
     if chosen == "reference":
@@ -227,8 +241,9 @@ def token_logprobs(
         paths), 0 with zero gradient at skipped positions; ``(logprobs, entropy)`` when ``return_entropy``.
         A kept row whose label is outside ``[0, V)`` gives NaN (its logits are never read). A kept row whose
         logits are all ``-inf`` has no distribution: log-prob ``-inf``, entropy 0, gradient ``g / T`` on the
-        label. With ``V = 1`` the only token is certain: log-prob 0 up to float32 rounding of ``z - lse`` (the
-        Triton kernel's base-2 round trip leaves about 1e-7), entropy 0, zero gradient.
+        label. With ``V = 1`` the only token is certain: log-prob 0 and entropy 0 (exactly on the chunked path;
+        on the Triton path up to the rounding of the GPU's fast ``exp2``/``log2``, at most ``2**-21``), and a
+        zero gradient up to the same rounding.
         Second derivatives (``create_graph=True``) are exact, computed on the full ``[N, V]`` logits.
     """
     logp, entropy = run_token_logprobs(

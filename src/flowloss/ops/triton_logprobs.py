@@ -115,6 +115,7 @@ def triton_token_logprobs(
     inplace_backward: bool = False,
     vocab_size: int | None = None,
     block_v: int = DEFAULT_BLOCK_V,
+    strict: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[`token_logprobs`][flowloss.token_logprobs] with ``impl="triton"`` and the kernels' tuning knob
     ``block_v`` (vocabulary columns per block, a power of two >= 16): flat ``labels [N]`` (with ``[N, V]`` or a
@@ -134,7 +135,7 @@ def triton_token_logprobs(
         inplace_backward=inplace_backward,
         vocab_size=vocab_size,
         block_v=block_v,
-        strict=None,
+        strict=strict,
         flat_labels=True,
     )
     return logp, (entropy if return_entropy else None)
