@@ -67,7 +67,7 @@ def check_importance_options(mode: str, eps_low: float, eps_high: float, max_wei
 
 def masked_token_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[B, T] -> [B]``: ``sum_t`` over ``mask``; masked entries are selected away (never multiplied by 0)."""
-    return torch.where(mask, values, values.new_zeros(())).sum(dim=-1)
+    return torch.where(mask, values, 0.0).sum(dim=-1)
 
 
 def log_weights(

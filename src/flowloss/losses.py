@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from flowloss._tensors import as_dtype, constant
 from flowloss._validation import (
     accumulation_dtype,
     as_bool_mask,
@@ -157,17 +158,17 @@ def _sequence_terms(
     ``difference=True`` folds the reference into one reduction, ``seq_logprobs = l_i - l_ref_i`` (what the
     TB residual needs; one pass fewer), and leaves ``seq_ref_logprobs`` None.
     """
-    r = rewards.detach().to(dtype)
+    r = constant(rewards, dtype)
     kept = m
     log_ratio = None
     if old_logprobs is not None:
-        old = old_logprobs.detach().to(dtype)
-        log_ratio = logprobs.detach().to(dtype) - old
+        old = constant(old_logprobs, dtype)
+        log_ratio = constant(logprobs, dtype) - old
         if token_clip_mask:
             kept = m & ~clip_drop_mask(log_ratio, r, eps_low=eps_low, eps_high=eps_high)
     lengths = kept.sum(dim=-1).to(dtype)
-    lp = logprobs.to(dtype)
-    ref = ref_logprobs.detach().to(dtype)
+    lp = as_dtype(logprobs, dtype)
+    ref = constant(ref_logprobs, dtype)
     if difference:
         seq_lp, seq_ref = masked_token_sum(lp - ref, kept), None
     else:
@@ -180,7 +181,7 @@ def _sequence_terms(
     if log_ratio is not None:
         rollout = None
         if rollout_logprobs is not None:
-            rollout = old_logprobs.detach().to(dtype) - rollout_logprobs.detach().to(dtype)  # type: ignore[union-attr]
+            rollout = old - constant(rollout_logprobs, dtype)
         iw = log_weights(
             log_ratio,
             kept,
@@ -206,8 +207,7 @@ def _sequence_terms(
 
 
 def _mean_over(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    values = values.detach()
-    return torch.where(rows, values, values.new_zeros(())).sum() / rows.sum().clamp_min(1)
+    return torch.where(rows, values.detach(), 0.0).sum() / rows.sum().clamp_min(1)
 
 
 def _base_stats(
@@ -376,7 +376,7 @@ def trajectory_balance_loss(
         difference=not return_stats,
     )
     diff = terms.seq_logprobs if terms.seq_ref_logprobs is None else terms.seq_logprobs - terms.seq_ref_logprobs
-    delta = log_z_vec.to(dtype) + diff - opts.beta * terms.rewards
+    delta = as_dtype(log_z_vec, dtype) + diff - opts.beta * terms.rewards
     per_sequence = apply_penalty(delta, opts.penalty, linex_alpha=opts.linex_alpha, huber_delta=opts.huber_delta)
     if terms.weights is not None:
         per_sequence = terms.weights * per_sequence

@@ -149,7 +149,7 @@ def apply_reduction(
 
     ``valid [B]``: rows whose term is kept (others are 0); ``counted [B]``: rows in the default count ``N``.
     """
-    kept = torch.where(valid, per_sequence, per_sequence.new_zeros(()))
+    kept = torch.where(valid, per_sequence, 0.0)
     if normalizer is not None:
         if isinstance(normalizer, torch.Tensor):
             normalizer = normalizer.detach().to(device=kept.device, dtype=kept.dtype).reshape(())
