@@ -9,7 +9,6 @@ module: the Triton modules are imported on first use.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from types import ModuleType
 
@@ -38,8 +37,15 @@ def triton_available(kind: str = "logits") -> bool:
 
 
 def triton_module(kind: str = "logits") -> ModuleType:
-    """The module holding the Triton ``forward``/``backward`` of ``kind`` (imported on first use)."""
-    return importlib.import_module(_TRITON_MODULES[kind])
+    """The module holding the Triton ``forward``/``backward`` of ``kind`` (imported on first use: importing it
+    imports triton)."""
+    if kind == "logits":
+        from flowloss.ops import triton_logprobs
+
+        return triton_logprobs
+    from flowloss.ops import triton_linear  # type: ignore[attr-defined]
+
+    return triton_linear
 
 
 def resolve_impl(impl: str, x: torch.Tensor, *, kind: str = "logits", name: str = "logits") -> str:
