@@ -54,7 +54,9 @@ def test_default_impls_end_to_end_json_table_png(tmp_path, capsys):
     ops = [c["op"] for c in report["cases"]]
     assert ops == ["logprobs", "loss", "fused_linear"]
     logprobs, loss, fused = report["cases"]
-    assert logprobs["min_bytes"] == {"fwd": 24 * 40 * 4, "fwdbwd": 3 * 24 * 40 * 4}
+    kept = 24 - logprobs["masked_rows"]  # bytes the op must move: kept rows read, every dlogits row written
+    assert logprobs["masked_rows"] > 0
+    assert logprobs["min_bytes"] == {"fwd": kept * 40 * 4, "fwdbwd": (2 * kept + 24) * 40 * 4}
     assert logprobs["copy_gbps"] > 0 and logprobs["masked_rows"] >= 0
     res = _results(logprobs)
     assert {"naive", "compile", "flowloss-chunked", "flowloss-triton", "trl", "verl", "openrlhf"} <= set(res)
@@ -165,6 +167,18 @@ def test_cuda_requested_without_cuda(capsys):
     assert main([*TINY, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "--device cuda was requested but CUDA is not available" in err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_unwritable_output_is_refused_before_the_run(flag, tmp_path, capsys, monkeypatch):
+    """`--json /missing/dir/x.json` used to run the whole benchmark, then die with a traceback."""
+    import flowloss.bench.runner as runner
+
+    monkeypatch.setattr(runner, "run_suite", lambda *a, **k: pytest.fail("the suite ran before the check"))
+    assert main([*TINY, flag, str(tmp_path / "missing" / "out.file")]) == 2
+    assert f"{flag} " in (err := capsys.readouterr().err) and "does not exist" in err
+    assert main([*TINY, flag, str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_console_script_unknown_option_fails():

@@ -98,6 +98,22 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def _unwritable(path: str | None) -> str | None:
+    """Why ``path`` cannot be written (a missing or read-only folder, a folder in its place), or None."""
+    import os
+
+    if not path:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"folder {folder} does not exist"
+    if os.path.isdir(path):
+        return "is a folder"
+    if not os.access(folder, os.W_OK):
+        return f"folder {folder} is not writable"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the suite; print the tables; write JSON / PNG when asked. 0 on success, 2 on bad options."""
     from flowloss._console import make_console
@@ -112,6 +128,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         errors.print(f"flowloss bench: error: {err}", style="red", markup=False, highlight=False)
         return 2
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = _unwritable(path)
+        if problem:  # found before the run, not after minutes of measuring
+            errors.print(f"flowloss bench: error: {flag} {path}: {problem}", style="red", markup=False, highlight=False)
+            return 2
     if args.plot:
         try:
             from flowloss.bench.plot import _require_matplotlib

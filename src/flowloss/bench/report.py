@@ -201,7 +201,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         console.print(case_table(case))
     console.print(
         "[dim]fwd: forward under no_grad; fwd+bwd: forward + backward with a random per-token gradient; "
-        "x naive: naive median / this median (fwd+bwd); GB/s from the minimum bytes (fwd+bwd: 3 N V s); "
+        "x naive: naive median / this median (fwd+bwd); GB/s from the bytes the op must move "
+        "(K kept of N rows: fwd K V s, fwd+bwd (2K + N) V s); "
         "% copy: of dst.copy_(logits) on this device; peak: extra tensor memory of fwd+bwd; "
         "err: max |x - float64 reference| of the log-probs / the input gradients.[/dim]"
     )
