@@ -83,11 +83,12 @@ def test_api_reference_documents_every_public_name(site):
     assert 'id="flowloss.reference.trajectory_balance_loss"' in html, "docs/api.md lacks flowloss.reference"
 
 
-def test_demo_plot_is_committed_small_and_used():
-    png = ROOT / "docs" / "img" / "demo.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert png.stat().st_size < 150_000, f"docs/img/demo.png is {png.stat().st_size} bytes (limit 150 KB)"
-    assert "img/demo.png" in (ROOT / "docs" / "demo.md").read_text(encoding="utf-8")
+@pytest.mark.parametrize(("png", "page"), [("demo.png", "demo.md"), ("bench-cpu.png", "benchmarks.md")])
+def test_plots_are_committed_small_and_used(png, page):
+    path = DOCS / "img" / png
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size < 150_000, f"docs/img/{png} is {path.stat().st_size} bytes (limit 150 KB)"
+    assert f"img/{png}" in (DOCS / page).read_text(encoding="utf-8")
 
 
 class _Page(HTMLParser):
