@@ -9,9 +9,10 @@ Run by hand (not in CI) after ``make docs``, then look at every image::
 
 Each page is cut into window-sized tiles, ``<page>-01.png``, ``<page>-02.png``, ... (``--full`` takes one tall
 image instead). The script also types a query into the search box of the first page and takes
-``search-<query>.png``, and prints every JavaScript error and failed resource load it sees: a page that works
-from disk prints none. Chromium is driven through its DevTools protocol on a pipe (``--remote-debugging-pipe``),
-so nothing but the standard library and the browser is needed.
+``search-<query>.png``. It prints every JavaScript error and failed resource load it sees, and every code block
+or table wider than the text column: a page that works from disk and fits the column prints none; the exit
+status is 1 when anything was printed. Chromium is driven through its DevTools protocol on a pipe
+(``--remote-debugging-pipe``), so nothing but the standard library and the browser is needed.
 """
 
 from __future__ import annotations
@@ -154,6 +155,20 @@ def problems(events: list[dict]) -> list[str]:
     return found
 
 
+OVERFLOW_JS = """
+[...document.querySelectorAll('.md-content pre > code, .md-typeset__table table')]
+  .filter(e => e.scrollWidth > e.clientWidth + 1 || e.getBoundingClientRect().right >
+               document.querySelector('.md-content__inner').getBoundingClientRect().right + 1)
+  .map(e => (e.tagName === 'CODE' ? 'code block' : 'table') + ' wider than the text column: ' +
+            e.textContent.trim().slice(0, 60).replace(/\\s+/g, ' '))
+"""
+
+
+def overflowing(browser: Browser) -> list[str]:
+    """Code blocks and tables that do not fit the text column (the reader must scroll sideways to see all)."""
+    return browser.evaluate(OVERFLOW_JS) or []
+
+
 def shoot(browser: Browser, path: Path, width: int, height: int, full: bool) -> list[Path]:
     """Screenshots of the current page: window-sized tiles (or one tall image), returns the files written."""
     page_height = int(browser.evaluate("document.documentElement.scrollHeight"))
@@ -230,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 browser.wait_for("Page.loadEventFired")
                 browser.settle(0.5)
                 files = shoot(browser, args.out / name, args.width, args.height, args.full)
-                found = problems(browser.events)
+                found = problems(browser.events) + overflowing(browser)
                 failures += bool(found)
                 print(f"{page.relative_to(site)}: {len(files)} image(s)" + "".join(f"\n  {p}" for p in found))
 
