@@ -85,12 +85,12 @@ METHOD_COLORS: dict[str, str] = {
     "grpo": "#D55E00",  # vermillion: the GRPO baseline
     "reverse-kl": "#009E73",  # green: the reverse-KL surrogate
 }
-# Why each method lands where it does, in one line under its panel title.
+# What each method aims at, in one line under its panel title: why it lands where it does.
 METHOD_NOTES: dict[str, str] = {
-    "flowrl": "z-score uses the group's own std: flatter than p*",
-    "flowrl-raw": "Proposition 1: p* is its fixed point",
-    "grpo": "reward maximization: collapses",
-    "reverse-kl": "same gradient as TB on raw r",
+    "flowrl": "z-score moves with the policy: p* not a fixed point",
+    "flowrl-raw": "raw rewards: p* is its fixed point (Prop. 1)",
+    "grpo": "maximizes reward: no target distribution",
+    "reverse-kl": "score-function form of the same gradient",
 }
 
 
