@@ -7,12 +7,12 @@ CONSTRAINTS ?= .ci/constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 export HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: setup bench test lint test-core test-kernels test-adapters test-gpu docs clean
+.PHONY: setup bench test lint test-core test-kernels test-adapters test-gpu docs screenshots clean
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(PIP_C) -e ".[test,plot]"
+	$(BIN)/python -m pip install --quiet $(PIP_C) -e ".[test,cli]"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -53,7 +53,12 @@ test-adapters: $(addprefix test-adapter-,$(FRAMEWORKS))
 docs: setup
 	$(BIN)/mkdocs build --strict --site-dir site
 
+# Run by hand, not in CI (needs `apt-get install -y chromium`): every page of the built site, opened from disk,
+# photographed into site-screenshots/; prints JavaScript errors, failed loads and code/tables wider than the text.
+screenshots: docs
+	$(BIN)/python docs/screenshots.py
+
 test: lint test-core test-kernels test-adapters
 
 clean:
-	rm -rf $(VENV) build dist site .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist site site-screenshots .pytest_cache .hypothesis

@@ -32,9 +32,10 @@ DS_BUILD_OPS=0 DS_SKIP_CUDA_CHECK=1 "${PIP[@]}" --no-build-isolation "deepspeed=
 # and aiohttp / pillow / sympy / pylatexenc through openrlhf.utils.
 "${PIP[@]}" "transformers==$TRANSFORMERS_VERSION" peft "ray==$RAY_VERSION" torchdata tqdm numpy \
     einops sympy pylatexenc jsonlines aiohttp pillow
-# flowloss itself (its test extra pulls docs tooling this venv does not need) plus the test runner.
+# flowloss itself (its test extra pulls docs tooling this venv does not need), rich for `flowloss bench` (the docs
+# compare OpenRLHF's helper from this venv) and the test runner.
 "${PIP[@]}" --no-deps -e .
-"${PIP[@]}" einops rich "pytest>=8" "hypothesis>=6.100"
+"${PIP[@]}" "rich>=13" "pytest>=8" "hypothesis>=6.100"
 # Fail here, not in the tests, when the install is incomplete.
 PYTHONPATH=tests/adapters/openrlhf/standins "$VENV/bin/python" - <<'PY'
 import torch

@@ -16,8 +16,9 @@ PIP=("$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS")
 # trl 1.16.0 (override with TRL_VERSION=...): the adapter overrides GRPOTrainer internals checked in 1.16.
 # transformers < 5.11 keeps the TRL venv on the same transformers line as verl 0.9.1.
 "${PIP[@]}" "trl==${TRL_VERSION:-1.16.0}" "transformers>=4.56,<5.11" accelerate datasets tokenizers
-# flowloss itself (editable) and the test runner; its docs/lint extras are not needed here.
-"${PIP[@]}" -e . "pytest>=8" "hypothesis>=6.100"
+# flowloss itself (editable), rich for `flowloss bench` (the docs compare TRL's helper from this venv) and the
+# test runner; its docs/lint extras are not needed here.
+"${PIP[@]}" -e . "rich>=13" "pytest>=8" "hypothesis>=6.100"
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, trl, flowloss
 assert "+cpu" in torch.__version__ or not torch.cuda.is_available(), torch.__version__

@@ -15,9 +15,10 @@ PIP=("$VENV/bin/python" -m pip install --quiet --progress-bar off -c "$CONSTRAIN
 # torch first, from the constraints (CPU build), so nothing below can pull a CUDA build.
 "${PIP[@]}" torch
 "${PIP[@]}" "verl==${VERL_VERSION}"
-# flowloss itself (editable) and what the tests import; the docs/lint extras are not needed here.
+# flowloss itself (editable), rich for `flowloss bench` (the docs compare verl's helpers from this venv) and the
+# test runner; the docs/lint extras are not needed here.
 "${PIP[@]}" --no-deps -e .
-"${PIP[@]}" "einops>=0.7" "rich>=13" "pytest>=8" "hypothesis>=6.100"
+"${PIP[@]}" "rich>=13" "pytest>=8" "hypothesis>=6.100"
 
 # Fail loudly if the environment cannot do what the tests need.
 "$VENV/bin/python" - <<'PY'

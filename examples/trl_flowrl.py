@@ -1,7 +1,8 @@
 """FlowRL with TRL on CPU in a minute: a random 2-layer Qwen2, a BPE tokenizer trained here, a toy reward.
 
-Run it with ``python examples/trl_flowrl.py [output_dir]`` (needs ``pip install "flowloss[trl]"``). Nothing is
-downloaded. In your own GRPO script the FlowRL lines are the import, ``FlowRLConfig`` and ``FlowRLTrainer``.
+Run it with ``python examples/trl_flowrl.py [output_dir]``: it needs flowloss's ``trl`` extra, ``pip install -e
+".[trl]"`` in a clone of flowloss (or ``.venv-trl``, from ``make .venv-trl/.installed``). Nothing is downloaded.
+In your own GRPO script the FlowRL lines are the import, ``FlowRLConfig`` and ``FlowRLTrainer``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,42 @@
-"""The built wheel installs into a fresh virtual environment and exposes the public API and the kernels."""
+"""The built wheel installs into a fresh virtual environment and exposes the public API and the kernels.
+
+A training job installs flowloss with torch and triton only: the command-line tools' rich and matplotlib are
+the ``cli`` extra, and `import flowloss` never imports them.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import venv
+import zipfile
+from email.parser import Parser
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / ".ci" / "constraints.txt"
+RUNTIME = {"torch", "triton"}
+CLI_ONLY = {"rich", "matplotlib"}
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\s\[<>=!~;(]", requirement, maxsplit=1)[0].lower()
+
+
+def test_import_flowloss_imports_no_cli_dependency():
+    """Not the library, not the bench or demo packages, not the console script's parser."""
+    probe = (
+        "import sys, flowloss, flowloss.bench, flowloss.demo, flowloss.cli;"
+        "flowloss.cli.build_parser();"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'matplotlib', 'einops'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", f"import flowloss imported {out.stdout.strip()}"
 
 
 @pytest.mark.slow
@@ -32,6 +56,16 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path: Path):
         text=True,
     )
     (wheel,) = dist.glob("flowloss-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert "flowloss/py.typed" in zf.namelist(), "the wheel does not ship flowloss/py.typed (PEP 561)"
+        (meta_path,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = Parser().parsestr(zf.read(meta_path).decode())
+    assert metadata["License-Expression"] == "Apache-2.0"
+    requires = metadata.get_all("Requires-Dist") or []
+    runtime = {_name(r) for r in requires if "extra ==" not in r}
+    assert runtime == RUNTIME, f"runtime requirements {sorted(runtime)}, expected {sorted(RUNTIME)}"
+    cli = {_name(r) for r in requires if re.search(r"extra\s*==\s*['\"]cli['\"]", r)}
+    assert cli == CLI_ONLY, f"the cli extra holds {sorted(cli)}"
     env_dir = tmp_path / "fresh"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
@@ -49,8 +83,18 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert "trajectory_balance_loss" in out.stdout
+    find = "import importlib.util as u; print([m for m in ('rich', 'matplotlib', 'einops') if u.find_spec(m)])"
+    installed = subprocess.run(
+        [str(python), "-c", find], check=True, capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert installed.stdout.strip() == "[]", f"pip install flowloss installed {installed.stdout.strip()}"
     console = subprocess.run(
         [str(env_dir / "bin" / "flowloss"), "--help"], capture_output=True, text=True, cwd=tmp_path, env=env
     )
     assert console.returncode == 0, console.stderr
     assert "bench" in console.stdout
+    # Without the cli extra the tools stop at once and say what to install.
+    bench = subprocess.run(
+        [str(env_dir / "bin" / "flowloss"), "bench"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert bench.returncode == 2 and 'pip install -e ".[cli]"' in bench.stderr, bench.stderr

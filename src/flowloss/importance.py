@@ -181,7 +181,10 @@ def clipped_importance_weights(
     strict: bool | None = None,
     mode: ImportanceMode | None = None,
 ) -> torch.Tensor:
-    """Detached per-sequence importance weights ``w [B]`` for FlowRL's loss (see the module docstring table).
+    """Detached per-sequence importance weights ``w [B]`` for FlowRL's loss.
+
+    The modes, their formulas and the code each reproduces are tabulated in ``docs/math.md`` (importance
+    weights); all are computed in log space, so log-ratios of +-1000 never overflow.
 
     Args:
         logprobs: ``[B, T]`` token log-probs under the current policy ``pi_theta`` (gradient is not used).

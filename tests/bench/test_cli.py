@@ -33,7 +33,7 @@ def _results(case: dict) -> dict[str, dict]:
 
 def test_default_impls_end_to_end_json_table_png(tmp_path, capsys):
     """Every op with every implementation (torch.compile included): table, JSON with the documented keys, PNG."""
-    pytest.importorskip("matplotlib")  # part of flowloss[test]; absent from the framework venvs
+    pytest.importorskip("matplotlib")  # part of flowloss[cli]; absent from the framework venvs
     json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
     assert main([*TINY, "--json", str(json_path), "--plot", str(png_path)]) == 0
     out = capsys.readouterr().out
@@ -190,8 +190,29 @@ def test_console_script_unknown_option_fails():
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     assert main([*TINY, "--plot", str(tmp_path / "p.png")]) == 2
-    assert "--plot needs matplotlib: pip install 'flowloss[plot]'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "flowloss bench: error: needs matplotlib, from flowloss's optional 'cli' extra" in err
+    assert 'pip install -e ".[cli]"' in err
     assert not (tmp_path / "p.png").exists()
+
+
+def test_without_rich_the_bench_names_the_cli_extra(monkeypatch, capsys):
+    """rich is not a runtime dependency of flowloss: without it the bench stops at once and says what to install."""
+    monkeypatch.setitem(sys.modules, "rich", None)
+    assert main(TINY) == 2
+    captured = capsys.readouterr()
+    assert "flowloss bench: error: needs rich, from flowloss's optional 'cli' extra" in captured.err
+    assert 'pip install -e ".[cli]"' in captured.err
+    assert captured.out == ""
+
+
+def test_help_text_has_no_printf_escapes(capsys):
+    """argparse does not %-format a description: '%%' would print as typed."""
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert "%%" not in out and "~20% masked rows" in out
+    assert "--no-progress" in out
 
 
 def test_sweep_script_writes_a_small_csv(tmp_path):

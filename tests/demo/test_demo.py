@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 
@@ -84,6 +85,23 @@ def test_cli_writes_table_plot_and_json(tmp_path, capsys, monkeypatch):
     assert data["config"]["steps"] == 10 and data["config"]["beta"] == 8.0 and data["config"]["seed"] == 3
     assert [m["method"] for m in data["methods"]] == ["flowrl", "flowrl-raw", "grpo", "reverse-kl"]
     assert len(data["methods"][0]["history"]["kl_pi_target"]) == 2  # steps 0 and 10
+
+
+def test_help_says_which_method_uses_which_rewards(capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "flowrl = FlowRL's trajectory-balance loss on group z-scored rewards" in out
+    assert "flowrl-raw = the same loss on raw rewards" in out
+
+
+def test_without_rich_the_demo_names_the_cli_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "rich", None)
+    args = _parse(["--steps", "1"])
+    assert args.run(args) == 2
+    err = capsys.readouterr().err
+    assert "flowloss demo: error: needs rich, from flowloss's optional 'cli' extra" in err
+    assert 'pip install -e ".[cli]"' in err
 
 
 def test_cli_rejects_bad_options(capsys):

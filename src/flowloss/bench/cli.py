@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=(
             "Time (median, p20-p80), peak extra memory, effective bandwidth and float64-reference error of "
             "per-token log-prob implementations (logits -> log-probs, and hidden states -> log-probs through the "
-            "lm_head), plus the trajectory-balance loss, with T=0.7, ~20%% masked rows and a random upstream "
+            "lm_head), plus the trajectory-balance loss, with T=0.7, ~20% masked rows and a random upstream "
             f"gradient. Defaults: CPU {_defaults(CPU_DEFAULTS)}; CUDA {_defaults(CUDA_DEFAULTS)}."
         ),
         epilog=f"Implementations: {impl_help}.",
@@ -116,7 +116,10 @@ def _unwritable(path: str | None) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the suite; print the tables; write JSON / PNG when asked. 0 on success, 2 on bad options."""
-    from flowloss._console import make_console
+    from flowloss._console import make_console, require_cli_extra
+
+    if not require_cli_extra("bench", plot=bool(args.plot)):
+        return 2
     from flowloss.bench.report import build_report, print_report, write_json
     from flowloss.bench.runner import count_units, run_suite
 
@@ -132,14 +135,6 @@ def run(args: argparse.Namespace) -> int:
         problem = _unwritable(path)
         if problem:  # found before the run, not after minutes of measuring
             errors.print(f"flowloss bench: error: {flag} {path}: {problem}", style="red", markup=False, highlight=False)
-            return 2
-    if args.plot:
-        try:
-            from flowloss.bench.plot import _require_matplotlib
-
-            _require_matplotlib()
-        except ImportError as err:
-            errors.print(f"flowloss bench: error: {err}", style="red", markup=False, highlight=False)
             return 2
     if args.no_progress:
         cases = run_suite(resolved)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import os
 import platform
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from flowloss.bench.config import BenchConfig
+
+if TYPE_CHECKING:  # rich comes with the 'cli' extra: imported where the tables are drawn
+    from rich.console import Console
+    from rich.table import Table
 
 SCHEMA = "flowloss-bench/1"
 
@@ -142,6 +143,9 @@ def _title(case: dict[str, Any]) -> str:
 
 def case_table(case: dict[str, Any]) -> Table:
     """One case as a table: a row per implementation; skipped ones show why."""
+    from rich.markup import escape
+    from rich.table import Table
+
     op = case["op"]
     table = Table(title=_title(case), title_justify="left", header_style="bold")
     table.add_column("impl", no_wrap=True)

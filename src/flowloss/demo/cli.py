@@ -26,7 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--seed", type=int, default=_DEFAULTS.seed, help="seed of the problem and of sampling"
     )
     parser.add_argument(
-        "--beta", type=float, default=_DEFAULTS.beta, help="reward temperature of the target p*"
+        "--beta",
+        type=float,
+        default=_DEFAULTS.beta,
+        help="reward temperature of the target p* (flowrl, on z-scored rewards, uses beta * sigma*)",
     )
     parser.add_argument("--groups", type=int, default=_DEFAULTS.groups, help="groups per step")
     parser.add_argument(
@@ -43,7 +46,16 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="GRPO baseline's k3 KL penalty to pi_ref",
     )
     parser.add_argument(
-        "--methods", nargs="+", choices=METHODS, default=list(_DEFAULTS.methods), help="methods to train"
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(_DEFAULTS.methods),
+        help=(
+            "methods to train: flowrl = FlowRL's trajectory-balance loss on group z-scored rewards, as in the "
+            "FlowRL recipe, at temperature beta * sigma* (sigma*: the reward's std under p*); flowrl-raw = the "
+            "same loss on raw rewards at beta, whose target is exactly p*; grpo = the GRPO baseline on group "
+            "z-scored advantages; reverse-kl = the reverse-KL surrogate on raw rewards"
+        ),
     )
     parser.add_argument("--plot", metavar="PATH", default=None, help="write a PNG plot here")
     parser.add_argument("--json", metavar="PATH", default=None, help="write all numbers (and KL curves) here")
@@ -53,7 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with the parsed options; print the table; write the plot/JSON when asked. Returns 0."""
-    from flowloss._console import make_console
+    from flowloss._console import make_console, require_cli_extra
+
+    if not require_cli_extra("demo", plot=args.plot is not None):
+        return 2
     from flowloss.demo.report import print_table, write_json, write_plot
     from flowloss.demo.train import run_demo
 

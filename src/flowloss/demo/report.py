@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from flowloss.demo.train import DemoResult, MethodResult
+
+if TYPE_CHECKING:  # rich and matplotlib come with the 'cli' extra: imported where they draw
+    from rich.console import Console
+    from rich.table import Table
 
 
 def _rows(result: DemoResult) -> list[MethodResult]:
@@ -18,6 +19,9 @@ def _rows(result: DemoResult) -> list[MethodResult]:
 
 def results_table(result: DemoResult) -> Table:
     """One row per method (and ``p*``, ``pi_ref``): exact KLs, mode masses, coverage, reward, diversity."""
+    from rich.markup import escape
+    from rich.table import Table
+
     config = result.config
     num_modes = len(config.heights)
     table = Table(
@@ -60,7 +64,11 @@ def results_table(result: DemoResult) -> Table:
 
 
 def print_table(result: DemoResult, console: Console | None = None) -> None:
-    (console or Console()).print(results_table(result))
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
+    console.print(results_table(result))
 
 
 def write_json(result: DemoResult, path: str | Path) -> Path:
@@ -70,8 +78,40 @@ def write_json(result: DemoResult, path: str | Path) -> Path:
     return path
 
 
-def write_plot(result: DemoResult, path: str | Path, *, dpi: int = 80) -> Path:
-    """Two panels: probability mass per mode vs the target (bars), exact KL(pi || p*) over training steps."""
+# One color per method, told apart without relying on hue alone (Okabe-Ito palette); the target is drawn in black.
+METHOD_COLORS: dict[str, str] = {
+    "flowrl": "#E69F00",  # orange: FlowRL on z-scored rewards
+    "flowrl-raw": "#0072B2",  # blue: FlowRL on raw rewards
+    "grpo": "#D55E00",  # vermillion: the GRPO baseline
+    "reverse-kl": "#009E73",  # green: the reverse-KL surrogate
+}
+# What each method aims at, in one line under its panel title: why it lands where it does.
+METHOD_NOTES: dict[str, str] = {
+    "flowrl": "z-score moves with the policy: p* not a fixed point",
+    "flowrl-raw": "raw rewards: p* is its fixed point (Prop. 1)",
+    "grpo": "maximizes reward: no target distribution",
+    "reverse-kl": "score-function form of the same gradient",
+}
+
+
+def _takeaway(result: DemoResult) -> str:
+    """The figure's title: what the run shows, in the run's own numbers."""
+    by_method = {row.method: row for row in result.methods}
+    num_modes = len(result.config.heights)
+    matching = [by_method[m] for m in ("flowrl-raw", "reverse-kl", "flowrl") if m in by_method]
+    parts = []
+    if matching:  # FlowRL on raw rewards when it ran: the variant whose target is exactly p*
+        best = matching[0]
+        parts.append(f"{best.label} covers {best.modes_covered}/{num_modes} modes (KL {best.kl_pi_target:.2f})")
+    if "grpo" in by_method:
+        grpo = by_method["grpo"]
+        parts.append(f"GRPO puts {max(grpo.mode_mass):.1%} of its mass on one mode")
+    return "; ".join(parts) if parts else "Distribution matching vs reward maximization"
+
+
+def write_plot(result: DemoResult, path: str | Path, *, dpi: int = 100) -> Path:
+    """Mass per mode for each method against the target p* (one small panel each), and exact KL(pi || p*)
+    over training. Sized for the docs' text column: 720 px wide at the default dpi."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,35 +121,61 @@ def write_plot(result: DemoResult, path: str | Path, *, dpi: int = 80) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     config = result.config
     num_modes = len(config.heights)
-    bars = [result.target, *result.methods]
-    fig, (ax_mass, ax_kl) = plt.subplots(1, 2, figsize=(11, 4.0), gridspec_kw={"width_ratios": [1.2, 1]})
-    width = 0.8 / len(bars)
-    colors = ["black", "tab:blue", "tab:cyan", "tab:red", "tab:green", "tab:purple"]
-    for j, row in enumerate(bars):
-        xs = [m + (j - (len(bars) - 1) / 2) * width for m in range(num_modes)]
-        ax_mass.bar(
-            xs,
-            row.mode_mass,
-            width=width,
-            label=row.label,
-            color=colors[j % len(colors)],
-            alpha=0.35 if row is result.target else 0.9,
+    target = result.target.mode_mass
+    methods = result.methods
+    cols = 2 if len(methods) > 1 else 1
+    rows = -(-len(methods) // cols)
+    with plt.rc_context({"font.size": 10, "axes.titlesize": 10, "axes.spines.top": False, "axes.spines.right": False}):
+        fig = plt.figure(figsize=(7.2, 2.3 * rows + 3.0), layout="constrained")
+        grid = fig.add_gridspec(rows + 1, cols, height_ratios=[1.0] * rows + [1.25])
+        xs = range(num_modes)
+        for k, row in enumerate(methods):
+            ax = fig.add_subplot(grid[k // cols, k % cols])
+            color = METHOD_COLORS.get(row.method, f"C{k}")
+            ax.bar(xs, row.mode_mass, width=0.6, color=color)
+            # The target: a black line across each bar's slot; the value goes above the bar and the line.
+            ax.hlines(target, [x - 0.4 for x in xs], [x + 0.4 for x in xs], color="black", linewidth=1.8)
+            top = max(*target, *row.mode_mass)
+            for x, mass, goal in zip(xs, row.mode_mass, target):
+                ax.text(x, max(mass, goal) + 0.03 * top, f"{mass:.2f}", ha="center", va="bottom", fontsize=9)
+            ax.set_ylim(0, 1.25 * top)  # each panel on its own scale: the black lines mark the same p*
+            ax.set_xticks(list(xs), [f"mode {m}\nr={h:g}" for m, h in enumerate(config.heights)], fontsize=9)
+            ax.set_title(
+                f"{row.label}: KL {row.kl_pi_target:.2f}, {row.modes_covered}/{num_modes} modes\n"
+                f"{METHOD_NOTES.get(row.method, '')}",
+                fontsize=9.5,
+            )
+            if k % cols == 0:
+                ax.set_ylabel("mass of the mode")
+        ax_kl = fig.add_subplot(grid[rows, :])
+        last_step, top = 0, 0.0
+        for k, row in enumerate(methods):
+            color = METHOD_COLORS.get(row.method, f"C{k}")
+            ax_kl.plot(row.history["step"], row.history["kl_pi_target"], color=color, linewidth=2, label=row.label)
+            last_step = max(last_step, row.history["step"][-1])
+            top = max(top, *row.history["kl_pi_target"])
+        # Final values at the right end of each curve, nudged apart where two curves end close together.
+        ends = sorted((row.history["kl_pi_target"][-1], k, row) for k, row in enumerate(methods))
+        placed: list[float] = []
+        for value, k, row in ends:
+            y = max(value, placed[-1] + 0.07 * top) if placed else value
+            placed.append(y)
+            ax_kl.annotate(f"{value:.2f}", (row.history["step"][-1], value), xytext=(last_step * 1.01, y),
+                           va="center", fontsize=9, color=METHOD_COLORS.get(row.method, f"C{k}"))
+        ax_kl.axhline(0, color="black", linewidth=1.8)
+        ax_kl.text(last_step * 0.01, 0.02 * top, "0 = the target p*", va="bottom", ha="left", fontsize=9)
+        ax_kl.set_xlim(0, last_step * 1.09)
+        ax_kl.set_ylim(0, 1.08 * top)
+        ax_kl.set_xlabel("training step")
+        ax_kl.set_ylabel("KL(pi || p*), exact")
+        ax_kl.set_title("Distance to the target during training")
+        ax_kl.legend(fontsize=9, frameon=False, loc="center right", bbox_to_anchor=(0.92, 0.55))
+        ax_kl.grid(axis="y", alpha=0.3)
+        fig.suptitle(
+            f"{_takeaway(result)}\n"
+            f"black lines: the target p*; beta={config.beta:g}, {config.steps} steps, seed {config.seed}",
+            fontsize=10.5,
         )
-    ax_mass.set_xticks(range(num_modes), [f"mode {m}\nr={h:g}" for m, h in enumerate(config.heights)])
-    ax_mass.set_ylabel("probability of the mode sequence")
-    ax_mass.set_title("mass per mode (grey: target p*)")
-    ax_mass.legend(fontsize=8)
-    for j, row in enumerate(result.methods, start=1):
-        ax_kl.plot(
-            row.history["step"], row.history["kl_pi_target"], label=row.label, color=colors[j % len(colors)]
-        )
-    ax_kl.set_yscale("log")
-    ax_kl.set_xlabel("training step")
-    ax_kl.set_ylabel("KL(pi || p*)  (exact)")
-    ax_kl.set_title(f"beta={config.beta:g}, seed {config.seed}")
-    ax_kl.legend(fontsize=8)
-    ax_kl.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+        fig.savefig(path, dpi=dpi, metadata={"Software": None}, pil_kwargs={"optimize": True})
+        plt.close(fig)
     return path
