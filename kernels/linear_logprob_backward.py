@@ -97,6 +97,9 @@ DEFAULT_BACKWARD_TUNING = {
     "max_scratch_bytes": None,
     "h_rows": 1024,
     "min_chunk_tiles": 4,
+    # Pass W splits its rows (summing dW in fp32) only for huge N, then into sub-chunks of at least this many row
+    # tiles, so the fp32 read-modify-write (8 w_cols H bytes per sub-chunk) stays small next to the GEMM.
+    "min_split_row_tiles": 16,
     "compact_block": 1024,
     "allow_tf32": False,
 }
@@ -104,9 +107,6 @@ DEFAULT_BACKWARD_TUNING = {
 # outputs, and the forward's O(N) buffers and the tile flags take a little more), at least 4 MiB.
 SCRATCH_FRACTION = 24
 MIN_SCRATCH_BYTES = 4 * 2**20
-# Pass W splits its rows (and sums dW in fp32) only for huge N, and then into sub-chunks of at least this many row
-# tiles, so the fp32 read-modify-write stays small next to the GEMM.
-MIN_SPLIT_ROW_TILES = 16
 
 
 @triton.jit
@@ -268,8 +268,14 @@ def _linear_logprob_dweight_kernel(
     h_ok = hs < hidden_size
     offs_v = i * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_n = tl.arange(0, BLOCK_N)
-    n_live = tl.load(count_ptr + i)
+    out_ptrs = out_ptr + offs_v[:, None].to(tl.int64) * stride_out + hs[None, :]
+    mask = (offs_v < n_cols)[:, None] & h_ok[None, :]
+    # Continuing from the stored partial sum (not adding it at the end) keeps the summation order that of one
+    # pass over all row tiles, so the result does not depend on how the rows were split into sub-chunks.
     acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
+    if ACCUMULATE:
+        acc = tl.load(out_ptrs, mask=mask, other=0.0)
+    n_live = tl.load(count_ptr + i)
     for it in range(0, n_live):
         r = tl.load(index_ptr + i.to(tl.int64) * stride_index + it)
         local = r.to(tl.int64) * BLOCK_N + offs_n
@@ -285,10 +291,6 @@ def _linear_logprob_dweight_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    out_ptrs = out_ptr + offs_v[:, None].to(tl.int64) * stride_out + hs[None, :]
-    mask = (offs_v < n_cols)[:, None] & h_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=mask, other=0.0)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -324,8 +326,12 @@ def _linear_logprob_dhidden_kernel(
     h_ok = hs < hidden_size
     local = i.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = tl.arange(0, BLOCK_V)
-    n_live = tl.load(count_ptr + i)
+    out_ptrs = out_ptr + local[:, None] * stride_out + hs[None, :]
+    mask = (local < n_out_rows)[:, None] & h_ok[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+    if ACCUMULATE:  # continue from the partial sum: the order is that of one pass over all column tiles
+        acc = tl.load(out_ptrs, mask=mask, other=0.0)
+    n_live = tl.load(count_ptr + i)
     for it in range(0, n_live):
         c = tl.load(index_ptr + i.to(tl.int64) * stride_index + it)
         cols = c * BLOCK_V + offs_v
@@ -343,10 +349,6 @@ def _linear_logprob_dhidden_kernel(
     pos = pos0 + local
     kept = tl.load(row_index_ptr + pos, mask=pos < n_rows, other=-1) >= 0
     acc = tl.where(kept[:, None], acc, 0.0)  # exactly 0 for skipped rows, even against a NaN in W
-    out_ptrs = out_ptr + local[:, None] * stride_out + hs[None, :]
-    mask = (local < n_out_rows)[:, None] & h_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=mask, other=0.0)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -403,6 +405,7 @@ def plan_backward(
     block_v: int,
     h_rows: int,
     min_chunk_tiles: int,
+    min_split_row_tiles: int = 16,
 ) -> BackwardPlan:
     """Chunk sizes that keep the backward's scratch within ``budget`` bytes (pure arithmetic on shapes)."""
     n_pad, v_pad = _round_up(n_rows, block_n), _round_up(vocab, block_v)
@@ -441,7 +444,7 @@ def plan_backward(
                 w_cols = min_cols
                 avail = budget - fp32 * w_cols * hidden_size
                 per_row = itemsize * w_cols + fp32 * w_cols * bias_in_w / block_n
-                w_rows = min(n_pad, max(MIN_SPLIT_ROW_TILES * block_n, _round_down(avail / per_row, block_n)))
+                w_rows = min(n_pad, max(min_split_row_tiles * block_n, _round_down(avail / per_row, block_n)))
             w_scratch = w_bytes(w_rows, w_cols)
 
     pass_h = need_hidden and not single
@@ -497,7 +500,7 @@ def linear_logprob_backward(
     (dropped gradient per row at most ``filter_eps (|g| + |g_H|) / T`` in L1). ``deterministic`` is accepted for
     PyTorch's convention and changes nothing: every path here is deterministic. ``tuning`` overrides
     `DEFAULT_BACKWARD_TUNING` (tiles, warps, stages, ``max_scratch_bytes``, ``h_rows``, ``min_chunk_tiles``,
-    ``compact_block``, ``allow_tf32``).
+    ``min_split_row_tiles``, ``compact_block``, ``allow_tf32``).
 
     Returns ``(d_hidden [N, H] in hidden's dtype (contiguous), d_weight [V, H] in weight's dtype, d_bias [V] in
     bias's dtype)``, None where not needed (``d_bias`` is None without a bias).
@@ -540,6 +543,7 @@ def linear_logprob_backward(
         block_v=bv,
         h_rows=cfg["h_rows"],
         min_chunk_tiles=cfg["min_chunk_tiles"],
+        min_split_row_tiles=cfg["min_split_row_tiles"],
     )
     n_vtiles = triton.cdiv(vocab, bv)
     # flags[row tile, vocabulary tile] = 1 when the tile of dz is live (has kept rows, and survives the filter)
