@@ -4,62 +4,79 @@ With ``z = (h W^T + b) / T`` recomputed tile by tile, ``p = softmax(z)`` from th
 ``lse2``, upstream gradients ``g [N]`` (of the log-prob) and ``g_H [N]`` (of the entropy ``H [N]``)::
 
     dz_nv = [g_n (onehot(y_n)_v - p_nv) - g_Hn p_nv (log p_nv + H_n)] / T          [N, V], never whole
-    dH    = dz @ W          [N, H]            dW = dz^T @ h     [V, H]            db = sum_n dz_n     [V]
+    dH    = dz @ W     [N, H]            dW = dz^T @ h     [V, H]            db = sum_n dz_n     [V]
 
 Skipped rows (``label < 0`` or ``== ignore_index``) have ``dz = 0`` and ``dH = 0`` and are never read.
 
-Design. Per-token log-probs get an arbitrary upstream ``g`` per row, so unlike a mean cross-entropy the
-gradient cannot be finished in the forward: the backward recomputes the logits. FLOPs, ``F = N_kept H V``:
-forward ``2F``; backward ``2F`` (recompute) + ``2F`` (``dH``) + ``2F`` (``dW``): ``8F`` in all, 103 ms at
-N = 16,384, H = 4096, V = 151,936 at the ~790 TFLOP/s of dense bf16 on an H200. The difficulty is where the
-``[*, H]`` sums live: ``dH[n]`` sums over all ``V`` and ``dW[v]`` over all ``N``, and an ``H = 4096`` wide fp32
-accumulator row block does not fit on chip (128 rows x 4096 x 4 B = 2 MiB). The options:
+Why a recompute, and where the sums live. A per-token log-prob gets an arbitrary upstream ``g`` per row, so (unlike
+a mean cross-entropy) the gradient cannot be finished in the forward: the backward recomputes the logits. With
+``F = N_kept H V`` (1.0e13 at N = 16,384, H = 4096, V = 151,936): forward ``2F``, backward ``2F`` (recompute)
++ ``2F`` (``dH``) + ``2F`` (``dW``) = ``8F`` in all, 103 ms at the ~790 TFLOP/s of dense bf16 on an H200. ``dH[n]``
+sums over all of ``V`` and ``dW[v]`` over all of ``N``, and an ``H = 4096`` wide fp32 row block does not fit on
+chip (128 x 4096 x 4 B = 2 MiB), so someone must hold partial sums:
 
-- fused tiles with atomics (Cut Cross-Entropy): ``8F``, but fp32 atomic targets cost ``4 (N + V) H`` bytes
-  (2.7 GiB here, 2.1x the ``dW + dH`` outputs), and adding into bf16 outputs under locks rounds every partial
-  sum to 8 bits (error growing with the number of tiles: worse than the naive path) and is not deterministic;
-- materialized ``dz`` chunks and owned GEMMs (chosen): a ``dz`` chunk is recomputed into a bounded bf16 buffer,
-  then GEMM kernels contract it where one program owns each output tile, summing in fp32 registers in a fixed
-  order and writing once. ``dW`` of a vocabulary chunk is owned when the chunk spans all rows; ``dH`` of a row
-  chunk is owned when it spans all columns; one chunk cannot span both within a small buffer, so:
+====================================  =====  =====================================  ==========================
+design                                FLOPs  extra memory (bytes)                   deterministic / precision
+====================================  =====  =====================================  ==========================
+fused tiles, fp32 atomics (CCE-like)  8F     ``4 (N + V) H``: 2.7 GiB, 2.1x dW + dH  no / fp32
+fused tiles, locked adds into bf16    8F     ~0                                     no / rounds every partial
+dz chunks, one pass, fp32 dH buffer   8F     ``4 N H`` + chunk: 256 MiB (0.19x)      yes / fp32, one rounding
+dz chunks, two passes (default)       10F    chunk only: ``(dW + dH) / 24``         yes / fp32, one rounding
+====================================  =====  =====================================  ==========================
 
-  * pass W: vocabulary chunks of ``w_cols`` columns x all rows -> ``dW`` (and ``db``) of the chunk, finished;
-  * pass H: row chunks of ``h_rows`` rows x all columns (in sub-chunks of ``h_cols``, summed into an fp32
-    ``[h_rows, H]`` buffer) -> ``dH`` of the chunk, finished.
+Chosen: materialized ``dz`` chunks and owned GEMMs. A chunk of ``dz`` is recomputed into a bounded buffer (the
+input dtype, like the naive path's ``dz``), then GEMM kernels contract it where one program owns each output tile,
+sums in fp32 registers in a fixed order and writes once. ``dW`` of a vocabulary chunk is owned when the chunk spans
+all rows, ``dH`` of a row chunk when it spans all columns, and one small chunk cannot span both, so:
 
-  That is ``10F`` (two recomputes; 129 ms at 790 TFLOP/s), deterministic, and its scratch is a budget
-  (default ``(dW + dH bytes) / 32``, at least 16 MiB: 41 MiB here, 3 % of the outputs). When the budget holds an
-  fp32 ``[N, H]`` buffer (``4 N H`` bytes: 256 MiB here, e.g. with a larger ``max_scratch_bytes``), pass W also
-  accumulates ``dH`` chunk by chunk into it and pass H is dropped: ``8F``, still deterministic.
+- pass W: vocabulary chunks of ``w_cols`` columns x all rows -> ``dW`` and ``db`` of the chunk, finished (rows are
+  split into sub-chunks, summed in an fp32 ``[w_cols, H]`` buffer, only when N is huge);
+- pass H: row chunks of ``h_rows`` rows x all columns, in sub-chunks of ``h_cols`` summed in an fp32 ``[h_rows, H]``
+  buffer -> ``dH`` of the chunk, finished. It recomputes only the tiles pass W found live.
 
-  Bytes: each pass writes and reads its ``dz`` once (``2 N V`` bytes per pass at bf16: 5 GB, ~2 ms at 4.8 TB/s)
-  and restreams ``h`` once per vocabulary chunk and ``W`` once per row chunk (a few GB at the default budget).
+``10F`` (129 ms at 790 TFLOP/s; the goal of 100 ms is below even the ``8F`` floor without filtering), deterministic,
+scratch within a budget (``max_scratch_bytes``, default 1/24 of the requested gradients' bytes, at least 4 MiB:
+55 MiB, 4.2 %, at the shape above). When the budget holds an fp32 ``[N, H]`` buffer (at N = 4096, V = 262,144 by
+default; anywhere with a larger ``max_scratch_bytes``) pass W also sums ``dH`` chunk by chunk and pass H is dropped:
+``8F``, one recompute, same results bitwise. No atomics anywhere: ``deterministic`` changes nothing (accepted for
+PyTorch's convention; a non-deterministic variant would need the atomic designs above, which lose on memory or
+precision, and is not offered).
 
-No atomics anywhere, every reduction order is fixed: results are bitwise reproducible, so `deterministic`
-changes nothing (it is accepted for PyTorch's convention; there is no faster non-deterministic path to select,
-since the atomic designs above lose on memory or precision). A row's ``dH`` does not depend on the batch (its
-sum over the vocabulary is tiled by ``V`` only); ``dW`` and ``db`` sum over the batch by definition.
+Bytes (HBM), default plan at the shape above: pass W writes and reads ``dz`` once (2 N V bytes = 5 GB each way)
+and streams ``h`` (128 MiB) twice per vocabulary chunk (92 chunks: 24 GB); pass H the same ``dz`` traffic and ``W``
+(1.2 GB) twice per row chunk (16 chunks: 40 GB). About 80 GB, ~17 ms at 4.8 TB/s, overlapping ~130 ms of tensor-core
+work; larger chunks (``max_scratch_bytes``, ``h_rows``) trade memory for less traffic.
 
-Gradient filtering (``filter_eps``, off by default: ``None`` is exact). The recompute pass computes every ``dz``
-tile anyway; filtering only lets the GEMMs (and pass H's recompute) skip tiles. Write ``dz = g onehot - q``. A
-``[block_n, block_v]`` tile is skipped when it holds no label and, for every row in it,
-``sum_{v in tile} |q_nv| <= filter_eps (|g_n| + |g_Hn|) / T / n_vtiles``: each row loses at most
-``filter_eps (|g_n| + |g_Hn|) / T`` of ``dz`` in L1 over the whole vocabulary, so the error of ``dH`` is at most
-``filter_eps (|g_n| + |g_Hn|) / T max_v |W_vk|`` per element and the L1 mass lost from any column of ``dW`` is at
-most ``filter_eps sum_n (|g_n| + |g_Hn|) |h_nk| / T`` -- sound bounds, whatever the distribution. For
-comparison, rounding ``dz`` to bf16 (what the naive path does) moves each ``dH`` element by up to
-``2^-8 sum_v |dz_nv| |W_vk|``, and ``sum_v |dz_nv| >= 2 |g_n| (1 - p_ny) / T``; so ``filter_eps = 2^-10`` stays
-within a quarter of bf16 rounding of the exact gradient unless the label already holds nearly all the mass.
-The per-element rule of Cut Cross-Entropy (skip when every ``p < eps``) has no such bound: a distribution
-spread over more than ``1 / eps`` tokens loses most of its mass. Caveat: on random inputs whose logits have a
-standard deviation of 2-3 (the flowloss bench), nearly every tile holds some ``p`` far above any sound threshold,
-so filtering skips little; it pays off on trained models, whose tails sit at ``p ~ 1e-8`` and below. ``db`` is
-always exact (pass W computes every tile).
+Kernels. ``_linear_logprob_dz_kernel`` recomputes a ``[block_n, block_v]`` logit tile (the forward's tiling),
+forms ``dz``, writes it (live tiles only), one int8 flag per tile (live or not) and, when ``db`` is wanted, the
+tile's fp32 column sums (reduced in a fixed order). ``_live_tiles_kernel`` compacts the flags of a chunk into, per
+GEMM output tile, the increasing list of live tiles it sums over (a prefix sum, no atomics), so the GEMMs
+(``_linear_logprob_dweight_kernel``, ``_linear_logprob_dhidden_kernel``) loop over that list: tiles of skipped rows
+(and filtered tiles) cost no FLOPs with or without ``order``, and the loop keeps Triton's software pipelining (a
+branch around the loads in the loop would serialise them: the compile test checks for asynchronous copies). A GEMM
+that continues a partial sum starts from the stored fp32 value, so chunking never changes the summation order: a
+row's ``dH`` is bitwise independent of the batch and of the plan (tested); ``dW`` and ``db`` sum over the batch.
 
-Layout and limits: ``hidden [N, H]`` with any row stride (``stride(1) == 1``), ``W [V, H]`` contiguous rows;
-int64 offsets; grids put the long axis first (``N`` up to millions); no host synchronisation, so the launcher
-can be captured in a CUDA graph. With ``order`` (kept rows first) the GEMMs stop at the kept-row count read on
-device, and every kernel exits at once on a tile of skipped rows: skipped rows cost no FLOPs.
+Gradient filtering (``filter_eps``; ``None``, the default, is exact). Write ``dz = g onehot - q``. A tile is
+skipped by the GEMMs (and pass H's recompute) when it holds no label of its rows and, for every row in it,
+``sum_{v in tile} |q_nv| <= filter_eps (|g_n| + |g_Hn|) / T / cdiv(V, block_v)``. So each row loses at most
+``filter_eps (|g_n| + |g_Hn|) / T`` of ``dz`` in L1 over the whole vocabulary: ``|error of dH_nk| <= filter_eps
+(|g_n| + |g_Hn|) / T max_v |W_vk|``, and ``dW_vk`` loses at most ``filter_eps / cdiv(V, block_v) sum_n (|g_n| +
+|g_Hn|) |h_nk| / T``: sound bounds whatever the distribution. For comparison, rounding ``dz`` to bf16 (the naive
+path) moves a ``dH`` element by up to ``2^-8 sum_v |dz_nv| |W_vk|`` with ``sum_v |dz_nv| >= 2 |g_n| (1 - p_ny) / T``,
+so ``filter_eps = 2^-10`` stays within a quarter of bf16 rounding unless the label already holds nearly all the
+mass. Cut Cross-Entropy's rule (skip when every ``|p - onehot| < eps``) has no such bound: a distribution spread over
+more than ``1 / eps`` tokens loses most of its mass, and every tail row of ``dW`` becomes 0. Caveats: the recompute
+of pass W is never skipped (``2F``), so filtering saves at most the GEMMs and pass H's recompute (``10F -> 4F`` in
+the limit); on random inputs with logits of standard deviation 2-3 (the flowloss bench) every tile holds mass far
+above any sound threshold and nothing is skipped; it pays off on trained models, whose tails sit at ``p ~ 1e-8``
+and below. ``db`` is always exact (pass W computes every tile). A row's ``dH`` can then depend on its tile-mates
+(a tile is live if any row needs it).
+
+Layout and limits: ``hidden [N, H]`` with any row stride (``stride(1) == 1``), ``W [V, H]`` with ``stride(1) == 1``;
+int64 offsets; grids put the long axis first; fp32 inputs use ``input_precision="ieee"`` (FMA units, not tensor
+cores: slow, for exactness) unless ``allow_tf32``. No host synchronisation: the launcher issues the same kernels
+whatever the labels hold (the kept-row count is only ever read on device), so it can be captured in a CUDA graph.
 """
 
 from __future__ import annotations

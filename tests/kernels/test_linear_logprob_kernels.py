@@ -360,6 +360,32 @@ def test_errors_no_larger_than_naive(device):
         assert err_mine <= err_naive, f"{name}: ours errs {err_mine:.3e} > naive {err_naive:.3e}"
 
 
+def test_layouts_label_dtypes_empty_batch_and_zero_gradient(device):
+    """A row-strided hidden (a column slice of a wider buffer) is read in place, int32 labels and order equal int64,
+    bitwise; N = 0 gives empty outputs; no upstream gradient gives exact zeros."""
+    case = make_case(30, 24, 50, torch.bfloat16, device, seed=11)
+    expected = run(case, order=skip_order(case))
+    wide = torch.zeros(30, 40, dtype=torch.bfloat16, device=device)
+    wide[:, 5:29] = case.hidden
+    strided = wide[:, 5:29]
+    assert strided.stride() == (40, 1)
+    narrow = replace(case, hidden=strided, labels=case.labels.to(torch.int32))
+    got = run(narrow, order=skip_order(case).to(torch.int32))
+    for a, b, name in zip(expected, got, ("logprobs", "lse2", "entropy", "dH", "dW", "db")):
+        assert torch.equal(a, b), f"{name}: row stride or int32 indices changed the result"
+
+    empty = make_case(0, 24, 50, torch.float32, device)
+    lp, lse2, ent, dh, dw, db = run(empty)
+    assert lp.shape == lse2.shape == ent.shape == (0,) and dh.shape == (0, 24)
+    assert bool((dw == 0).all() and (db == 0).all())
+
+    _, lse2, ent, *_ = expected
+    dh, dw, db = linear_logprob_backward(
+        case.hidden, case.weight, case.bias, case.labels, lse2, None, entropy=ent, grad_entropy=None, **BWD
+    )
+    assert bool((dh == 0).all() and (dw == 0).all() and (db == 0).all()), "no upstream gradient: zeros"
+
+
 # --- skipped rows, order, batch independence ---
 
 
