@@ -2,6 +2,8 @@
 
 - ``logprob_forward``: per-row log-prob of the chosen token, log-sum-exp and entropy in one pass.
 - ``logprob_backward``: ``dlogits`` recomputed from the saved log-sum-exp (optionally in place).
+- ``linear_logprob_forward``: the same from hidden states and the ``lm_head`` weight, logits never stored.
+- ``linear_logprob_backward``: ``d_hidden``, ``d_weight``, ``d_bias`` of it, deterministic, bounded scratch.
 
 Importing this package never needs triton; the launchers below are ``None`` when triton is missing
 (``HAS_TRITON`` tells which), and importing a kernel module directly raises ``ImportError`` then.
@@ -10,6 +12,8 @@ Importing this package never needs triton; the launchers below are ``None`` when
 from __future__ import annotations
 
 try:
+    from .linear_logprob_backward import linear_logprob_backward
+    from .linear_logprob_forward import linear_logprob_forward
     from .logprob_backward import logprob_backward
     from .logprob_forward import logprob_forward
 
@@ -17,6 +21,14 @@ try:
 except ImportError:  # triton not installed (e.g. macOS/Windows CPU builds)
     logprob_forward = None
     logprob_backward = None
+    linear_logprob_forward = None
+    linear_logprob_backward = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "logprob_backward", "logprob_forward"]
+__all__ = [
+    "HAS_TRITON",
+    "linear_logprob_backward",
+    "linear_logprob_forward",
+    "logprob_backward",
+    "logprob_forward",
+]

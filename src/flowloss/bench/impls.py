@@ -266,6 +266,17 @@ def _build_liger_fused(device: torch.device) -> Fn:
     return fn
 
 
+def _build_cce_fused(device: torch.device) -> Fn:
+    from cut_cross_entropy import linear_cross_entropy
+
+    def fn(hidden: torch.Tensor, weight: torch.Tensor, case: Any) -> torch.Tensor:
+        # Its default gradient filter (filter_eps="auto") is kept: the library as users call it.
+        loss = linear_cross_entropy(hidden / case.temperature, weight, case.labels, ignore_index=-100, reduction="none")
+        return _masked(-_first_output(loss), case)
+
+    return fn
+
+
 def _build_flash_attn(device: torch.device) -> Fn:
     from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
 
@@ -341,6 +352,13 @@ IMPLS: tuple[Impl, ...] = (
         'liger_kernel.transformers.functional.liger_fused_linear_cross_entropy(reduction="none")',
         lambda d: _first(_missing("liger_kernel"), _needs_cuda(d)),
         _build_liger_fused,
+    ),
+    Impl(
+        "cce-fused",
+        "fused_linear",
+        'cut_cross_entropy.linear_cross_entropy(reduction="none")',
+        lambda d: _first(_missing("cut_cross_entropy"), _needs_cuda(d)),
+        _build_cce_fused,
     ),
 )
 
