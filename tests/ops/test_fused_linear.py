@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowloss import reference, trajectory_balance_loss
@@ -58,19 +58,21 @@ def problems(draw):
     )
 
 
-def check_against_reference(hidden, weight, bias, labels, mask, gen, temperature, chunk_size, return_entropy):
+def check_against_reference(
+    hidden, weight, bias, labels, mask, gen, temperature, chunk_size, return_entropy, impl="auto", device="cpu"
+):
     dtype = hidden.dtype
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
-    b = bias.clone().requires_grad_() if bias is not None else None
+    h = hidden.clone().to(device).requires_grad_()
+    w = weight.clone().to(device).requires_grad_()
+    b = bias.clone().to(device).requires_grad_() if bias is not None else None
     out = token_logprobs_from_hidden(
-        h, w, labels, temperature=temperature, chunk_size=chunk_size, mask=mask,
-        return_entropy=return_entropy, bias=b,
+        h, w, labels.to(device), temperature=temperature, chunk_size=chunk_size,
+        mask=mask.to(device) if mask is not None else None, return_entropy=return_entropy, bias=b, impl=impl,
     )
     logp, entropy = out if return_entropy else (out, None)
     assert logp.shape == labels.shape and logp.dtype == (F64 if dtype == F64 else torch.float32)
-    g1 = torch.randn(labels.shape, generator=gen, dtype=F64).to(logp.dtype)
-    g2 = torch.randn(labels.shape, generator=gen, dtype=F64).to(logp.dtype)
+    g1 = torch.randn(labels.shape, generator=gen, dtype=F64).to(logp.dtype).to(device)
+    g2 = torch.randn(labels.shape, generator=gen, dtype=F64).to(logp.dtype).to(device)
     loss = (logp * g1).sum() + ((entropy * g2).sum() if entropy is not None else 0.0)
     loss.backward()
     valid = labels != -100
@@ -79,7 +81,7 @@ def check_against_reference(hidden, weight, bias, labels, mask, gen, temperature
     valid = valid.reshape(-1)
     g2_ref = g2.reshape(-1) if entropy is not None else torch.zeros(valid.shape[0], dtype=F64)
     ref_logp, ref_ent, zmax, (gh, gw, gb) = reference_pipeline(
-        hidden, weight, bias, labels, valid, temperature, g1.reshape(-1), g2_ref
+        hidden, weight, bias, labels, valid, temperature, g1.reshape(-1).cpu(), g2_ref.cpu()
     )
     zmax /= temperature
     if dtype == F64:
@@ -103,6 +105,22 @@ def check_against_reference(hidden, weight, bias, labels, mask, gen, temperature
 @given(problems())
 def test_fused_linear_matches_float64_reference(problem):
     check_against_reference(**problem)
+
+
+@pytest.mark.triton_interpreter
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(problems())
+def test_triton_impl_through_the_public_op_matches_float64_reference(problem):
+    """impl='triton' (the fused Triton kernels, the CUDA default) through the custom op and its autograd."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 (set before triton is imported) or CUDA")
+    if problem["hidden"].dtype == F64:
+        problem = {**problem, "hidden": problem["hidden"].float(), "weight": problem["weight"].float(),
+                   "bias": None if problem["bias"] is None else problem["bias"].float()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_against_reference(**problem, impl="triton", device=device)
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 32003])
