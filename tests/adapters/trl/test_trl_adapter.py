@@ -366,3 +366,65 @@ def test_vllm_weight_sync_skips_the_log_z_head(adapter, example, policy_dir, tmp
     adapter.exclude_from_weight_sync(generation)
     synced = [name for name, _ in generation._iter_named_params()]
     assert synced == [n for n in unfiltered if adapter.LOG_Z_HEAD_NAME not in n]
+
+
+def _first_step(trainer):
+    trainer.train()
+    return next(r for r in trainer.state.log_history if "loss" in r)
+
+
+def _trainer_on(adapter, example, model, output_dir, tokenizer, **kwargs):
+    return adapter.FlowRLTrainer(
+        model=model, reward_funcs=example.reward_distinct_chars, processing_class=tokenizer,
+        args=example.make_config(str(output_dir), max_steps=1), train_dataset=example.Dataset.from_dict(
+            {"prompt": example.PROMPTS}), **kwargs,
+    )
+
+
+def test_a_model_built_in_memory_trains_against_a_frozen_copy_of_itself(adapter, example, policy_dir, tmp_path):
+    """Defect 1: a model object (``_name_or_path == ""``) made TRL reload the reference from the path ''
+    (``OSError: Repo id must use alphanumeric chars``)."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(policy_dir)
+    config._name_or_path = ""  # as for Qwen2Config(...) written in the script
+    model = Qwen2ForCausalLM(config)
+    assert model.config._name_or_path == ""
+    trainer = _trainer_on(adapter, example, model, tmp_path, AutoTokenizer.from_pretrained(policy_dir))
+    ref = trainer.ref_model
+    assert ref is not None and ref is not trainer.model and not any(p.requires_grad for p in ref.parameters())
+    ref_params = dict(ref.named_parameters())
+    for name, param in model.named_parameters():
+        if adapter.LOG_Z_HEAD_NAME not in name:
+            assert torch.equal(param, ref_params[name]) and param.data_ptr() != ref_params[name].data_ptr(), name
+    logs = _first_step(trainer)
+    assert logs["flowrl/logprobs_mean"] == pytest.approx(logs["flowrl/ref_logprobs_mean"], rel=1e-6)
+    # frozen: the policy moved, the reference did not
+    assert any(not torch.equal(p, ref_params[n]) for n, p in trainer.model.named_parameters() if n in ref_params)
+
+
+def test_the_reference_is_the_policy_in_memory_not_the_file_on_disk(adapter, example, policy_dir, tmp_path):
+    """Defect 1: weights changed in memory after loading: the reference used to be the file on disk (step-1
+    log-probs of policy and reference differed, silently)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    logs = _first_step(_trainer_on(adapter, example, model, tmp_path, AutoTokenizer.from_pretrained(policy_dir)))
+    assert logs["flowrl/logprobs_mean"] == pytest.approx(logs["flowrl/ref_logprobs_mean"], rel=1e-6)
+
+
+def test_an_explicit_reference_model_is_used(adapter, example, policy_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = example.build_tiny_policy(str(tmp_path / "other"), seed=7)
+    trainer = _trainer_on(adapter, example, policy_dir, tmp_path / "run", AutoTokenizer.from_pretrained(policy_dir),
+                          ref_model=other)
+    expected = AutoModelForCausalLM.from_pretrained(other).state_dict()
+    for name, value in trainer.ref_model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    logs = _first_step(trainer)
+    assert logs["flowrl/logprobs_mean"] != pytest.approx(logs["flowrl/ref_logprobs_mean"], rel=1e-3)
