@@ -269,23 +269,27 @@ class AdapterConfig:
         return defaults
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, prefix: str = "--flowrl.") -> None:
-        """Add one ``<prefix><name>`` argument per option (type, choices, default and help) to ``parser``."""
+    def add_arguments(
+        cls, parser: argparse.ArgumentParser, prefix: str = "--flowrl.", *, dest_prefix: str = ""
+    ) -> None:
+        """Add one ``<prefix><name>`` argument per option (type, choices, help) to ``parser``, stored under
+        ``<dest_prefix><name>`` when given on the command line (absent otherwise: the config's default)."""
         group = parser.add_argument_group("FlowRL (flowloss)", "options of the FlowRL loss and its log-Z head")
         for name, default in cls._defaults().items():
             help_line = cls.EXTRAS[name].help if name in cls.EXTRAS else OPTION_HELP[name]
             choices = cls.EXTRAS[name].choices if name in cls.EXTRAS else _CHOICES.get(name)
             shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else default
             suffix = "" if name == "importance_weights" else f" [default: {shown}]"
-            kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_line + suffix}
+            kwargs: dict[str, Any] = {"dest": dest_prefix + name, "default": argparse.SUPPRESS,
+                                      "help": help_line + suffix}
             if isinstance(default, bool):
                 kwargs.update(type=_parse_bool(prefix + name), metavar="{true,false}")
             elif choices is not None:
                 kwargs.update(choices=choices)
             elif isinstance(default, int):
-                kwargs.update(type=int)
+                kwargs.update(type=int, metavar="INT")
             elif isinstance(default, float):
-                kwargs.update(type=float)
+                kwargs.update(type=float, metavar="FLOAT")
             group.add_argument(prefix + name, **kwargs)
 
     @classmethod
@@ -297,15 +301,34 @@ class AdapterConfig:
         """
         parser = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
         cls.add_arguments(parser, prefix)
+        cls.refuse_unknown_flags(argv, prefix, parser)
+        namespace, rest = parser.parse_known_args(list(argv))
+        values = vars(namespace)
+        try:
+            return cls(**values), rest
+        except (TypeError, ValueError) as exc:
+            parser.error(_flag_message(str(exc), prefix))
+
+
+    @classmethod
+    def refuse_unknown_flags(cls, argv: Sequence[str], prefix: str, parser: argparse.ArgumentParser) -> None:
+        """``parser.error`` (exit 2) on a ``<prefix>`` flag that names no option, listing the known ones."""
         known = {prefix + name for name in cls.flat_names()}
         for arg in argv:
             flag = arg.split("=", 1)[0]
             if flag.startswith(prefix) and flag not in known:
                 parser.error(f"unknown option {flag}; FlowRL options: {', '.join(sorted(known))}")
-        namespace, rest = parser.parse_known_args(list(argv))
-        values = vars(namespace)
+
+    @classmethod
+    def from_parsed(cls, namespace: argparse.Namespace, parser: argparse.ArgumentParser, *, dest_prefix: str,
+                    prefix: str = "--flowrl."):
+        """The config from the ``<dest_prefix>*`` attributes of a parsed namespace (removed from it); a value
+        the config refuses ends in ``parser.error`` (exit 2) naming the flag."""
+        values = {k[len(dest_prefix):]: v for k, v in vars(namespace).items() if k.startswith(dest_prefix)}
+        for key in values:
+            delattr(namespace, dest_prefix + key)
         try:
-            return cls(**values), rest
+            return cls(**values)
         except (TypeError, ValueError) as exc:
             parser.error(_flag_message(str(exc), prefix))
 

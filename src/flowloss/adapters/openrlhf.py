@@ -425,57 +425,104 @@ FlowRLPolicyModelActor = ray.remote(num_gpus=1)(FlowRLPolicyModelActorImpl)
 _FLAG_PREFIX = "--flowrl."
 
 
-def _split_flowrl_args(argv: list[str]) -> tuple[FlowRLConfig, list[str]]:
-    """Take ``--flowrl.<option> <value>`` (or ``=value``) out of ``argv``; the rest goes to OpenRLHF.
-
-    A bad value or an unknown ``--flowrl.`` option exits with status 2 and names the flag and allowed values.
-    """
-    return FlowRLConfig.parse_flags(argv, _FLAG_PREFIX, prog="python -m flowloss.adapters.openrlhf")
-
-
 def _check_openrlhf_args(args: Any, config: FlowRLConfig) -> None:
+    """OpenRLHF flags FlowRL needs or cannot honour (``args`` as ``hierarchize``d by OpenRLHF); ValueError."""
     kl, adv = args.algo.kl, args.algo.advantage
     if not (kl.init_coef > 0 and kl.use_loss):
-        raise SystemExit(
+        raise ValueError(
             "FlowRL needs the reference policy's log-probs: pass --algo.kl.init_coef 1e-3 (any value > 0 "
             "creates the reference model) and --algo.kl.use_loss (keeps its log-probs, keeps KL out of the "
             "reward; the KL loss itself is dropped unless --flowrl.kl_loss true)"
         )
     if config.reward_source == "advantages" and adv.estimator != "group_norm":
-        raise SystemExit(
+        raise ValueError(
             "FlowRL's r_hat is the group z-scored reward: pass --algo.advantage.estimator group_norm "
             f"(got {adv.estimator!r}), or --flowrl.reward_source rewards"
         )
     if args.actor.entropy_coef:
-        raise SystemExit(_ENTROPY_ERROR.format(args.actor.entropy_coef))
+        raise ValueError(_ENTROPY_ERROR.format(args.actor.entropy_coef))
     if args.ds.packing_samples or args.ds.ring_attn_size > 1 or args.train.enable_ema:
-        raise SystemExit("the FlowRL adapter does not support --ds.packing_samples, ring attention or "
+        raise ValueError("the FlowRL adapter does not support --ds.packing_samples, ring attention or "
                          "--train.enable_ema yet")
+
+
+_KL_ADVICE = "Recommend setting"  # OpenRLHF's advice on --algo.kl.estimator, about a KL loss FlowRL drops
+_KL_NOTE = ("[FlowRL] OpenRLHF's KL loss is dropped: FlowRL's residual already holds log pi_ref "
+            "(--algo.kl.estimator only changes the logged KL; --flowrl.kl_loss true keeps the KL loss)")
+
+
+@contextlib.contextmanager
+def _flowrl_flags_on_openrlhf_parser(state: dict[str, Any]) -> Iterator[None]:
+    """While active, the first ``ArgumentParser.parse_args`` (OpenRLHF's launcher's) also takes FlowRL's
+    ``--flowrl.*`` flags (so ``--help`` lists them and a bad value exits 2 naming the flag and the allowed
+    values), then checks the OpenRLHF flags FlowRL needs - before the launcher starts Ray."""
+    import argparse
+
+    from openrlhf.utils.config import hierarchize
+
+    original = argparse.ArgumentParser.parse_args
+    dest = "flowrl."
+
+    def parse_args(parser: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> Any:
+        argparse.ArgumentParser.parse_args = original  # only the launcher's own parser
+        FlowRLConfig.add_arguments(parser, _FLAG_PREFIX, dest_prefix=dest)
+        argv = list(sys.argv[1:] if args is None else args)
+        FlowRLConfig.refuse_unknown_flags(argv, _FLAG_PREFIX, parser)
+        parsed = original(parser, argv, namespace)
+        config = FlowRLConfig.from_parsed(parsed, parser, dest_prefix=dest, prefix=_FLAG_PREFIX)
+        try:
+            _check_openrlhf_args(hierarchize(parsed), config)
+        except ValueError as exc:
+            parser.error(str(exc))
+        state["config"] = config
+        return parsed
+
+    argparse.ArgumentParser.parse_args = parse_args  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m flowloss.adapters.openrlhf [--flowrl.<option> value ...] <train_ppo_ray args>``.
 
-    Runs OpenRLHF's own launcher with `FlowRLPolicyModelActor` in place of ``PolicyModelActor`` and the
-    FlowRL options on ``strategy.args.flowrl``.
+    Runs OpenRLHF's own launcher (``openrlhf.cli.train_ppo_ray``) with `FlowRLPolicyModelActor` in place of
+    ``PolicyModelActor``, the ``--flowrl.*`` options added to its parser (``--help`` lists them; a bad value
+    exits with status 2 and a message naming the flag), the OpenRLHF flags FlowRL needs checked before Ray
+    starts, and the options on ``strategy.args.flowrl`` for the workers.
     """
     import runpy
 
     import openrlhf.trainer.ray.ppo_actor as ppo_actor
     import openrlhf.utils as orl_utils
 
-    config, rest = _split_flowrl_args(list(sys.argv[1:] if argv is None else argv))
+    state: dict[str, Any] = {}
     original_get_strategy = orl_utils.get_strategy
+    original_actor = ppo_actor.PolicyModelActor
 
     def get_strategy(args: Any) -> Any:
-        _check_openrlhf_args(args, config)
-        args.flowrl = config
+        args.flowrl = state["config"]
         return original_get_strategy(args)
 
+    def launcher_print(*values: Any, **kwargs: Any) -> None:
+        advice = values and isinstance(values[0], str) and values[0].startswith(_KL_ADVICE) and "KL" in values[0]
+        if advice and not state["config"].kl_loss:
+            values = (_KL_NOTE,)
+        print(*values, **kwargs)
+
+    saved_argv = sys.argv
     ppo_actor.PolicyModelActor = FlowRLPolicyModelActor
     orl_utils.get_strategy = get_strategy
-    sys.argv = ["openrlhf.cli.train_ppo_ray", *rest]
-    runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
+    sys.argv = ["openrlhf.cli.train_ppo_ray", *(saved_argv[1:] if argv is None else argv)]
+    try:
+        with _flowrl_flags_on_openrlhf_parser(state):
+            runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True,
+                             init_globals={"print": launcher_print})
+    finally:
+        sys.argv = saved_argv
+        ppo_actor.PolicyModelActor = original_actor
+        orl_utils.get_strategy = original_get_strategy
 
 
 if __name__ == "__main__":  # `python -m`: use the importable module's classes (Ray pickles them by name)

@@ -32,6 +32,7 @@ TRL would have added ``beta * KL``). Set the reward temperature with ``flowrl_be
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import os
@@ -340,6 +341,28 @@ def _reference_policy(trainer: FlowRLTrainer, model: Any, ref_model: nn.Module |
         grpo.create_model_from_path = original
 
 
+_EXIT_HOOK: list[bool] = []
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits (once per process).
+
+    Neither ``Trainer.train`` nor accelerate destroys it (``accelerator.end_training()`` would, if the script
+    called it): its gloo/TCPStore threads are then torn down by the C++ runtime after Python has finalized,
+    which can abort a rank that has finished training ("terminate called without an active exception").
+    Destroying the group in an ``atexit`` hook joins them while the interpreter is still alive; a script
+    that destroys it itself is unaffected.
+    """
+    if not _EXIT_HOOK:
+        _EXIT_HOOK.append(True)
+        atexit.register(_destroy_process_group)
+
+
 class FlowRLTrainer(GRPOTrainer):
     """``GRPOTrainer`` with FlowRL's trajectory-balance loss and a learned ``log Z`` head.
 
@@ -389,6 +412,8 @@ class FlowRLTrainer(GRPOTrainer):
             load_log_z_head(head, source)
         self.log_z_head = head
         self._hidden_states = HiddenStateCapture(policy)
+        if self.accelerator.num_processes > 1:
+            _destroy_process_group_at_exit()
         if self.use_vllm:
             exclude_from_weight_sync(self.vllm_generation)
 
