@@ -428,3 +428,39 @@ def test_an_explicit_reference_model_is_used(adapter, example, policy_dir, tmp_p
         assert torch.equal(value, expected[name]), name
     logs = _first_step(trainer)
     assert logs["flowrl/logprobs_mean"] != pytest.approx(logs["flowrl/ref_logprobs_mean"], rel=1e-3)
+
+
+def _code_lines(path: Path) -> list[str]:
+    """The script's lines after its module docstring, blank lines left out."""
+    import ast
+
+    source = path.read_text()
+    body = ast.parse(source).body
+    start = body[1].lineno if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else 1
+    return [line for line in source.splitlines()[start - 1:] if line.strip()]
+
+
+def test_a_users_grpo_script_switches_to_flowrl_in_at_most_4_lines(adapter, policy_dir, tmp_path):
+    """The documented switch: the user's GRPO script (a model object, TRL's defaults) and the FlowRL one differ
+    in at most 4 lines, and both run; the FlowRL run's first loss is beta^2 (G-1)/G (docs/adapters/trl.md)."""
+    import difflib
+
+    grpo_path, flowrl_path = ROOT / "examples" / "trl_grpo.py", ROOT / "examples" / "trl_grpo_flowrl.py"
+    diff = [d for d in difflib.ndiff(_code_lines(grpo_path), _code_lines(flowrl_path)) if d[:2] in ("- ", "+ ")]
+    removed, added = sum(d[0] == "-" for d in diff), sum(d[0] == "+" for d in diff)
+    assert max(removed, added) <= 4, "\n".join(diff)
+
+    logs = {}
+    for name, path in (("grpo", grpo_path), ("flowrl", flowrl_path)):
+        spec = importlib.util.spec_from_file_location(f"user_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        trainer = module.main(policy_dir, str(tmp_path / name), max_steps=2, use_cpu=True, seed=0)
+        logs[name] = [r for r in trainer.state.log_history if "loss" in r]
+    assert isinstance(trainer, adapter.FlowRLTrainer)
+    # What the docs tell a user to expect (beta = 15, G = 8): the loss starts at about beta^2 (G - 1) / G = 197
+    # (z-scored rewards have mean square (G - 1) / G per group and policy = reference at step 1), and the gradient
+    # norm is two orders of magnitude above GRPO's.
+    first = logs["flowrl"][0]
+    assert 0.8 * 15.0**2 * 7 / 8 <= first["loss"] <= 1.05 * 15.0**2 * 7 / 8, first
+    assert first["grad_norm"] > 30 * logs["grpo"][0]["grad_norm"], (first, logs["grpo"][0])
