@@ -25,6 +25,11 @@ trajectory-balance loss with the *old* policy standing in for ``pi_ref`` and a d
 constant for ``log Z``.
 It is not FlowRL's target; it is what the registry can express (see docs/adapters/verl.md).
 
+verl 0.9 runs the V1 trainer (``trainer.use_v1=True``) by default: `register_flowrl` registers the trainer mode
+``"flowrl"`` (`register_flowrl_trainer`: verl's ``sync`` trainer that installs the loss in its actor workers),
+the engine with the head and the policy loss; call it from a module named in ``VERL_USE_EXTERNAL_MODULES`` so
+that ``import verl`` runs it in ``main_ppo``'s TaskRunner and in every worker.
+
 Importing this module imports verl (and torch); ``import flowloss`` never does.
 """
 
@@ -53,10 +58,13 @@ __all__ = [
     "FlowRLFSDPEngine",  # noqa: F822 (built on first access by the module __getattr__)
     "attach_log_z_head",
     "flowrl_loss",
+    "install_flowrl_loss",
     "make_flowrl_loss_fn",
     "packed_prompt_log_z",
+    "register_flowrl",
     "register_flowrl_engine",
     "register_flowrl_policy_loss",
+    "register_flowrl_trainer",
     "sequence_rewards",
     "set_flowrl_loss_fn",
 ]
@@ -516,3 +524,78 @@ def register_flowrl_engine(
         for current_device in device:
             engines.setdefault(current_backend, {})[current_device] = cls
     return cls
+
+
+# ----------------------------------------------------------------------------------------------------
+# verl's V1 trainer (``trainer.use_v1=True``, the default of 0.9): a registered trainer mode that installs the loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def install_flowrl_loss(trainer: Any, flowrl: FlowRLConfig | dict[str, Any] | None = None) -> Callable:
+    """From a V1 trainer whose workers exist: make the actor workers compute FlowRL's loss.
+
+    Builds the loss from the actor config verl builds its own ``ppo_loss`` from
+    (``omega_conf_to_dataclass(config.actor_rollout_ref.actor)``) and sends it to every actor worker with the
+    worker group's ``set_loss_fn``.
+    """
+    from verl.utils.config import omega_conf_to_dataclass
+
+    actor_config = omega_conf_to_dataclass(trainer.config.actor_rollout_ref.actor)
+    loss_fn = make_flowrl_loss_fn(actor_config, flowrl)
+    trainer.actor_rollout_wg.set_loss_fn(loss_fn)
+    return loss_fn
+
+
+class _FlowRLTrainerMixin:
+    """A V1 ``PPOTrainer`` whose actor workers compute FlowRL's loss (installed once ``_setup`` built them)."""
+
+    flowrl_config: FlowRLConfig = FlowRLConfig()
+
+    def _setup(self) -> None:
+        super()._setup()  # type: ignore[misc]
+        install_flowrl_loss(self, self.flowrl_config)
+
+
+def register_flowrl_trainer(
+    flowrl: FlowRLConfig | dict[str, Any] | None = None, *, name: str = "flowrl", base: str = "sync"
+) -> type:
+    """Register a V1 trainer mode ``name`` (``trainer.v1.trainer_mode=flowrl``): verl's ``base`` mode (``"sync"``,
+    ``"colocate_async"``, ...) with FlowRL's loss installed in the actor workers. Returns the class.
+
+    verl's ``main_ppo`` runs ``get_trainer_cls(config.trainer.v1.trainer_mode)`` in its TaskRunner process: call
+    this there, e.g. from a module named in ``VERL_USE_EXTERNAL_MODULES`` (imported by ``import verl`` in every
+    process), see `register_flowrl`.
+    """
+    from verl.trainer.ppo.v1 import get_trainer_cls
+    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+
+    flowrl = FlowRLConfig.from_any(flowrl)
+    existing = TRAINER_REGISTRY.get(name)
+    if existing is not None and not issubclass(existing, _FlowRLTrainerMixin):
+        raise ValueError(f"trainer mode {name!r} is verl's {existing.__name__}: register FlowRL under another name")
+    base_cls = get_trainer_cls(base)
+    cls = type(f"FlowRL{base_cls.__name__}", (_FlowRLTrainerMixin, base_cls),
+               {"flowrl_config": flowrl, "__module__": __name__})
+    TRAINER_REGISTRY[name] = cls  # (re-)registration of FlowRL's own mode: register_trainer refuses to replace
+    return cls
+
+
+def register_flowrl(flowrl: FlowRLConfig | dict[str, Any] | None = None) -> FlowRLConfig:
+    """Everything ``main_ppo`` needs, in the calling process: the V1 trainer mode ``"flowrl"``
+    (`register_flowrl_trainer`), the engine with the log-Z head (`register_flowrl_engine`, for
+    ``log_z="head"``) and the ``"flowrl_old_ref"`` policy loss (`register_flowrl_policy_loss`).
+
+    Call it at import time of a module on the workers' ``PYTHONPATH`` and run ``main_ppo`` with
+    ``VERL_USE_EXTERNAL_MODULES=<that module>``: ``import verl`` imports it in the driver, the TaskRunner and
+    every worker, so all of them register the same options::
+
+        # flowrl_setup.py
+        from flowloss.adapters.verl import register_flowrl
+        register_flowrl({"beta": 15.0})
+    """
+    flowrl = FlowRLConfig.from_any(flowrl)
+    register_flowrl_trainer(flowrl)
+    if flowrl.log_z == "head":
+        register_flowrl_engine(flowrl)
+    register_flowrl_policy_loss(flowrl)
+    return flowrl
