@@ -18,7 +18,8 @@ def reward_distinct_chars(completions, **kwargs):
 def main(model_path, output_dir, **options):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)
-    dataset = Dataset.from_dict({"prompt": [f"count {a} {b} and" for a in "abcdefgh" for b in "wxyz"]})
+    prompts = [f"count {a} {b} and" for a in "abcdefgh" for b in "wxyz"]
+    dataset = Dataset.from_dict({"prompt": prompts})
     args = GRPOConfig(
         output_dir=output_dir,
         num_generations=8,
