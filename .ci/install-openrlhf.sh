@@ -29,9 +29,10 @@ PIP=("$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS")
 # deepspeed's setup.py imports torch: build it against the CPU torch above, with no C++/CUDA ops.
 DS_BUILD_OPS=0 DS_SKIP_CUDA_CHECK=1 "${PIP[@]}" --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"
 # What `import openrlhf.trainer.ray.ppo_actor` needs (read from its imports): transformers, peft, ray, torchdata,
-# and aiohttp / pillow / sympy / pylatexenc through openrlhf.utils.
+# and aiohttp / pillow / sympy / pylatexenc through openrlhf.utils; what the launcher's train() imports once Ray
+# is up: datasets (openrlhf.datasets, through openrlhf.trainer.ppo_trainer).
 "${PIP[@]}" "transformers==$TRANSFORMERS_VERSION" peft "ray==$RAY_VERSION" torchdata tqdm numpy \
-    einops sympy pylatexenc jsonlines aiohttp pillow
+    einops sympy pylatexenc jsonlines aiohttp pillow datasets
 # flowloss itself (its test extra pulls docs tooling this venv does not need), rich for `flowloss bench` (the docs
 # compare OpenRLHF's helper from this venv) and the test runner.
 "${PIP[@]}" --no-deps -e .
@@ -42,6 +43,7 @@ import torch
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 import deepspeed, openrlhf, peft, ray, transformers  # noqa: F401,E401
 import openrlhf.trainer.ray.ppo_actor  # noqa: F401  (flash_attn / vllm: the test stand-ins)
+import openrlhf.cli.train_ppo_ray, openrlhf.trainer.ppo_trainer  # noqa: F401,E401  (the launcher's imports)
 import flowloss.adapters.openrlhf  # noqa: F401
 print(f"openrlhf venv ready: torch {torch.__version__}, transformers {transformers.__version__}, "
       f"deepspeed {deepspeed.__version__}, ray {ray.__version__}")

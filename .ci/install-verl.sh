@@ -14,7 +14,9 @@ PIP=("$VENV/bin/python" -m pip install --quiet --progress-bar off -c "$CONSTRAIN
 "$VENV/bin/python" -m pip install --quiet --progress-bar off --upgrade pip
 # torch first, from the constraints (CPU build), so nothing below can pull a CUDA build.
 "${PIP[@]}" torch
-"${PIP[@]}" "verl==${VERL_VERSION}"
+# verl-core: what main_ppo imports on its way to training (TransferQueue for the V1 trainer, cachetools and uvicorn
+# for the legacy trainer and the checkpoint engines); plain `verl` lacks them. Not [vllm]: it pins its own torch.
+"${PIP[@]}" "verl[verl-core]==${VERL_VERSION}"
 # flowloss itself (editable), rich for `flowloss bench` (the docs compare verl's helpers from this venv) and the
 # test runner; the docs/lint extras are not needed here.
 "${PIP[@]}" --no-deps -e .
@@ -25,6 +27,7 @@ PIP=("$VENV/bin/python" -m pip install --quiet --progress-bar off -c "$CONSTRAIN
 import torch
 import verl
 from verl.trainer.ppo.core_algos import get_policy_loss_fn, register_policy_loss  # noqa: F401
+import transfer_queue, verl.trainer.main_ppo, verl.trainer.main_ppo_v0, verl.checkpoint_engine  # noqa: F401,E401
 
 import flowloss
 

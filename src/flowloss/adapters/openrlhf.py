@@ -34,29 +34,25 @@ OpenRLHF's ``train_ppo_ray`` with FlowRL swapped in). See ``docs/adapters/openrl
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from flowloss._validation import describe, require_choice, require_finite_number
-from flowloss.importance import (
-    DEFAULT_EPS_HIGH,
-    DEFAULT_EPS_LOW,
-    DEFAULT_MAX_WEIGHT,
-    DEFAULT_TIS_CAP,
-    IMPORTANCE_MODES,
-    ImportanceMode,
-    check_importance_options,
+from flowloss import masked_mean, masked_sum, pool_prompt_hidden_states, trajectory_balance_loss
+from flowloss.adapters.common import (
+    AdapterConfig,
+    Extra,
+    HiddenStateCapture,
+    attach_log_z_head,
+    find_log_z_head,
+    global_normalizer,
+    log_z_head_detached,
 )
-from flowloss.log_partition import LogZHead, pool_prompt_hidden_states
-from flowloss.losses import DEFAULT_BETA, trajectory_balance_loss
-from flowloss.reductions import masked_mean, masked_sum
 
 try:
     import ray
@@ -64,11 +60,10 @@ try:
     from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 except ImportError as exc:  # pragma: no cover - exercised only without openrlhf
     raise ImportError(
-        "flowloss.adapters.openrlhf needs OpenRLHF (pip install 'flowloss[openrlhf]'): " + str(exc)
+        "flowloss.adapters.openrlhf needs OpenRLHF (from a clone: pip install -e '.[openrlhf]'): " + str(exc)
     ) from exc
 
 RewardSource = Literal["advantages", "rewards"]
-DEFAULT_HEAD_NAME = "flowrl_log_z_head"
 
 __all__ = [
     "FlowRLActorPPOTrainer",
@@ -83,81 +78,30 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class FlowRLConfig:
-    """FlowRL options for OpenRLHF; every default is the authors' (``docs/adapters/openrlhf.md`` cites them).
+class FlowRLConfig(AdapterConfig):
+    """FlowRL options for OpenRLHF: ``loss`` (`flowloss.FlowRLOptions`), ``log_z_head``
+    (`flowloss.adapters.common.LogZHeadOptions`) and OpenRLHF's own three.
 
-    Attributes:
-        beta: reward temperature (15: the authors' code and verl ``recipe/flowrl``, "as per paper").
-        importance_weights: ``"sequence_clipped"`` (the paper's ``clip(pi/pi_old, 1-eps_low, 1+eps_high)``),
-            ``"sequence_capped"``, ``"sequence"``, ``"geometric_clipped"`` or ``"none"``.
-        eps_low, eps_high: clip range of the weights (0.2 / 0.28, the authors' clip ratios).
-        max_weight: cap of ``"sequence_capped"`` (10, the merged verl recipe).
-        rollout_tis: multiply ``w`` by ``min(pi_old / pi_rollout, tis_cap)`` when OpenRLHF passes vLLM's
-            log-probs (it does with ``--algo.advantage.is_correction_level token|seq``).
-        tis_cap: truncation of that factor (2, verl's default).
-        token_clip_mask: drop tokens outside the trust region in the direction of ``r_hat`` (verl PR #3924).
-        length_normalization: token-mean log-likelihoods (True, the paper) or token sums (Proposition 1).
-        reward_source: ``"advantages"`` (``r_hat`` = masked mean of OpenRLHF's advantages; use the
-            ``group_norm`` estimator) or ``"rewards"`` (``Experience.rewards`` as given, e.g. already scaled).
-        log_z_num_layers, log_z_dropout: `flowloss.LogZHead` shape (3 layers, dropout 0.1: the
-            authors').
-        log_z_init: initial ``log Z`` (the output bias; 0).
-        drop_last_prompt_token: leave each prompt's last token out of the pooled mean (the authors' slicing).
-        kl_loss: keep OpenRLHF's ``--algo.kl.use_loss`` term in the loss (False: FlowRL's residual already
-            holds ``log pi_ref``; the authors train with the KL loss off).
-        head_name: attribute name of the head on the HF model.
+    Flat names (``FlowRLConfig(beta=15.0)``, ``--flowrl.<name> <value>`` on the launcher): the loss's and the
+    head's (see `flowloss.adapters.common`), and
+
+    * ``rollout_tis`` (true): multiply ``w`` by ``min(pi_old / pi_rollout, tis_cap)`` when OpenRLHF passes
+      vLLM's log-probs (it does with ``--algo.advantage.is_correction_level token|seq``);
+    * ``reward_source`` (``"advantages"``): ``r_hat`` = masked mean of OpenRLHF's advantages (use the
+      ``group_norm`` estimator), or ``"rewards"``: ``Experience.rewards`` as given (e.g. already scaled);
+    * ``kl_loss`` (false): keep OpenRLHF's ``--algo.kl.use_loss`` term in the loss (FlowRL's residual already
+      holds ``log pi_ref``; the authors train with the KL loss off).
     """
 
-    beta: float = DEFAULT_BETA
-    importance_weights: ImportanceMode = "sequence_clipped"
-    eps_low: float = DEFAULT_EPS_LOW
-    eps_high: float = DEFAULT_EPS_HIGH
-    max_weight: float = DEFAULT_MAX_WEIGHT
-    rollout_tis: bool = True
-    tis_cap: float = DEFAULT_TIS_CAP
-    token_clip_mask: bool = False
-    length_normalization: bool = True
-    reward_source: RewardSource = "advantages"
-    log_z_num_layers: int = 3
-    log_z_dropout: float = 0.1
-    log_z_init: float = 0.0
-    drop_last_prompt_token: bool = False
-    kl_loss: bool = False
-    head_name: str = DEFAULT_HEAD_NAME
-
-    def __post_init__(self) -> None:
-        require_finite_number("beta", self.beta)
-        require_choice("importance_weights", self.importance_weights, IMPORTANCE_MODES)
-        check_importance_options(self.importance_weights, self.eps_low, self.eps_high, self.max_weight, self.tis_cap)
-        require_choice("reward_source", self.reward_source, ("advantages", "rewards"))
-        for name in ("rollout_tis", "token_clip_mask", "length_normalization", "drop_last_prompt_token"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
-        if not isinstance(self.kl_loss, bool):
-            raise TypeError(f"`kl_loss` must be a bool, got {self.kl_loss!r}")
-        n = self.log_z_num_layers
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"`log_z_num_layers` must be an int >= 1, got {n!r}")
-        if not isinstance(self.log_z_dropout, (int, float)) or not 0.0 <= self.log_z_dropout < 1.0:
-            raise ValueError(f"`log_z_dropout` must be in [0, 1), got {self.log_z_dropout!r}")
-        require_finite_number("log_z_init", self.log_z_init)
-        if not isinstance(self.head_name, str) or not self.head_name.isidentifier():
-            raise ValueError(f"`head_name` must be a Python identifier, got {self.head_name!r}")
-
-    @classmethod
-    def from_any(cls, value: FlowRLConfig | dict[str, Any] | Any | None) -> FlowRLConfig:
-        """A config from itself, a dict, a namespace (``args.flowrl``) or None (all defaults)."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        items = dict(value) if isinstance(value, dict) else dict(vars(value))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(items) - known)
-        if unknown:
-            raise ValueError(f"unknown FlowRL option(s) {unknown}; known: {sorted(known)}")
-        return cls(**items)
+    EXTRAS: ClassVar[dict[str, Extra]] = {
+        "rollout_tis": Extra(True, "truncated IS against vLLM's log-probs when OpenRLHF passes them (true)"),
+        "reward_source": Extra("advantages", "r_hat: masked mean of the advantages (group_norm), or "
+                               "Experience.rewards as given", ("advantages", "rewards")),
+        "kl_loss": Extra(False, "keep OpenRLHF's --algo.kl.use_loss KL term in the loss (false)"),
+    }
+    rollout_tis: bool
+    reward_source: RewardSource
+    kl_loss: bool
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,7 +183,7 @@ class FlowRLPolicyLoss(nn.Module):
             )
         cfg = self.config
         if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 2:
-            got = describe(log_probs) if isinstance(log_probs, torch.Tensor) else type(log_probs).__name__
+            got = tuple(log_probs.shape) if isinstance(log_probs, torch.Tensor) else type(log_probs).__name__
             raise ValueError(f"`log_probs` must be a [B, A] tensor of action log-probs, got {got}")
         mask = action_mask if action_mask is not None else torch.ones_like(log_probs, dtype=torch.bool)
         if cfg.reward_source == "rewards":
@@ -249,34 +193,24 @@ class FlowRLPolicyLoss(nn.Module):
         elif isinstance(advantages, torch.Tensor) and advantages.shape == log_probs.shape[:1]:
             rewards = advantages
         else:
-            got = describe(advantages) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+            got = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
             raise ValueError(
                 f"`advantages` must have shape {tuple(log_probs.shape)} or ({log_probs.shape[0]},), got {got}"
             )
         log_z = self._batch.log_z() if callable(self._batch.log_z) else self._batch.log_z
         rollout = rollout_log_probs if cfg.rollout_tis else None
-        if global_batch_size is None:
-            normalizer = None
-        else:
-            normalizer = torch.as_tensor(global_batch_size).to(torch.float64) / float(dp_size)
+        normalizer = None if global_batch_size is None else global_normalizer(global_batch_size, int(dp_size))
         loss, stats = trajectory_balance_loss(
             log_probs,
             self._batch.ref_log_probs,
             rewards,
             log_z,
             mask,
-            beta=cfg.beta,
             old_logprobs=old_log_probs,
             rollout_logprobs=rollout,
-            importance_weights=cfg.importance_weights,
-            eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high,
-            max_weight=cfg.max_weight,
-            tis_cap=cfg.tis_cap,
-            token_clip_mask=cfg.token_clip_mask,
-            length_normalization=cfg.length_normalization,
             normalizer=normalizer,
             return_stats=True,
+            **cfg.loss.to_dict(),
         )
         self.last_stats = stats
         m = mask.bool()
@@ -286,8 +220,8 @@ class FlowRLPolicyLoss(nn.Module):
         vllm_kl = is_filter_ratio = None
         if rollout is not None:
             vllm_kl = masked_sum(rollout.detach() - old_log_probs.detach(), m).sum() / tokens
-            agg = masked_mean if cfg.importance_weights == "geometric_clipped" else masked_sum
-            capped = agg(old_log_probs.detach() - rollout.detach(), m) > math.log(cfg.tis_cap)
+            agg = masked_mean if cfg.loss.importance_weights == "geometric_clipped" else masked_sum
+            capped = agg(old_log_probs.detach() - rollout.detach(), m) > math.log(cfg.loss.tis_cap)
             valid = m.any(dim=-1)
             is_filter_ratio = (capped & valid).sum() / valid.sum().clamp_min(1)
         return loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
@@ -295,92 +229,6 @@ class FlowRLPolicyLoss(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # The log-Z head on the HF model, and the prompt's hidden states.
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The HF model under a DeepSpeed engine (``.module``); PEFT models forward attributes themselves."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
-def _hf_model(model: nn.Module) -> nn.Module:
-    return _unwrap(model.model if isinstance(model, Actor) else model)
-
-
-def attach_log_z_head(model: nn.Module, config: FlowRLConfig | None = None) -> LogZHead:
-    """Register a `flowloss.LogZHead` as ``model.<head_name>`` (idempotent) and return it.
-
-    ``model`` is the HF causal LM (``actor.model`` before ``strategy.prepare``); the head takes its
-    ``config.hidden_size``, dtype and device. Attach it before DeepSpeed is initialized so the optimizer and
-    the checkpoints include it.
-    """
-    cfg = FlowRLConfig.from_any(config)
-    hf = _hf_model(model)
-    existing = getattr(hf, cfg.head_name, None)
-    if isinstance(existing, LogZHead):
-        return existing
-    hidden = getattr(getattr(hf, "config", None), "hidden_size", None)
-    if not isinstance(hidden, int):
-        raise ValueError(f"cannot find `config.hidden_size` on {type(hf).__name__}; attach the head yourself")
-    ref = next(hf.parameters())
-    head = LogZHead(
-        hidden, num_layers=cfg.log_z_num_layers, dropout=cfg.log_z_dropout, init_log_z=cfg.log_z_init
-    )
-    head = head.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else torch.float32)
-    hf.add_module(cfg.head_name, head)
-    return head
-
-
-def find_log_z_head(model: nn.Module, head_name: str = DEFAULT_HEAD_NAME) -> LogZHead:
-    """The head registered by `attach_log_z_head` on ``model`` (Actor, DeepSpeed engine or HF model)."""
-    head = getattr(_hf_model(model), head_name, None)
-    if not isinstance(head, LogZHead):
-        raise ValueError(
-            f"no LogZHead named {head_name!r} on {type(_hf_model(model)).__name__}: call "
-            "attach_log_z_head(actor.model) before strategy.prepare (FlowRLPolicyModelActor does)"
-        )
-    return head
-
-
-@contextlib.contextmanager
-def log_z_head_detached(model: nn.Module, head_name: str = DEFAULT_HEAD_NAME) -> Iterator[None]:
-    """Hide the head from ``named_parameters()``/``state_dict()`` inside the block (vLLM weight sync, HF
-    export: the inference engine and ``from_pretrained`` know nothing of it)."""
-    hf = _hf_model(model)
-    head = hf._modules.pop(head_name, None)
-    try:
-        yield
-    finally:
-        if head is not None:
-            hf._modules[head_name] = head
-
-
-class _PromptHiddenStates:
-    """Forward hook on the decoder stack that keeps its last hidden states ``[B, S, H]`` while recording."""
-
-    def __init__(self, model: nn.Module) -> None:
-        hf = _hf_model(model)
-        decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
-        if not isinstance(decoder, nn.Module):
-            raise ValueError(f"cannot find the decoder of {type(hf).__name__} (`get_decoder()`)")
-        self.recording = False
-        self.hidden: torch.Tensor | None = None
-        self.handle = decoder.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.recording:
-            return
-        hidden = getattr(output, "last_hidden_state", None)
-        if hidden is None:
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
-        self.hidden = hidden
-
-    def take(self) -> torch.Tensor:
-        if self.hidden is None:
-            raise RuntimeError("the decoder's forward hook captured no hidden states for this micro-batch")
-        hidden, self.hidden = self.hidden, None
-        return hidden
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,11 +252,11 @@ class FlowRLActorPPOTrainer(ActorPPOTrainer):
         _setup(self, FlowRLConfig.from_any(flowrl))
 
     def _log_z(self, experience: Any) -> torch.Tensor:
-        hidden = self._flowrl_hidden.take()
+        hidden = self._flowrl_hidden.pop()
         attention = experience.attention_mask
         if hidden.dim() != 3 or hidden.shape[:2] != attention.shape:
             raise ValueError(
-                f"decoder hidden states {describe(hidden)} do not match the sequences "
+                f"decoder hidden states {tuple(hidden.shape)} do not match the sequences "
                 f"{tuple(attention.shape)}; packed samples (--ds.packing_samples) and ring attention are not "
                 "supported by the FlowRL adapter"
             )
@@ -416,7 +264,7 @@ class FlowRLActorPPOTrainer(ActorPPOTrainer):
         positions = torch.arange(attention.shape[1], device=attention.device)
         prompt_mask = attention.bool() & (positions < prompt_len)
         pooled = pool_prompt_hidden_states(
-            hidden, prompt_mask, drop_last_token=self.flowrl.drop_last_prompt_token
+            hidden, prompt_mask, drop_last_token=self.flowrl.log_z_head.drop_last_prompt_token
         )
         return self._flowrl_head(pooled)
 
@@ -431,7 +279,7 @@ class FlowRLActorPPOTrainer(ActorPPOTrainer):
                 "(keeps its log-probs and keeps the KL out of the reward)"
             )
         rewards = experience.rewards if self.flowrl.reward_source == "rewards" else None
-        self._flowrl_hidden.recording = True
+        self._flowrl_hidden.start()
         try:
             with self.actor_loss_fn.micro_batch(
                 ref_log_probs=ref, log_z=lambda: self._log_z(experience), rewards=rewards
@@ -440,8 +288,8 @@ class FlowRLActorPPOTrainer(ActorPPOTrainer):
                     experience, kl_ctl if self.flowrl.kl_loss else 0.0, step, loss_batch_info
                 )
         finally:
-            self._flowrl_hidden.recording = False
-            self._flowrl_hidden.hidden = None
+            self._flowrl_hidden.stop()
+            self._flowrl_hidden.clear()
         for key, value in self.actor_loss_fn.last_stats.items():
             if key != "valid_sequences":
                 status["metrics"][f"flowrl_{key}"] = value.detach().float()
@@ -449,7 +297,7 @@ class FlowRLActorPPOTrainer(ActorPPOTrainer):
         return status
 
     def broadcast_to_vllm(self) -> None:
-        with log_z_head_detached(self.actor.model, self.flowrl.head_name):
+        with log_z_head_detached(self.actor.model):
             super().broadcast_to_vllm()
 
 
@@ -473,7 +321,7 @@ def _setup(trainer: ActorPPOTrainer, config: FlowRLConfig) -> None:
         raise ValueError(_ENTROPY_ERROR.format(entropy_coef))
     trainer.flowrl = config
     trainer.actor_loss_fn = FlowRLPolicyLoss(config)
-    trainer._flowrl_head = find_log_z_head(trainer.actor.model, config.head_name)
+    trainer._flowrl_head = find_log_z_head(trainer.actor.model)
     optim = trainer.actor_optim
     # DeepSpeed's ZeRO optimizers hold flat copies of the parameters: only a plain optimizer can be checked.
     if isinstance(optim, torch.optim.Optimizer):
@@ -483,7 +331,10 @@ def _setup(trainer: ActorPPOTrainer, config: FlowRLConfig) -> None:
                 "the log-Z head's parameters are not in `actor_optim`: attach the head before the optimizer "
                 "is built (attach_log_z_head before strategy.prepare)"
             )
-    trainer._flowrl_hidden = _PromptHiddenStates(trainer.actor.model)
+    previous = getattr(trainer, "_flowrl_hidden", None)
+    if previous is not None:  # converted twice: one hook
+        previous.remove()
+    trainer._flowrl_hidden = HiddenStateCapture(trainer.actor.model)
 
 
 def enable_flowrl(
@@ -509,7 +360,7 @@ def _head_attached_on_prepare(strategy: Any, config: FlowRLConfig) -> Iterator[N
     def prepare(*models: Any, **kwargs: Any) -> Any:
         for item in models:
             if isinstance(item, tuple) and item and isinstance(item[0], Actor):
-                attach_log_z_head(item[0].model, config)
+                attach_log_z_head(item[0].model, config.log_z_head)
         return original(*models, **kwargs)
 
     with _instance_override(strategy, "prepare", prepare):
@@ -532,12 +383,12 @@ def _instance_override(obj: Any, name: str, value: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _hf_exports_without_head(strategy: Any, head_name: str) -> Iterator[None]:
+def _hf_exports_without_head(strategy: Any) -> Iterator[None]:
     """While active, every ``strategy.save_model(model, ...)`` (HF export) runs with the head detached."""
     export = strategy.save_model
 
     def save_model(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with log_z_head_detached(model, head_name):
+        with log_z_head_detached(model):
             return export(model, *args, **kwargs)
 
     with _instance_override(strategy, "save_model", save_model):
@@ -559,13 +410,13 @@ class FlowRLPolicyModelActorImpl(PolicyModelActor.__ray_metadata__.modified_clas
         enable_flowrl(self.trainer, config)
 
     def save_model(self) -> None:
-        with _hf_exports_without_head(self.strategy, self.trainer.flowrl.head_name):
+        with _hf_exports_without_head(self.strategy):
             super().save_model()
 
     def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
         """OpenRLHF's checkpoint: the DeepSpeed state keeps the head (``--ckpt.load_enable`` resumes it), the
         ``{tag}_hf`` export of ``--ckpt.save_hf`` (``strategy.save_model`` called directly) leaves it out."""
-        with _hf_exports_without_head(self.strategy, self.trainer.flowrl.head_name):
+        with _hf_exports_without_head(self.strategy):
             super().save_checkpoint(*args, **kwargs)
 
 
@@ -574,85 +425,104 @@ FlowRLPolicyModelActor = ray.remote(num_gpus=1)(FlowRLPolicyModelActorImpl)
 _FLAG_PREFIX = "--flowrl."
 
 
-def _split_flowrl_args(argv: list[str]) -> tuple[FlowRLConfig, list[str]]:
-    """Take ``--flowrl.<option> <value>`` (or ``=value``) out of ``argv``; the rest goes to OpenRLHF."""
-    fields = {f.name: f for f in dataclasses.fields(FlowRLConfig)}
-    values: dict[str, Any] = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith(_FLAG_PREFIX):
-            rest.append(arg)
-            i += 1
-            continue
-        name, eq, raw = arg[len(_FLAG_PREFIX):].partition("=")
-        if name not in fields:
-            known = sorted(_FLAG_PREFIX + n for n in fields)
-            raise SystemExit(f"unknown option {arg!r}; FlowRL options: {known}")
-        if not eq:
-            if i + 1 >= len(argv):
-                raise SystemExit(f"option {arg!r} needs a value")
-            raw = argv[i + 1]
-            i += 1
-        i += 1
-        default = fields[name].default
-        if isinstance(default, bool):
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"option {_FLAG_PREFIX}{name} takes true/false, got {raw!r}")
-            values[name] = raw.lower() in ("true", "1")
-        elif isinstance(default, int):
-            values[name] = int(raw)
-        elif isinstance(default, float):
-            values[name] = float(raw)
-        else:
-            values[name] = raw
-    return FlowRLConfig(**values), rest
-
-
 def _check_openrlhf_args(args: Any, config: FlowRLConfig) -> None:
+    """OpenRLHF flags FlowRL needs or cannot honour (``args`` as ``hierarchize``d by OpenRLHF); ValueError."""
     kl, adv = args.algo.kl, args.algo.advantage
     if not (kl.init_coef > 0 and kl.use_loss):
-        raise SystemExit(
+        raise ValueError(
             "FlowRL needs the reference policy's log-probs: pass --algo.kl.init_coef 1e-3 (any value > 0 "
             "creates the reference model) and --algo.kl.use_loss (keeps its log-probs, keeps KL out of the "
             "reward; the KL loss itself is dropped unless --flowrl.kl_loss true)"
         )
     if config.reward_source == "advantages" and adv.estimator != "group_norm":
-        raise SystemExit(
+        raise ValueError(
             "FlowRL's r_hat is the group z-scored reward: pass --algo.advantage.estimator group_norm "
             f"(got {adv.estimator!r}), or --flowrl.reward_source rewards"
         )
     if args.actor.entropy_coef:
-        raise SystemExit(_ENTROPY_ERROR.format(args.actor.entropy_coef))
+        raise ValueError(_ENTROPY_ERROR.format(args.actor.entropy_coef))
     if args.ds.packing_samples or args.ds.ring_attn_size > 1 or args.train.enable_ema:
-        raise SystemExit("the FlowRL adapter does not support --ds.packing_samples, ring attention or "
+        raise ValueError("the FlowRL adapter does not support --ds.packing_samples, ring attention or "
                          "--train.enable_ema yet")
+
+
+_KL_ADVICE = "Recommend setting"  # OpenRLHF's advice on --algo.kl.estimator, about a KL loss FlowRL drops
+_KL_NOTE = ("[FlowRL] OpenRLHF's KL loss is dropped: FlowRL's residual already holds log pi_ref "
+            "(--algo.kl.estimator only changes the logged KL; --flowrl.kl_loss true keeps the KL loss)")
+
+
+@contextlib.contextmanager
+def _flowrl_flags_on_openrlhf_parser(state: dict[str, Any]) -> Iterator[None]:
+    """While active, the first ``ArgumentParser.parse_args`` (OpenRLHF's launcher's) also takes FlowRL's
+    ``--flowrl.*`` flags (so ``--help`` lists them and a bad value exits 2 naming the flag and the allowed
+    values), then checks the OpenRLHF flags FlowRL needs - before the launcher starts Ray."""
+    import argparse
+
+    from openrlhf.utils.config import hierarchize
+
+    original = argparse.ArgumentParser.parse_args
+    dest = "flowrl."
+
+    def parse_args(parser: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> Any:
+        argparse.ArgumentParser.parse_args = original  # only the launcher's own parser
+        FlowRLConfig.add_arguments(parser, _FLAG_PREFIX, dest_prefix=dest)
+        argv = list(sys.argv[1:] if args is None else args)
+        FlowRLConfig.refuse_unknown_flags(argv, _FLAG_PREFIX, parser)
+        parsed = original(parser, argv, namespace)
+        config = FlowRLConfig.from_parsed(parsed, parser, dest_prefix=dest, prefix=_FLAG_PREFIX)
+        try:
+            _check_openrlhf_args(hierarchize(parsed), config)
+        except ValueError as exc:
+            parser.error(str(exc))
+        state["config"] = config
+        return parsed
+
+    argparse.ArgumentParser.parse_args = parse_args  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m flowloss.adapters.openrlhf [--flowrl.<option> value ...] <train_ppo_ray args>``.
 
-    Runs OpenRLHF's own launcher with `FlowRLPolicyModelActor` in place of ``PolicyModelActor`` and the
-    FlowRL options on ``strategy.args.flowrl``.
+    Runs OpenRLHF's own launcher (``openrlhf.cli.train_ppo_ray``) with `FlowRLPolicyModelActor` in place of
+    ``PolicyModelActor``, the ``--flowrl.*`` options added to its parser (``--help`` lists them; a bad value
+    exits with status 2 and a message naming the flag), the OpenRLHF flags FlowRL needs checked before Ray
+    starts, and the options on ``strategy.args.flowrl`` for the workers.
     """
     import runpy
 
     import openrlhf.trainer.ray.ppo_actor as ppo_actor
     import openrlhf.utils as orl_utils
 
-    config, rest = _split_flowrl_args(list(sys.argv[1:] if argv is None else argv))
+    state: dict[str, Any] = {}
     original_get_strategy = orl_utils.get_strategy
+    original_actor = ppo_actor.PolicyModelActor
 
     def get_strategy(args: Any) -> Any:
-        _check_openrlhf_args(args, config)
-        args.flowrl = config
+        args.flowrl = state["config"]
         return original_get_strategy(args)
 
+    def launcher_print(*values: Any, **kwargs: Any) -> None:
+        advice = values and isinstance(values[0], str) and values[0].startswith(_KL_ADVICE) and "KL" in values[0]
+        if advice and not state["config"].kl_loss:
+            values = (_KL_NOTE,)
+        print(*values, **kwargs)
+
+    saved_argv = sys.argv
     ppo_actor.PolicyModelActor = FlowRLPolicyModelActor
     orl_utils.get_strategy = get_strategy
-    sys.argv = ["openrlhf.cli.train_ppo_ray", *rest]
-    runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
+    sys.argv = ["openrlhf.cli.train_ppo_ray", *(saved_argv[1:] if argv is None else argv)]
+    try:
+        with _flowrl_flags_on_openrlhf_parser(state):
+            runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True,
+                             init_globals={"print": launcher_print})
+    finally:
+        sys.argv = saved_argv
+        ppo_actor.PolicyModelActor = original_actor
+        orl_utils.get_strategy = original_get_strategy
 
 
 if __name__ == "__main__":  # `python -m`: use the importable module's classes (Ray pickles them by name)

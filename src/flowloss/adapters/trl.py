@@ -32,101 +32,127 @@ TRL would have added ``beta * KL``). Set the reward temperature with ``flowrl_be
 
 from __future__ import annotations
 
-import math
+import atexit
+import contextlib
+import copy
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 
-from flowloss.importance import (
-    DEFAULT_EPS_HIGH,
-    DEFAULT_MAX_WEIGHT,
-    DEFAULT_TIS_CAP,
-    IMPORTANCE_MODES,
+from flowloss import FlowRLOptions, count_valid_sequences, pool_prompt_hidden_states, trajectory_balance_loss
+from flowloss.adapters.common import (
+    LOG_Z_HEAD_FILE,
+    LOG_Z_HEAD_NAME,
+    HiddenStateCapture,
+    LogZHeadOptions,
+    attach_log_z_head,
+    check_adapter_options,
+    global_normalizer,
+    load_log_z_head,
+    save_log_z_head,
+    split_log_z_head_state,
 )
-from flowloss.log_partition import LogZHead, pool_prompt_hidden_states
-from flowloss.losses import DEFAULT_BETA, trajectory_balance_loss
-from flowloss.reductions import count_valid_sequences
 
 __all__ = [
-    "LOG_Z_HEAD_ATTR",
     "LOG_Z_HEAD_FILE",
+    "LOG_Z_HEAD_NAME",
     "NUM_SEQUENCES_KEY",
     "FlowRLConfig",
     "FlowRLTrainer",
     "exclude_from_weight_sync",
     "flowrl_loss_from_grpo_inputs",
-    "load_log_z_head",
-    "save_log_z_head",
-    "sequence_normalizer",
 ]
 
-# The head is a submodule of the policy under this name (so the optimizer, DDP and DeepSpeed see it) ...
-LOG_Z_HEAD_ATTR = "flowrl_log_z_head"
-# ... but is saved beside the model's weights: the checkpoint's model files stay a plain HF/PEFT checkpoint.
-LOG_Z_HEAD_FILE = "flowrl_log_z_head.safetensors"
 # Valid sequences in the whole generation batch, over all processes (a 0-dim tensor added to TRL's batch).
 NUM_SEQUENCES_KEY = "flowrl_num_sequences"
 
-_HEAD_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-                "float16": torch.float16}
 # Stats of `trajectory_balance_loss` logged as `flowrl/<name>`.
 _LOGGED_STATS = ("residual_mean", "residual_abs_mean", "log_z_mean", "logprobs_mean", "ref_logprobs_mean",
                  "weight_mean", "clip_frac", "token_clip_frac")
+_LOSS = FlowRLOptions()
+_HEAD = LogZHeadOptions()
+# GRPO options FlowRL's loss never reads: refused unless left at GRPOConfig's default (name, default, why).
+_GRPO_ONLY = (
+    ("loss_type", "dapo", "FlowRL replaces the GRPO loss and its aggregation (a mean over sequences)"),
+    ("importance_sampling_level", "token",
+     "FlowRL's importance weight is set by `flowrl_importance_weights` (sequence-level by default)"),
+    ("delta", None, "two-sided GRPO clipping does not apply to FlowRL's weight"),
+    ("entropy_coef", 0.0, "an entropy bonus would change FlowRL's objective"),
+    ("use_adaptive_entropy", False, "an entropy bonus would change FlowRL's objective"),
+    ("top_entropy_quantile", 1.0, "FlowRL's residual uses every completion token"),
+    ("off_policy_mask_threshold", None, "FlowRL does not mask off-policy sequences; it clips their weight"),
+)
+
+
+_TRL_NAMES = {"eps_low": "epsilon", "eps_high": "epsilon_high"}
+
+
+def _trl_names(message: str) -> str:
+    """A core error message with TRL's field names: `eps_low` -> `epsilon`, `beta` -> `flowrl_beta`, ..."""
+    return re.sub(r"`([a-z_]+)`", lambda m: f"`{_TRL_NAMES.get(m.group(1), 'flowrl_' + m.group(1))}`", message)
 
 
 @dataclass
 class FlowRLConfig(GRPOConfig):
     """``GRPOConfig`` plus FlowRL's options (every TRL option keeps its meaning unless listed here).
 
-    FlowRL options (defaults: the paper / the authors' code, see ``flowloss.losses``/``flowloss.importance``):
+    The loss options are those of `flowloss.FlowRLOptions` with TRL's ``flowrl_`` prefix, the clip range is
+    TRL's own ``epsilon`` (0.2) / ``epsilon_high`` (0.28 here, the authors' value); ``flowrl_options`` returns
+    them as one ``FlowRLOptions`` (the one translation from TRL's names), ``flowrl_log_z_head`` the head's
+    `flowloss.adapters.common.LogZHeadOptions`:
 
-    * ``flowrl_beta`` (15): reward temperature ``beta`` in the residual.
-    * ``flowrl_importance_weights`` (``"sequence_clipped"``, the paper's
-      ``clip(pi/pi_old, 1 - eps, 1 + eps)``): weight mode when TRL keeps ``old_per_token_logps`` (off-policy:
-      ``num_iterations > 1`` or ``steps_per_generation > gradient_accumulation_steps``, or vLLM); on-policy
-      the weight is exactly 1.
-      The clip range is TRL's ``epsilon`` (0.2) / ``epsilon_high`` (0.28 here, the authors' value).
-    * ``flowrl_max_weight`` (10): cap of ``"sequence_capped"``; ``flowrl_tis_cap`` (2): truncated IS against
-      vLLM's sampling log-probs (used when ``use_vllm`` and ``vllm_importance_sampling_correction``).
-    * ``flowrl_token_clip_mask`` (False): the CISPO-style token mask of verl PR #3924.
-    * ``flowrl_length_normalization`` (True): token-mean log-likelihoods, as the paper.
+    * ``flowrl_beta`` (15): reward temperature, > 0 (a negative beta prefers low rewards, zero ignores them).
+    * ``flowrl_importance_weights`` (None: ``"sequence_clipped"``, the paper's ``clip(pi/pi_old, 1 - eps,
+      1 + eps)``): used when TRL keeps ``old_per_token_logps`` (off-policy: ``num_iterations > 1`` or
+      ``steps_per_generation > gradient_accumulation_steps``, or vLLM); on-policy the weight is exactly 1.
+    * ``flowrl_max_weight`` (10), ``flowrl_tis_cap`` (2, truncated IS against vLLM's sampling log-probs when
+      ``use_vllm`` and ``vllm_importance_sampling_correction``), ``flowrl_token_clip_mask`` (False),
+      ``flowrl_length_normalization`` (True), ``flowrl_penalty`` (``"squared"``), ``flowrl_linex_alpha``,
+      ``flowrl_huber_delta``.
     * ``flowrl_log_z_num_layers`` (3), ``flowrl_log_z_dropout`` (0.1), ``flowrl_log_z_init`` (0.0),
-      ``flowrl_log_z_drop_last_prompt_token`` (False), ``flowrl_log_z_dtype`` (``"float32"``; None = the
-      policy's dtype): the `LogZHead` on the prompt's mean last hidden state.
+      ``flowrl_log_z_drop_last_prompt_token`` (False), ``flowrl_log_z_dtype`` (``"float32"``; None: the
+      policy's dtype).
 
-    Rejected because the FlowRL loss would silently ignore them: TRL's KL ``beta != 0`` (the reference is part
-    of the residual), ``entropy_coef != 0`` / ``use_adaptive_entropy``, ``top_entropy_quantile < 1``,
-    ``off_policy_mask_threshold``. ``loss_type``, ``importance_sampling_level`` and ``delta`` do not apply.
+    Refused because FlowRL would silently ignore them: TRL's KL ``beta != 0`` (the reference is part of the
+    residual) and, when changed from GRPOConfig's default, ``loss_type``, ``importance_sampling_level``,
+    ``delta``, ``entropy_coef`` / ``use_adaptive_entropy``, ``top_entropy_quantile`` and
+    ``off_policy_mask_threshold``.
     """
 
     epsilon_high: float | None = field(
-        default=DEFAULT_EPS_HIGH,
+        default=_LOSS.eps_high,
         metadata={"help": "Upper clip of FlowRL's importance weight, 1 + epsilon_high (authors: 0.28)."},
     )
-    flowrl_beta: float = field(default=DEFAULT_BETA, metadata={"help": "FlowRL's reward temperature (15)."})
-    flowrl_importance_weights: str = field(
-        default="sequence_clipped", metadata={"help": f"Importance-weight mode, one of {IMPORTANCE_MODES}."}
+    flowrl_beta: float = field(default=_LOSS.beta, metadata={"help": "FlowRL's reward temperature, > 0 (15)."})
+    flowrl_importance_weights: str | None = field(
+        default=_LOSS.importance_weights,
+        metadata={"help": "Importance-weight mode off-policy (None: 'sequence_clipped', the paper)."},
     )
-    flowrl_max_weight: float = field(default=DEFAULT_MAX_WEIGHT, metadata={"help": "'sequence_capped' cap."})
-    flowrl_tis_cap: float = field(default=DEFAULT_TIS_CAP, metadata={"help": "Truncated-IS cap (vLLM)."})
-    flowrl_token_clip_mask: bool = field(default=False, metadata={"help": "CISPO-style token mask."})
-    flowrl_length_normalization: bool = field(default=True, metadata={"help": "Token-mean log-likelihoods."})
-    flowrl_log_z_num_layers: int = field(default=3, metadata={"help": "Layers of the log-Z MLP head."})
-    flowrl_log_z_dropout: float = field(default=0.1, metadata={"help": "Dropout of the log-Z head."})
-    flowrl_log_z_init: float = field(default=0.0, metadata={"help": "Initial output bias of the head."})
+    flowrl_max_weight: float = field(default=_LOSS.max_weight, metadata={"help": "'sequence_capped' cap (10)."})
+    flowrl_tis_cap: float = field(default=_LOSS.tis_cap, metadata={"help": "Truncated-IS cap with vLLM (2)."})
+    flowrl_token_clip_mask: bool = field(default=_LOSS.token_clip_mask, metadata={"help": "CISPO-style mask."})
+    flowrl_length_normalization: bool = field(
+        default=_LOSS.length_normalization, metadata={"help": "Token-mean log-likelihoods (the paper)."}
+    )
+    flowrl_penalty: str = field(default=_LOSS.penalty, metadata={"help": "Penalty g(delta) ('squared')."})
+    flowrl_linex_alpha: float = field(default=_LOSS.linex_alpha, metadata={"help": "a of the linex penalty."})
+    flowrl_huber_delta: float = field(default=_LOSS.huber_delta, metadata={"help": "k of the huber penalty."})
+    flowrl_log_z_num_layers: int = field(default=_HEAD.num_layers, metadata={"help": "Layers of the log-Z head."})
+    flowrl_log_z_dropout: float = field(default=_HEAD.dropout, metadata={"help": "Dropout of the log-Z head."})
+    flowrl_log_z_init: float = field(default=_HEAD.init, metadata={"help": "Initial output bias of the head."})
     flowrl_log_z_drop_last_prompt_token: bool = field(
-        default=False, metadata={"help": "Leave each prompt's last token out of the pooled hidden state."}
+        default=_HEAD.drop_last_prompt_token,
+        metadata={"help": "Leave each prompt's last token out of the pooled hidden state."},
     )
     flowrl_log_z_dtype: str | None = field(
-        default="float32", metadata={"help": "dtype of the log-Z head's parameters (None: the policy's)."}
+        default=_HEAD.dtype, metadata={"help": "dtype of the log-Z head's parameters (None: the policy's)."}
     )
 
     def __post_init__(self) -> None:
@@ -137,66 +163,59 @@ class FlowRLConfig(GRPOConfig):
                 "reference policy enters FlowRL's residual directly. Set the reward temperature with "
                 "`flowrl_beta`."
             )
-        for name, bad in (
-            ("entropy_coef", self.entropy_coef != 0.0 or self.use_adaptive_entropy),
-            ("top_entropy_quantile", self.top_entropy_quantile < 1.0),
-            ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None),
-        ):
-            if bad:
-                raise ValueError(f"`{name}` is a GRPO loss option FlowRLTrainer does not apply; unset it")
-        if not (isinstance(self.flowrl_beta, (int, float)) and math.isfinite(self.flowrl_beta)):
-            raise ValueError(f"`flowrl_beta` must be a finite number, got {self.flowrl_beta!r}")
-        if self.flowrl_importance_weights not in IMPORTANCE_MODES:
-            raise ValueError(
-                f"`flowrl_importance_weights` must be one of {IMPORTANCE_MODES}, "
-                f"got {self.flowrl_importance_weights!r}"
-            )
-        if not 0.0 <= self.epsilon < 1.0:
-            raise ValueError(f"`epsilon` (FlowRL's eps_low) must be in [0, 1), got {self.epsilon!r}")
+        for name, default, why in _GRPO_ONLY:
+            value = getattr(self, name)
+            if value != default:
+                raise ValueError(
+                    f"`{name}={value!r}` is a GRPO loss option that FlowRLTrainer does not apply ({why}); "
+                    f"remove it (default {default!r})"
+                )
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
-        if not 0.0 <= self.epsilon_high < math.inf:
-            raise ValueError(f"`epsilon_high` must be a finite number >= 0, got {self.epsilon_high!r}")
-        for name in ("flowrl_max_weight", "flowrl_tis_cap"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 < value < math.inf):
-                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
-        if self.flowrl_log_z_dtype is not None and self.flowrl_log_z_dtype not in _HEAD_DTYPES:
-            raise ValueError(
-                f"`flowrl_log_z_dtype` must be None or one of {tuple(_HEAD_DTYPES)}, "
-                f"got {self.flowrl_log_z_dtype!r}"
+        self.flowrl_options  # noqa: B018 (validates)
+        self.flowrl_log_z_head  # noqa: B018
+
+    @property
+    def flowrl_options(self) -> FlowRLOptions:
+        """The loss options as one `flowloss.FlowRLOptions`: TRL's names translated, here only."""
+        try:
+            options = FlowRLOptions(
+                beta=self.flowrl_beta,
+                importance_weights=self.flowrl_importance_weights,
+                eps_low=self.epsilon,
+                eps_high=self.epsilon_high,
+                max_weight=self.flowrl_max_weight,
+                tis_cap=self.flowrl_tis_cap,
+                token_clip_mask=self.flowrl_token_clip_mask,
+                length_normalization=self.flowrl_length_normalization,
+                penalty=self.flowrl_penalty,
+                linex_alpha=self.flowrl_linex_alpha,
+                huber_delta=self.flowrl_huber_delta,
             )
+            return check_adapter_options(options)
+        except (TypeError, ValueError) as exc:  # name the field as the user wrote it
+            raise type(exc)(_trl_names(str(exc))) from None
 
-
-def sequence_normalizer(
-    num_sequences: torch.Tensor | int,
-    *,
-    num_processes: int,
-    gradient_accumulation_steps: int,
-    steps_per_generation: int,
-    training: bool,
-) -> torch.Tensor:
-    """The ``normalizer=`` that makes micro-batch losses add up to the mean over one optimizer step.
-
-    ``num_sequences`` is ``N``, the valid sequences in the generation batch over all ``W`` processes.
-    Each process's micro-batch loss is ``sum_i w_i g(delta_i) / (N / W)``; ranks average their gradients, so a
-    step's gradient is that of ``(1/N) sum`` over the generation batch. When training, the generation batch
-    spans ``S = steps_per_generation`` micro-batches and an optimizer step ``G = gradient_accumulation_steps``
-    of them: the normalizer is scaled by ``G / S`` (exact for TRL's default ``S = G``; with ``S != G``, ``N``
-    is prorated, as TRL does for its token-level losses). ``N = 0`` (nothing valid anywhere) is taken as 1.
-    """
-    n = torch.as_tensor(num_sequences, dtype=torch.float64).clamp_min(1.0)
-    norm = n / num_processes
-    if training:
-        norm = norm * gradient_accumulation_steps / steps_per_generation
-    return norm
+    @property
+    def flowrl_log_z_head(self) -> LogZHeadOptions:
+        """The head's options as one `flowloss.adapters.common.LogZHeadOptions`."""
+        try:
+            return LogZHeadOptions(
+                num_layers=self.flowrl_log_z_num_layers,
+                dropout=self.flowrl_log_z_dropout,
+                init=self.flowrl_log_z_init,
+                drop_last_prompt_token=self.flowrl_log_z_drop_last_prompt_token,
+                dtype=self.flowrl_log_z_dtype,
+            )
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(_trl_names(str(exc))) from None
 
 
 def flowrl_loss_from_grpo_inputs(
     per_token_logps: torch.Tensor,
     log_z: torch.Tensor,
     inputs: dict[str, Any],
-    args: FlowRLConfig,
+    options: FlowRLOptions | FlowRLConfig,
     *,
     normalizer: torch.Tensor | float | None = None,
     rollout_logprobs: torch.Tensor | None = None,
@@ -206,8 +225,11 @@ def flowrl_loss_from_grpo_inputs(
     ``per_token_logps [B, T]`` (the policy's completion log-probs, with gradient), ``log_z [B]`` (with
     gradient), ``inputs`` TRL's batch: ``completion_mask [B, T]`` (times ``tool_mask`` when present),
     ``advantages [B]`` (= ``r_hat``), ``ref_per_token_logps [B, T]``, optionally
-    ``old_per_token_logps [B, T]``. Returns ``(loss, stats)``.
+    ``old_per_token_logps [B, T]``. ``options``: the loss options (or a `FlowRLConfig`). Returns
+    ``(loss, stats)``.
     """
+    if isinstance(options, FlowRLConfig):
+        options = options.flowrl_options
     mask = inputs["completion_mask"]
     if inputs.get("tool_mask") is not None:
         mask = mask * inputs["tool_mask"]
@@ -224,44 +246,24 @@ def flowrl_loss_from_grpo_inputs(
             f"{tuple(advantages.shape)}"
         )
     old = inputs.get("old_per_token_logps")
+    values = options.to_dict()
+    if old is None:  # on-policy: w = 1 exactly, nothing to clip or mask
+        values.update(importance_weights="none", token_clip_mask=False)
     return trajectory_balance_loss(
         per_token_logps,
         ref,
         advantages if advantages.is_floating_point() else advantages.float(),
         log_z,
         mask,
-        beta=args.flowrl_beta,
         old_logprobs=old,
         rollout_logprobs=rollout_logprobs if old is not None else None,
-        importance_weights=args.flowrl_importance_weights if old is not None else "none",
-        eps_low=args.epsilon,
-        eps_high=args.epsilon_high,
-        max_weight=args.flowrl_max_weight,
-        tis_cap=args.flowrl_tis_cap,
-        token_clip_mask=args.flowrl_token_clip_mask and old is not None,
-        length_normalization=args.flowrl_length_normalization,
         normalizer=normalizer,
         return_stats=True,
+        **values,
     )
 
 
-def save_log_z_head(state_dict: dict[str, torch.Tensor], output_dir: str) -> str:
-    """Write the head's ``state_dict`` to ``output_dir/flowrl_log_z_head.safetensors``; return the path."""
-    path = os.path.join(output_dir, LOG_Z_HEAD_FILE)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, path)
-    return path
-
-
-def load_log_z_head(head: nn.Module, checkpoint_dir: str) -> bool:
-    """Load ``checkpoint_dir/flowrl_log_z_head.safetensors`` into ``head`` (strict); False if absent."""
-    path = os.path.join(checkpoint_dir, LOG_Z_HEAD_FILE)
-    if not os.path.isfile(path):
-        return False
-    head.load_state_dict(load_file(path, device="cpu"), strict=True)
-    return True
-
-
-def exclude_from_weight_sync(vllm_generation: Any, name_fragment: str = LOG_Z_HEAD_ATTR) -> None:
+def exclude_from_weight_sync(vllm_generation: Any, name_fragment: str = LOG_Z_HEAD_NAME) -> None:
     """Keep every parameter whose name contains ``name_fragment`` out of TRL's policy -> vLLM weight sync.
 
     TRL's ``VLLMGeneration.sync_weights`` (server and colocate modes, FSDP, DeepSpeed, PEFT) walks
@@ -277,34 +279,6 @@ def exclude_from_weight_sync(vllm_generation: Any, name_fragment: str = LOG_Z_HE
     vllm_generation._iter_named_params = _iter_named_params
 
 
-class _BackboneHiddenStates:
-    """Forward hook on the decoder backbone: keeps ``last_hidden_state [B, P + T, H]`` while capturing."""
-
-    def __init__(self, backbone: nn.Module) -> None:
-        self._active = False
-        self._states: list[torch.Tensor] = []
-        self.handle = backbone.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._active:
-            hidden = getattr(output, "last_hidden_state", None)
-            self._states.append(hidden if hidden is not None else output[0])
-
-    @contextmanager
-    def capture(self) -> Iterator[None]:
-        self._states, self._active = [], True
-        try:
-            yield
-        finally:
-            self._active = False
-
-    def pop(self) -> torch.Tensor:
-        if not self._states:
-            raise RuntimeError("the policy's backbone did not run while capturing hidden states for log Z")
-        states, self._states = self._states, []
-        return torch.cat(states, dim=0)
-
-
 def _is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
 
@@ -316,13 +290,93 @@ def _checkpoint_dir(model: Any) -> str | None:
     return path if isinstance(path, str) and os.path.isdir(path) else None
 
 
+def _frozen(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def _copy_peft_adapter_as_reference(model: nn.Module) -> None:
+    """A pretrained PEFT adapter: add a frozen copy named ``"ref"``, which TRL uses for ``ref_per_token_logps``.
+
+    TRL 1.16 makes this copy only when ``args.beta != 0``, and FlowRL keeps ``args.beta = 0``: without it the
+    reference would be the base model with the adapter disabled, not the policy the trainer was given.
+    """
+    if "ref" in model.peft_config:
+        return
+    model.add_adapter("ref", model.peft_config["default"])
+    for name, param in model.named_parameters():
+        if ".default." in name:
+            model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+
+
+@contextlib.contextmanager
+def _reference_policy(trainer: FlowRLTrainer, model: Any, ref_model: nn.Module | str | None) -> Iterator[None]:
+    """While TRL's ``__init__`` runs, hand it our reference instead of a model reloaded from the policy's path.
+
+    TRL 1.16 builds the reference with ``create_model_from_path(config._name_or_path)``: it fails for a model
+    built in memory (``_name_or_path == ""``) and silently reloads the file on disk for a model whose weights
+    were changed in memory. The reference is instead a frozen copy of ``trainer.model`` taken when TRL asks
+    for it (the policy as given, after ``Trainer.__init__``, before any step, head or patch), or ``ref_model``.
+    """
+    import trl.trainer.grpo_trainer as grpo
+
+    original = grpo.create_model_from_path
+    policy_pending = isinstance(model, str)  # TRL's first call loads the policy itself
+
+    def create_model_from_path(model_id: str, *args: Any, **kwargs: Any) -> nn.Module:
+        nonlocal policy_pending
+        if policy_pending:
+            policy_pending = False
+            return original(model_id, *args, **kwargs)
+        if isinstance(ref_model, str):
+            return _frozen(original(ref_model, *args, **kwargs))
+        if ref_model is not None:
+            return _frozen(ref_model)
+        return _frozen(copy.deepcopy(trainer.model))
+
+    grpo.create_model_from_path = create_model_from_path
+    try:
+        yield
+    finally:
+        grpo.create_model_from_path = original
+
+
+_EXIT_HOOK: list[bool] = []
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits (once per process).
+
+    Neither ``Trainer.train`` nor accelerate destroys it (``accelerator.end_training()`` would, if the script
+    called it): its gloo/TCPStore threads are then torn down by the C++ runtime after Python has finalized,
+    which can abort a rank that has finished training ("terminate called without an active exception").
+    Destroying the group in an ``atexit`` hook joins them while the interpreter is still alive; a script
+    that destroys it itself is unaffected.
+    """
+    if not _EXIT_HOOK:
+        _EXIT_HOOK.append(True)
+        atexit.register(_destroy_process_group)
+
+
 class FlowRLTrainer(GRPOTrainer):
     """``GRPOTrainer`` with FlowRL's trajectory-balance loss and a learned ``log Z`` head.
 
-    Arguments are ``GRPOTrainer``'s; ``args`` must be a `FlowRLConfig`. The head
-    (`LogZHead` on the policy's mean last hidden state over the prompt tokens; gradients flow
-    into the policy) is attached to the policy as ``model.flowrl_log_z_head`` so the optimizer trains it with
-    the policy's learning rate, as the authors do. Checkpoints hold it as ``flowrl_log_z_head.safetensors``
+    Arguments are ``GRPOTrainer``'s; ``args`` must be a `FlowRLConfig`. ``model`` is a path (or hub id) or a
+    model object (``Qwen2ForCausalLM(config)``, a checkpoint changed in memory, a ``PeftModel``).
+
+    The reference ``pi_ref`` is a frozen copy of the policy as given to the trainer, taken before training;
+    with ``peft_config`` it is the base model with the adapter disabled (the policy as given: LoRA starts at
+    zero), and for a ``PeftModel`` with a trained adapter a frozen copy of that adapter. ``ref_model`` (a model
+    or a path) replaces it.
+
+    The head (`flowloss.LogZHead` on the policy's mean last hidden state over the prompt tokens; gradients
+    flow into the policy) is attached to the policy as ``model.flowrl_log_z_head`` so the optimizer trains it
+    with the policy's learning rate, as the authors do. Checkpoints hold it as ``flowrl_log_z_head.safetensors``
     beside the model files; it is reloaded on ``train(resume_from_checkpoint=...)`` and when the model is
     loaded from a directory holding that file. It is never sent to vLLM.
     """
@@ -331,35 +385,35 @@ class FlowRLTrainer(GRPOTrainer):
     _tag_names: ClassVar[list[str]] = ["trl", "flowrl", "flowloss"]
 
     def __init__(
-        self, model: Any, reward_funcs: Any, args: FlowRLConfig | None = None, **kwargs: Any
+        self,
+        model: Any,
+        reward_funcs: Any = None,
+        args: FlowRLConfig | None = None,
+        *,
+        ref_model: nn.Module | str | None = None,
+        **kwargs: Any,
     ) -> None:
         if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            args = FlowRLConfig(output_dir=f"{str(name).split('/')[-1]}-FlowRL")
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = FlowRLConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-FlowRL")
         if not isinstance(args, FlowRLConfig):
             raise TypeError(f"`args` must be a FlowRLConfig (FlowRL's options), got {type(args).__name__}")
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        if ref_model is not None and (_is_peft_model(model) or kwargs.get("peft_config") is not None):
+            raise ValueError("`ref_model` cannot be combined with PEFT: the reference is the adapter-free model")
+        if not isinstance(model, str) and _is_peft_model(model):
+            _copy_peft_adapter_as_reference(model)
+        with _reference_policy(self, model, ref_model):
+            super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
 
         policy = self.model
-        hf_model = policy.get_base_model() if _is_peft_model(policy) else policy
-        # The backbone TRL's fused log-prob forward runs (`getattr(model, "base_model")`).
-        backbone = hf_model.base_model
-        hidden_size = hf_model.config.get_text_config().hidden_size
-        head = LogZHead(
-            hidden_size,
-            num_layers=args.flowrl_log_z_num_layers,
-            dropout=args.flowrl_log_z_dropout,
-            init_log_z=args.flowrl_log_z_init,
-        )
-        param = next(hf_model.parameters())
-        dtype = _HEAD_DTYPES[args.flowrl_log_z_dtype] if args.flowrl_log_z_dtype else param.dtype
-        head.to(device=param.device, dtype=dtype)
+        head = attach_log_z_head(policy, args.flowrl_log_z_head)
         source = _checkpoint_dir(model)
         if source is not None:
             load_log_z_head(head, source)
-        policy.add_module(LOG_Z_HEAD_ATTR, head)
         self.log_z_head = head
-        self._hidden_states = _BackboneHiddenStates(backbone)
+        self._hidden_states = HiddenStateCapture(policy)
+        if self.accelerator.num_processes > 1:
+            _destroy_process_group_at_exit()
         if self.use_vllm:
             exclude_from_weight_sync(self.vllm_generation)
 
@@ -396,7 +450,7 @@ class FlowRLTrainer(GRPOTrainer):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        with self._hidden_states.capture():
+        with self._hidden_states.capturing():
             per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
                 model,
                 input_ids,
@@ -420,13 +474,8 @@ class FlowRLTrainer(GRPOTrainer):
         if total is None:  # a batch not built by this trainer: the local count, as if every rank held as many
             total = count_valid_sequences(mask) * self.accelerator.num_processes
             total = total * self.args.steps_per_generation
-        normalizer = sequence_normalizer(
-            total,
-            num_processes=self.accelerator.num_processes,
-            gradient_accumulation_steps=self.current_gradient_accumulation_steps,
-            steps_per_generation=self.args.steps_per_generation,
-            training=mode == "train",
-        )
+        scale = self.current_gradient_accumulation_steps / self.args.steps_per_generation if mode == "train" else 1
+        normalizer = global_normalizer(total, self.accelerator.num_processes, accumulation_scale=scale)
         rollout = None
         sampling = inputs.get("sampling_per_token_logps")
         old = inputs.get("old_per_token_logps")
@@ -435,11 +484,11 @@ class FlowRLTrainer(GRPOTrainer):
             # Tokens vLLM could not score (NaN) get ratio 1.
             rollout = torch.where(torch.isnan(sampling), old, sampling)
         loss, stats = flowrl_loss_from_grpo_inputs(
-            per_token_logps, log_z, inputs, self.args, normalizer=normalizer, rollout_logprobs=rollout
+            per_token_logps, log_z, inputs, self.args.flowrl_options, normalizer=normalizer, rollout_logprobs=rollout
         )
         if self.aux_loss_enabled:
-            scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-            loss = loss + self.router_aux_loss_coef * aux_loss / scale
+            aux_scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / aux_scale
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
         metrics = self._metrics[mode]
@@ -456,9 +505,7 @@ class FlowRLTrainer(GRPOTrainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if state_dict is None:
             state_dict = self.model.state_dict()
-        marker = LOG_Z_HEAD_ATTR + "."
-        head_state = {k.split(marker, 1)[1]: v for k, v in state_dict.items() if marker in k}
-        model_state = {k: v for k, v in state_dict.items() if marker not in k}
+        model_state, head_state = split_log_z_head_state(state_dict)
         super()._save(output_dir, state_dict=model_state)
         save_log_z_head(head_state or self.log_z_head.state_dict(), output_dir)
 

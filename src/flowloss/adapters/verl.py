@@ -25,121 +25,78 @@ trajectory-balance loss with the *old* policy standing in for ``pi_ref`` and a d
 constant for ``log Z``.
 It is not FlowRL's target; it is what the registry can express (see docs/adapters/verl.md).
 
+verl 0.9 runs the V1 trainer (``trainer.use_v1=True``) by default: `register_flowrl` registers the trainer mode
+``"flowrl"`` (`register_flowrl_trainer`: verl's ``sync`` trainer that installs the loss in its actor workers),
+the engine with the head and the policy loss; call it from a module named in ``VERL_USE_EXTERNAL_MODULES`` so
+that ``import verl`` runs it in ``main_ppo``'s TaskRunner and in every worker.
+
 Importing this module imports verl (and torch); ``import flowloss`` never does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from flowloss._validation import describe, require_choice, require_finite_number, require_positive
-from flowloss.importance import (
-    DEFAULT_EPS_HIGH,
-    DEFAULT_EPS_LOW,
-    DEFAULT_MAX_WEIGHT,
-    DEFAULT_TIS_CAP,
-    IMPORTANCE_MODES,
-    ImportanceMode,
+from flowloss import LogZHead, masked_mean, pool_prompt_hidden_states, trajectory_balance_loss, vargrad_log_z
+from flowloss.adapters.common import (
+    AdapterConfig,
+    Extra,
+    HiddenStateCapture,
+    LogZHeadOptions,
+    without_log_z_head,
 )
-from flowloss.log_partition import LogZHead, pool_prompt_hidden_states, vargrad_log_z
-from flowloss.losses import DEFAULT_BETA, trajectory_balance_loss
-from flowloss.reductions import masked_mean
+from flowloss.adapters.common import attach_log_z_head as _attach_head
 
 __all__ = [
-    "HEAD_ATTRIBUTE",
     "REGISTERED_POLICY_LOSS",
     "FlowRLConfig",
     "FlowRLFSDPEngine",  # noqa: F822 (built on first access by the module __getattr__)
     "attach_log_z_head",
     "flowrl_loss",
+    "install_flowrl_loss",
     "make_flowrl_loss_fn",
     "packed_prompt_log_z",
+    "register_flowrl",
     "register_flowrl_engine",
     "register_flowrl_policy_loss",
+    "register_flowrl_trainer",
     "sequence_rewards",
     "set_flowrl_loss_fn",
 ]
 
-# Name under which the log-Z head is attached to the Hugging Face model (and so in its state dict).
-HEAD_ATTRIBUTE = "flowrl_log_z_head"
 # Name of the policy loss registered in verl's registry by `register_flowrl_policy_loss`.
 REGISTERED_POLICY_LOSS = "flowrl_old_ref"
 
 LogZSource = Literal["head", "vargrad"]
 
 
-@dataclass
-class FlowRLConfig:
-    """FlowRL options for verl; every default is the paper's / authors' value (flowloss spec).
+class FlowRLConfig(AdapterConfig):
+    """FlowRL options for verl: ``loss`` (`flowloss.FlowRLOptions`), ``log_z_head``
+    (`flowloss.adapters.common.LogZHeadOptions`) and verl's own two.
 
-    Attributes:
-        beta: reward temperature ``beta`` (15, hard-coded in the authors' code "as per paper").
-        log_z: ``"head"`` (the authors' MLP head on pooled prompt hidden states; needs
-            `FlowRLFSDPEngine`) or ``"vargrad"`` (parameter-free, TBA arXiv 2503.18929; needs group ids
-            ``data["uid"]``).
-        importance_weights: ``w_i`` mode; ``"sequence_clipped"`` is the paper's
-            ``clip(pi/pi_old, 1-eps, 1+eps)``.
-        eps_low, eps_high: clip range 0.2 / 0.28 (the authors' ``clip_ratio_low/high``).
-        max_weight, tis_cap: caps for the ``"sequence_capped"`` mode (10) and truncated IS (2).
-        token_clip_mask: the CISPO-style token mask of verl PR #3924 (off by default).
-        length_normalization: token-mean log-likelihoods (True, the paper).
-        use_rollout_log_probs: multiply ``w`` by ``min(pi_old / pi_rollout, tis_cap)`` from
-            ``data["rollout_log_probs"]`` (off by default; the authors' dev variant).
-        log_z_num_layers, log_z_dropout, log_z_init: `LogZHead` options (3 / 0.1 / 0.0).
-        drop_last_prompt_token: leave each prompt's last token out of the pooling (the authors' slicing).
+    Flat names (a Hydra ``config.flowrl`` node, ``FlowRLConfig(beta=15.0)``, ``FlowRLConfig.from_any(node)``):
+    the loss's (``beta``, ``importance_weights``, ``eps_low``, ``eps_high``, ``max_weight``, ``tis_cap``,
+    ``token_clip_mask``, ``length_normalization``, ...), the head's (``log_z_num_layers``, ``log_z_dropout``,
+    ``log_z_init``, ``log_z_drop_last_prompt_token``, ``log_z_dtype``), and
+
+    * ``log_z``: ``"head"`` (the authors' MLP head on pooled prompt hidden states; needs `FlowRLFSDPEngine`)
+      or ``"vargrad"`` (parameter-free, TBA arXiv 2503.18929; needs group ids ``data["uid"]``);
+    * ``rollout_tis``: multiply ``w`` by ``min(pi_old / pi_rollout, tis_cap)`` from
+      ``data["rollout_log_probs"]`` (off by default; the authors' dev variant).
     """
 
-    beta: float = DEFAULT_BETA
-    log_z: LogZSource = "head"
-    importance_weights: ImportanceMode = "sequence_clipped"
-    eps_low: float = DEFAULT_EPS_LOW
-    eps_high: float = DEFAULT_EPS_HIGH
-    max_weight: float = DEFAULT_MAX_WEIGHT
-    tis_cap: float = DEFAULT_TIS_CAP
-    token_clip_mask: bool = False
-    length_normalization: bool = True
-    use_rollout_log_probs: bool = False
-    log_z_num_layers: int = 3
-    log_z_dropout: float = 0.1
-    log_z_init: float = 0.0
-    drop_last_prompt_token: bool = False
-
-    def __post_init__(self) -> None:
-        require_finite_number("beta", self.beta)
-        require_choice("log_z", self.log_z, ("head", "vargrad"))
-        require_choice("importance_weights", self.importance_weights, IMPORTANCE_MODES)
-        require_positive("eps_low", self.eps_low)
-        require_positive("eps_high", self.eps_high)
-        if self.eps_low >= 1:
-            raise ValueError(f"`eps_low` must be in (0, 1), got {self.eps_low!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> FlowRLConfig:
-        """Build from a dict / OmegaConf node (e.g. a Hydra ``config.flowrl``); unknown keys raise."""
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown FlowRL option(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-    def trajectory_balance_kwargs(self) -> dict[str, Any]:
-        return {
-            "beta": self.beta,
-            "importance_weights": self.importance_weights,
-            "eps_low": self.eps_low,
-            "eps_high": self.eps_high,
-            "max_weight": self.max_weight,
-            "tis_cap": self.tis_cap,
-            "token_clip_mask": self.token_clip_mask,
-            "length_normalization": self.length_normalization,
-        }
+    EXTRAS: ClassVar[dict[str, Extra]] = {
+        "log_z": Extra("head", "log Z from the head (FlowRLFSDPEngine) or the VarGrad estimate over data['uid']",
+                       ("head", "vargrad")),
+        "rollout_tis": Extra(False, "truncated IS against data['rollout_log_probs'] (false)"),
+    }
+    log_z: LogZSource
+    rollout_tis: bool
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,21 +184,21 @@ def flowrl_loss(
     log_prob = no_padding_2_padding(model_output["log_probs"], data)
     normalizer = _global_normalizer(data)
     wanted = ["response_mask", "old_log_probs", "advantages", "ref_log_prob"]
-    if flowrl.use_rollout_log_probs:
+    if flowrl.rollout_tis:
         if not _has(data, "rollout_log_probs"):
-            raise ValueError("`use_rollout_log_probs=True` needs data['rollout_log_probs']")
+            raise ValueError("`rollout_tis=True` needs data['rollout_log_probs']")
         wanted.append("rollout_log_probs")
     group_ids = _group_ids(data, log_prob.shape[0], log_prob.device) if flowrl.log_z == "vargrad" else None
     padded = data.select(*wanted).to_padded_tensor()
     mask = padded["response_mask"].to(torch.bool)
     if mask.shape != log_prob.shape:
         raise ValueError(
-            f"response_mask {tuple(mask.shape)} does not match the sliced log_probs {describe(log_prob)}"
+            f"response_mask {tuple(mask.shape)} does not match the sliced log_probs {tuple(log_prob.shape)}"
         )
     ref = padded["ref_log_prob"]
     old = padded["old_log_probs"]
     rewards = sequence_rewards(padded["advantages"], mask)
-    rollout = padded["rollout_log_probs"] if flowrl.use_rollout_log_probs else None
+    rollout = padded["rollout_log_probs"] if flowrl.rollout_tis else None
 
     if flowrl.log_z == "head":
         if "log_z" not in model_output:
@@ -254,7 +211,7 @@ def flowrl_loss(
         assert group_ids is not None
         log_z = vargrad_log_z(
             log_prob, ref, rewards, mask, group_ids,
-            beta=flowrl.beta, length_normalization=flowrl.length_normalization,
+            beta=flowrl.loss.beta, length_normalization=flowrl.loss.length_normalization,
         )
 
     loss, stats = trajectory_balance_loss(
@@ -267,7 +224,7 @@ def flowrl_loss(
         rollout_logprobs=rollout,
         normalizer=normalizer,
         return_stats=True,
-        **flowrl.trajectory_balance_kwargs(),
+        **flowrl.loss.to_dict(),
     )
     global_info = {
         "dp_size": data["dp_size"] if _has(data, "dp_size") else 1,
@@ -292,8 +249,7 @@ def flowrl_loss(
 
 def make_flowrl_loss_fn(actor_config: Any, flowrl: FlowRLConfig | dict[str, Any] | None = None) -> Callable:
     """``partial(flowrl_loss, config=actor_config, flowrl=...)``: what the worker's ``set_loss_fn`` takes."""
-    if not isinstance(flowrl, FlowRLConfig):
-        flowrl = FlowRLConfig.from_dict(flowrl)
+    flowrl = FlowRLConfig.from_any(flowrl)
     return partial(flowrl_loss, config=actor_config, flowrl=flowrl)
 
 
@@ -340,7 +296,7 @@ def _old_ref_policy_loss(
     batch = log_prob.shape[0]
     log_z = vargrad_log_z(
         log_prob, old_log_prob, rewards, mask, torch.zeros(batch, dtype=torch.long, device=log_prob.device),
-        beta=flowrl.beta, length_normalization=flowrl.length_normalization,
+        beta=flowrl.loss.beta, length_normalization=flowrl.loss.length_normalization,
     )
     info = dict(getattr(config, "global_batch_info", None) or {}) if config is not None else {}
     dp_size = int(info.get("dp_size") or 1)
@@ -351,7 +307,7 @@ def _old_ref_policy_loss(
     loss, stats = trajectory_balance_loss(
         log_prob, old_log_prob.detach(), rewards, log_z, mask,
         old_logprobs=old_log_prob, normalizer=normalizer, return_stats=True,
-        **flowrl.trajectory_balance_kwargs(),
+        **flowrl.loss.to_dict(),
     )
     metrics = {f"flowrl/{k}": float(v) for k, v in stats.items() if k != "loss"}
     return loss, metrics
@@ -367,9 +323,7 @@ def register_flowrl_policy_loss(
     """
     from verl.trainer.ppo.core_algos import register_policy_loss
 
-    if not isinstance(flowrl, FlowRLConfig):
-        flowrl = FlowRLConfig.from_dict(flowrl)
-    fn = partial(_old_ref_policy_loss, flowrl=flowrl)
+    fn = partial(_old_ref_policy_loss, flowrl=FlowRLConfig.from_any(flowrl))
     register_policy_loss(name)(fn)
     return fn
 
@@ -380,12 +334,29 @@ def register_flowrl_policy_loss(
 
 
 class _HeadContext:
-    """Prompt layout of the current micro-batch, and the head's output, shared by the engine and the hook."""
+    """The current micro-batch's prompt layout, set by the engine, and the hook that computes log Z from it."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module, head: LogZHead, options: LogZHeadOptions) -> None:
         self.prompt_lens: torch.Tensor | None = None  # [B]
         self.seq_lens: torch.Tensor | None = None  # [B]
-        self.log_z: torch.Tensor | None = None  # [B]
+        self.capture = HiddenStateCapture(model, transform=self._log_z)
+        self._head, self._drop_last = head, options.drop_last_prompt_token
+
+    def _log_z(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.prompt_lens is not None and self.seq_lens is not None
+        return packed_prompt_log_z(self._head, hidden, self.prompt_lens, self.seq_lens,
+                                   drop_last_prompt_token=self._drop_last)
+
+    def set_layout(self, prompt_lens: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        self.prompt_lens, self.seq_lens = prompt_lens, seq_lens
+        self.capture.start()
+
+    def take_log_z(self) -> torch.Tensor | None:
+        """The ``[B]`` log Z of the forward that just ran (None if none ran); the layout is used up."""
+        log_z = self.capture.pop() if self.capture.captured else None
+        self.capture.stop()
+        self.prompt_lens = self.seq_lens = None
+        return log_z
 
 
 def packed_prompt_log_z(
@@ -410,7 +381,8 @@ def packed_prompt_log_z(
     if prompt_lens.shape != seq_lens.shape or int(seq_lens.sum()) > h.shape[0] or bad_prompt:
         raise ValueError(
             f"packed layout mismatch: seq_lens {seq_lens.tolist()} sum to {int(seq_lens.sum())} rows, hidden "
-            f"states have {h.shape[0]} ({describe(hidden_states)}); prompt_lens {prompt_lens.tolist()} (>= 1)"
+            f"states have {h.shape[0]} (shape {tuple(hidden_states.shape)}); prompt_lens {prompt_lens.tolist()} "
+            "(>= 1)"
         )
     starts = torch.cumsum(seq_lens, 0) - seq_lens
     width = max(int(prompt_lens.max()) if prompt_lens.numel() else 0, 1)
@@ -422,66 +394,21 @@ def packed_prompt_log_z(
     return head(pooled)
 
 
-def _last_hidden_state(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    hidden = getattr(output, "last_hidden_state", None)
-    if hidden is None and isinstance(output, (tuple, list)):
-        hidden = output[0]
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"no last hidden state in the base model's output ({type(output).__name__})")
-    return hidden
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    base = getattr(model, "base_model_prefix", None)
-    inner = getattr(model, base, None) if isinstance(base, str) else None
-    if not isinstance(inner, nn.Module) or inner is model:
-        raise ValueError(
-            f"cannot find the base model of {type(model).__name__} (base_model_prefix={base!r}); the log-Z "
-            "head reads the last hidden state of the base model (e.g. Qwen2ForCausalLM.model)"
-        )
-    return inner
-
-
-def attach_log_z_head(model: nn.Module, flowrl: FlowRLConfig | None = None) -> tuple[LogZHead, _HeadContext]:
-    """Add a `LogZHead` to a Hugging Face causal LM as ``model.flowrl_log_z_head``.
+def attach_log_z_head(
+    model: nn.Module, flowrl: FlowRLConfig | dict[str, Any] | None = None
+) -> tuple[LogZHead, _HeadContext]:
+    """Add a `LogZHead` to a Hugging Face causal LM as ``model.flowrl_log_z_head``; return it and its context.
 
     Do it before FSDP wrapping so the head is sharded, optimized (it shares the policy's optimizer, as in the
-    authors' runs) and saved with the model. A forward hook on the base model computes ``log Z`` from its last
-    hidden state, inside the model's forward (so FSDP has the head's parameters gathered), for the prompt
-    layout set in the returned context (``ctx.prompt_lens``, ``ctx.seq_lens``); the result is left in
-    ``ctx.log_z``.
-    Gradients flow from the head into the LLM (no detach), as in the reference code.
+    authors' runs) and saved with the model (`flowloss.adapters.common.attach_log_z_head`). A forward hook on
+    the decoder computes ``log Z`` from its last hidden state *inside* the model's forward (so FSDP has the
+    head's parameters gathered), for the prompt layout given to ``ctx.set_layout(prompt_lens, seq_lens)``;
+    ``ctx.take_log_z()`` returns it. Gradients flow from the head into the LLM (no detach), as in the
+    reference code.
     """
-    flowrl = flowrl if flowrl is not None else FlowRLConfig()
-    hidden_size = int(model.config.hidden_size)
-    head = LogZHead(
-        hidden_size,
-        num_layers=flowrl.log_z_num_layers,
-        dropout=flowrl.log_z_dropout,
-        init_log_z=flowrl.log_z_init,
-    )
-    try:
-        param = next(model.parameters())
-        if param.device.type != "meta":
-            head = head.to(device=param.device)
-    except StopIteration:
-        pass
-    model.add_module(HEAD_ATTRIBUTE, head)
-    ctx = _HeadContext()
-
-    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-        ctx.log_z = None
-        if ctx.prompt_lens is None or ctx.seq_lens is None:
-            return
-        ctx.log_z = packed_prompt_log_z(
-            head, _last_hidden_state(output), ctx.prompt_lens, ctx.seq_lens,
-            drop_last_prompt_token=flowrl.drop_last_prompt_token,
-        )
-
-    _base_model(model).register_forward_hook(hook)
-    return head, ctx
+    options = FlowRLConfig.from_any(flowrl).log_z_head
+    head = _attach_head(model, options)
+    return head, _HeadContext(model, head, options)
 
 
 def _prompt_and_sequence_lengths(micro_batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -533,8 +460,7 @@ class _FlowRLEngineMixin:
                     "FlowRLFSDPEngine does not support Ulysses sequence parallelism (each rank would pool "
                     "only its slice of the prompt); set ulysses_sequence_parallel_size=1"
                 )
-            ctx.prompt_lens, ctx.seq_lens = _prompt_and_sequence_lengths(micro_batch)
-            ctx.log_z = None
+            ctx.set_layout(*_prompt_and_sequence_lengths(micro_batch))
         return super().prepare_model_inputs(micro_batch)  # type: ignore[misc]
 
     def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):  # type: ignore[no-untyped-def]
@@ -543,29 +469,21 @@ class _FlowRLEngineMixin:
         )
         ctx = getattr(self, "_flowrl_ctx", None)
         if ctx is not None:
-            if ctx.log_z is not None:
-                model_output["log_z"] = ctx.log_z
             # One layout per forward: any other forward of the module (generation, a probe) runs no head.
-            ctx.log_z = ctx.prompt_lens = ctx.seq_lens = None
+            log_z = ctx.take_log_z()
+            if log_z is not None:
+                model_output["log_z"] = log_z
         return model_output
 
     def get_per_tensor_param(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         params, peft_config = super().get_per_tensor_param(*args, **kwargs)  # type: ignore[misc]
-        return _without_head(params), peft_config
+        return without_log_z_head(params), peft_config
 
     def get_per_tensor_param_shard(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         # The delta checkpoint engine's export: verl's get_per_tensor_param_delta_shard and
         # prime_delta_snapshots both read their shards from this method, so filtering here covers them.
         params, peft_config = super().get_per_tensor_param_shard(*args, **kwargs)  # type: ignore[misc]
-        return _without_head(params), peft_config
-
-
-def _without_head(params: Any) -> Any:
-    """Drop the head's entries from a ``{name: tensor}`` dict or an iterable of tuples starting with the name
-    (``(name, tensor)`` from ``get_per_tensor_param``, ``(name, shard, ShardSpec)`` from the shard export)."""
-    if hasattr(params, "items"):
-        return {name: tensor for name, tensor in params.items() if HEAD_ATTRIBUTE not in name}
-    return (item for item in params if HEAD_ATTRIBUTE not in item[0])
+        return without_log_z_head(params), peft_config
 
 
 def _non_tensor(data: Any, key: str, default: Any) -> Any:
@@ -597,8 +515,7 @@ def register_flowrl_engine(
     """
     from verl.workers.engine.base import EngineRegistry
 
-    if not isinstance(flowrl, FlowRLConfig):
-        flowrl = FlowRLConfig.from_dict(flowrl)
+    flowrl = FlowRLConfig.from_any(flowrl)
     base = __getattr__("FlowRLFSDPEngine")
     cls = type("FlowRLFSDPEngine", (base,), {"flowrl_config": flowrl, "__module__": __name__})
     # EngineRegistry.register refuses to replace an existing entry, so overwrite verl's FSDP entries directly.
@@ -607,3 +524,78 @@ def register_flowrl_engine(
         for current_device in device:
             engines.setdefault(current_backend, {})[current_device] = cls
     return cls
+
+
+# ----------------------------------------------------------------------------------------------------
+# verl's V1 trainer (``trainer.use_v1=True``, the default of 0.9): a registered trainer mode that installs the loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def install_flowrl_loss(trainer: Any, flowrl: FlowRLConfig | dict[str, Any] | None = None) -> Callable:
+    """From a V1 trainer whose workers exist: make the actor workers compute FlowRL's loss.
+
+    Builds the loss from the actor config verl builds its own ``ppo_loss`` from
+    (``omega_conf_to_dataclass(config.actor_rollout_ref.actor)``) and sends it to every actor worker with the
+    worker group's ``set_loss_fn``.
+    """
+    from verl.utils.config import omega_conf_to_dataclass
+
+    actor_config = omega_conf_to_dataclass(trainer.config.actor_rollout_ref.actor)
+    loss_fn = make_flowrl_loss_fn(actor_config, flowrl)
+    trainer.actor_rollout_wg.set_loss_fn(loss_fn)
+    return loss_fn
+
+
+class _FlowRLTrainerMixin:
+    """A V1 ``PPOTrainer`` whose actor workers compute FlowRL's loss (installed once ``_setup`` built them)."""
+
+    flowrl_config: FlowRLConfig = FlowRLConfig()
+
+    def _setup(self) -> None:
+        super()._setup()  # type: ignore[misc]
+        install_flowrl_loss(self, self.flowrl_config)
+
+
+def register_flowrl_trainer(
+    flowrl: FlowRLConfig | dict[str, Any] | None = None, *, name: str = "flowrl", base: str = "sync"
+) -> type:
+    """Register a V1 trainer mode ``name`` (``trainer.v1.trainer_mode=flowrl``): verl's ``base`` mode (``"sync"``,
+    ``"colocate_async"``, ...) with FlowRL's loss installed in the actor workers. Returns the class.
+
+    verl's ``main_ppo`` runs ``get_trainer_cls(config.trainer.v1.trainer_mode)`` in its TaskRunner process: call
+    this there, e.g. from a module named in ``VERL_USE_EXTERNAL_MODULES`` (imported by ``import verl`` in every
+    process), see `register_flowrl`.
+    """
+    from verl.trainer.ppo.v1 import get_trainer_cls
+    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+
+    flowrl = FlowRLConfig.from_any(flowrl)
+    existing = TRAINER_REGISTRY.get(name)
+    if existing is not None and not issubclass(existing, _FlowRLTrainerMixin):
+        raise ValueError(f"trainer mode {name!r} is verl's {existing.__name__}: register FlowRL under another name")
+    base_cls = get_trainer_cls(base)
+    cls = type(f"FlowRL{base_cls.__name__}", (_FlowRLTrainerMixin, base_cls),
+               {"flowrl_config": flowrl, "__module__": __name__})
+    TRAINER_REGISTRY[name] = cls  # (re-)registration of FlowRL's own mode: register_trainer refuses to replace
+    return cls
+
+
+def register_flowrl(flowrl: FlowRLConfig | dict[str, Any] | None = None) -> FlowRLConfig:
+    """Everything ``main_ppo`` needs, in the calling process: the V1 trainer mode ``"flowrl"``
+    (`register_flowrl_trainer`), the engine with the log-Z head (`register_flowrl_engine`, for
+    ``log_z="head"``) and the ``"flowrl_old_ref"`` policy loss (`register_flowrl_policy_loss`).
+
+    Call it at import time of a module on the workers' ``PYTHONPATH`` and run ``main_ppo`` with
+    ``VERL_USE_EXTERNAL_MODULES=<that module>``: ``import verl`` imports it in the driver, the TaskRunner and
+    every worker, so all of them register the same options::
+
+        # flowrl_setup.py
+        from flowloss.adapters.verl import register_flowrl
+        register_flowrl({"beta": 15.0})
+    """
+    flowrl = FlowRLConfig.from_any(flowrl)
+    register_flowrl_trainer(flowrl)
+    if flowrl.log_z == "head":
+        register_flowrl_engine(flowrl)
+    register_flowrl_policy_loss(flowrl)
+    return flowrl

@@ -70,7 +70,7 @@ def test_policy_loss_equals_trajectory_balance_loss(adapter, mode):
                                                 old_logprobs=x["old"], importance_weights=mode)
     assert_close(loss, expected, dtype=torch.float64, what="FlowRLPolicyLoss == trajectory_balance_loss")
     # and against the float64 oracle, weights included
-    w = flowloss.clipped_importance_weights(x["log_probs"], x["old"], x["mask"], mode=mode)
+    w = flowloss.clipped_importance_weights(x["log_probs"], x["old"], x["mask"], importance_weights=mode)
     oracle = reference.trajectory_balance_loss(x["log_probs"], x["ref"], x["r_hat"], x["log_z"], x["mask"],
                                                beta=15.0, weights=w)
     assert_close(loss, oracle, dtype=torch.float64, what="FlowRLPolicyLoss == float64 reference TB loss")
@@ -127,10 +127,9 @@ def test_loss_outside_micro_batch_and_bad_config_are_refused(adapter):
         adapter.FlowRLConfig(importance_weights="tokenwise")
     with pytest.raises(ValueError, match="eps_low"):
         adapter.FlowRLConfig(eps_low=1.5)
-    with pytest.raises(ValueError, match="unknown FlowRL option"):
+    with pytest.raises(TypeError, match="unknown FlowRL option"):
         adapter.FlowRLConfig.from_any({"betta": 1.0})
-    assert adapter.FlowRLConfig().beta == 15.0
-    assert (adapter.FlowRLConfig().eps_low, adapter.FlowRLConfig().eps_high) == (0.2, 0.28)
+    assert adapter.FlowRLConfig().loss == flowloss.FlowRLOptions()
 
 
 def _expected_step_loss(example, trainer, head, experience, *, kl_ctl: float = 0.0):
@@ -271,7 +270,7 @@ def test_enable_flowrl_converts_a_built_trainer_and_checks_the_optimizer(adapter
     optim.add_param_group({"params": list(adapter.find_log_z_head(actor).parameters())})
     converted = adapter.enable_flowrl(trainer, {"beta": 5.0})
     assert isinstance(converted, adapter.FlowRLActorPPOTrainer)
-    assert isinstance(converted.actor_loss_fn, adapter.FlowRLPolicyLoss) and converted.flowrl.beta == 5.0
+    assert isinstance(converted.actor_loss_fn, adapter.FlowRLPolicyLoss) and converted.flowrl.loss.beta == 5.0
 
 
 def test_head_is_attached_when_the_strategy_prepares_the_policy(adapter, example):
@@ -291,24 +290,132 @@ def test_head_is_attached_when_the_strategy_prepares_the_policy(adapter, example
                       .__ray_metadata__.modified_class)
 
 
-def test_launcher_takes_flowrl_options_and_checks_openrlhf_flags(adapter, example):
-    config, rest = adapter._split_flowrl_args(
-        ["--flowrl.beta", "10", "--actor.model_name_or_path", "x", "--flowrl.token_clip_mask=true",
-         "--flowrl.importance_weights", "sequence_capped"])
-    expected = adapter.FlowRLConfig(beta=10.0, token_clip_mask=True, importance_weights="sequence_capped")
-    assert config == expected
-    assert rest == ["--actor.model_name_or_path", "x"]
-    with pytest.raises(SystemExit, match="unknown option"):
-        adapter._split_flowrl_args(["--flowrl.bta", "1"])
+def test_check_openrlhf_args_names_the_missing_flags(adapter, example):
+    config = adapter.FlowRLConfig()
     args = example.openrlhf_args()
     args.ds.ring_attn_size, args.train.enable_ema = 1, False
     adapter._check_openrlhf_args(args, config)
     args.algo.kl.use_loss = False
-    with pytest.raises(SystemExit, match=r"--algo\.kl\.use_loss"):
+    with pytest.raises(ValueError, match=r"--algo\.kl\.use_loss"):
         adapter._check_openrlhf_args(args, config)
     args.algo.kl.use_loss, args.algo.advantage.estimator = True, "reinforce"
-    with pytest.raises(SystemExit, match="group_norm"):
+    with pytest.raises(ValueError, match="group_norm"):
         adapter._check_openrlhf_args(args, config)
+
+
+FLOWRL_FLAGS = ["--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "1e-3", "--algo.kl.use_loss",
+                "--rollout.n_samples_per_prompt", "4", "--actor.model_name_or_path", "tiny"]
+
+
+class _RayStarted(Exception):
+    pass
+
+
+@pytest.fixture()
+def launch(adapter, monkeypatch, capsys):
+    """Run ``python -m flowloss.adapters.openrlhf ARGS`` in this process up to the point where OpenRLHF's
+    launcher starts Ray (``ray.init`` raises here): ``(exit code or "ray", stdout, stderr)``."""
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise _RayStarted
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+    def run(*argv: str):
+        try:
+            adapter.main(list(argv))
+            code = None
+        except SystemExit as exc:
+            code = exc.code
+        except _RayStarted:
+            code = "ray"
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def test_launcher_help_lists_the_flowrl_options(launch, adapter):
+    """Defect 4: ``--flowrl.*`` options were missing from ``--help``."""
+    code, out, _ = launch("--help")
+    assert code == 0
+    for name in adapter.FlowRLConfig.flat_names():
+        assert f"--flowrl.{name}" in out, name
+    assert "sequence_clipped" in out and "--algo.kl.use_loss" in out  # OpenRLHF's own options are still there
+
+
+@pytest.mark.parametrize(
+    "flags, named, allowed",
+    [
+        (["--flowrl.importance_weights", "tokenwise"], "--flowrl.importance_weights", "sequence_clipped"),
+        (["--flowrl.token_clip_mask", "yes please"], "--flowrl.token_clip_mask", "true or false"),
+        (["--flowrl.beta", "-1"], "--flowrl.beta", "must be > 0"),
+        (["--flowrl.eps_low=1.5"], "--flowrl.eps_low", "[0.0, 1.0)"),
+        (["--flowrl.bta", "1"], "--flowrl.bta", "--flowrl.beta"),
+    ],
+)
+def test_launcher_refuses_bad_flowrl_values_with_exit_2(launch, flags, named, allowed):
+    """Defect 4: a bad ``--flowrl.importance_weights`` value ended in a raw traceback."""
+    code, _, err = launch(*FLOWRL_FLAGS, *flags)
+    assert code == 2, err
+    assert named in err and allowed in err, err
+    assert "Traceback" not in err
+
+
+def test_launcher_checks_openrlhf_flags_before_ray_starts(launch):
+    """Defect 4: the missing-flag message came only after ~14 s of Ray start-up."""
+    without_use_loss = [f for f in FLOWRL_FLAGS if f != "--algo.kl.use_loss"]
+    code, _, err = launch(*without_use_loss)
+    assert code == 2 and "--algo.kl.use_loss" in err, err
+    code, _, err = launch(*FLOWRL_FLAGS, "--actor.entropy_coef", "0.01")
+    assert code == 2 and "--actor.entropy_coef" in err, err
+    code, _, err = launch(*FLOWRL_FLAGS)
+    assert code == "ray", err  # valid flags: the launcher went on to start Ray
+
+
+@pytest.mark.parametrize("kl_loss", [False, True])
+def test_launcher_prints_no_k1_advice_for_a_kl_loss_flowrl_drops(launch, kl_loss):
+    """Defect 4: OpenRLHF's "Recommend setting k1 to 'k2' or 'k3' when using KL as a loss" was printed,
+    although the adapter drops that KL loss (unless --flowrl.kl_loss true)."""
+    code, out, _ = launch(*FLOWRL_FLAGS, "--flowrl.kl_loss", str(kl_loss).lower())
+    assert code == "ray"
+    assert ("Recommend setting k1" in out) == kl_loss, out
+    assert ("[FlowRL] OpenRLHF's KL loss is dropped" in out) != kl_loss, out
+
+
+def test_launcher_modules_import():
+    """Defect 4: ``train()`` imports OpenRLHF's PPO trainer (and with it ``datasets``) once Ray is up; the
+    install must provide what it imports."""
+    import importlib
+
+    for module in ("openrlhf.trainer.ppo_trainer", "openrlhf.trainer.ppo_trainer_async", "openrlhf.datasets",
+                   "openrlhf.cli.train_ppo_ray"):
+        importlib.import_module(module)
+
+
+def test_launcher_options_reach_the_workers(launch, adapter, monkeypatch):
+    """The parsed options land on ``strategy.args.flowrl``, where FlowRLPolicyModelActor reads them."""
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor
+    import openrlhf.utils as orl_utils
+    import ray
+
+    original_actor = ppo_actor.PolicyModelActor
+    seen = {}
+
+    def get_strategy(args):
+        seen["flowrl"] = args.flowrl
+        raise _RayStarted
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(orl_utils, "get_strategy", get_strategy)
+    code, _, err = launch(*FLOWRL_FLAGS, "--flowrl.beta", "10", "--flowrl.token_clip_mask=true",
+                          "--flowrl.log_z_dropout", "0")
+    assert code == "ray", err
+    assert seen["flowrl"] == adapter.FlowRLConfig(beta=10.0, token_clip_mask=True, log_z_dropout=0.0)
+    assert orl_utils.get_strategy is get_strategy  # main() restored what it patched
+    assert ppo_actor.PolicyModelActor is original_actor
 
 
 def test_example_runs(example, capsys):
@@ -387,7 +494,7 @@ def test_entropy_bonus_is_refused(adapter, example):
     args.actor.entropy_coef = 0.0  # computed and logged, not added to the loss: allowed
     adapter._check_openrlhf_args(args, adapter.FlowRLConfig())
     args.actor.entropy_coef = 1e-3
-    with pytest.raises(SystemExit, match=r"--actor\.entropy_coef"):
+    with pytest.raises(ValueError, match=r"--actor\.entropy_coef"):
         adapter._check_openrlhf_args(args, adapter.FlowRLConfig())
     trainer, _, _ = example.build_trainer(adapter.FlowRLConfig())
     trainer.args.actor.entropy_coef = 1e-3

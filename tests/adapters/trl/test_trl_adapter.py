@@ -21,7 +21,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import flowloss
 from flowloss import reference
+from flowloss.adapters.common import global_normalizer
 from tests.adapters.conftest import require_framework
 from tests.conftest import assert_close
 
@@ -81,7 +83,7 @@ def test_end_to_end_training_moves_policy_and_head_and_checkpoint_roundtrips(ada
     assert logs[0]["flowrl/logprobs_mean"] == pytest.approx(logs[0]["flowrl/ref_logprobs_mean"], rel=1e-5)
 
     after = _params(trainer.model)
-    head_names = [n for n in after if n.startswith(adapter.LOG_Z_HEAD_ATTR + ".")]
+    head_names = [n for n in after if n.startswith(adapter.LOG_Z_HEAD_NAME + ".")]
     assert head_names, "the log-Z head is not a submodule of the policy"
     assert any(not torch.equal(before[n], after[n]) for n in head_names), "log-Z head did not change"
     policy_names = [n for n in after if n not in head_names]
@@ -91,7 +93,7 @@ def test_end_to_end_training_moves_policy_and_head_and_checkpoint_roundtrips(ada
     head_file = checkpoint / adapter.LOG_Z_HEAD_FILE
     assert head_file.is_file()
     saved_model = load_file(str(checkpoint / "model.safetensors"))
-    assert not any(adapter.LOG_Z_HEAD_ATTR in k for k in saved_model), "head leaked into model.safetensors"
+    assert not any(adapter.LOG_Z_HEAD_NAME in k for k in saved_model), "head leaked into model.safetensors"
     saved_head = load_file(str(head_file))
     for name, value in trainer.log_z_head.state_dict().items():
         assert torch.equal(saved_head[name], value.cpu()), name
@@ -223,7 +225,7 @@ def _random_inputs(draw_seed: int, b: int, t: int, off_policy: bool, tool: bool)
     off_policy=st.booleans(),
     tool=st.booleans(),
     mode=st.sampled_from(["sequence_clipped", "sequence_capped", "sequence", "geometric_clipped"]),
-    flowrl_beta=st.sampled_from([15.0, 1.0, 0.0]),
+    flowrl_beta=st.sampled_from([15.0, 1.0, 0.25]),
 )
 def test_grpo_inputs_map_onto_the_reference_tb_loss(adapter, seed, b, t, off_policy, tool, mode, flowrl_beta):
     """TRL batch -> TB loss: r_hat = advantages, mask = completion_mask * tool_mask, w from old log-probs."""
@@ -260,9 +262,7 @@ def test_micro_batches_and_ranks_add_up_to_the_full_batch_gradient(adapter, worl
     full_grads = torch.autograd.grad(full, [lp, log_z])
 
     n = int((inputs["completion_mask"].sum(-1) > 0).sum())
-    norm = adapter.sequence_normalizer(
-        n, num_processes=world, gradient_accumulation_steps=steps, steps_per_generation=steps, training=True
-    )
+    norm = global_normalizer(n, world, accumulation_scale=steps / steps)
     total = torch.zeros(())
     for rank in range(world):
         for micro in range(steps):
@@ -274,13 +274,11 @@ def test_micro_batches_and_ranks_add_up_to_the_full_batch_gradient(adapter, worl
         assert_close(a, e, dtype=torch.float64, what="sum over micro-batches/ranks == full-batch gradient")
 
 
-def test_sequence_normalizer_edge_cases(adapter):
-    assert float(adapter.sequence_normalizer(0, num_processes=2, gradient_accumulation_steps=1,
-                                             steps_per_generation=1, training=True)) == 0.5
-    assert float(adapter.sequence_normalizer(8, num_processes=2, gradient_accumulation_steps=2,
-                                             steps_per_generation=4, training=True)) == 2.0
-    assert float(adapter.sequence_normalizer(8, num_processes=2, gradient_accumulation_steps=2,
-                                             steps_per_generation=4, training=False)) == 4.0
+def test_global_normalizer_edge_cases():
+    """N / W * G / S, with N = 0 (nothing valid anywhere) taken as 1."""
+    assert float(global_normalizer(0, 2)) == 0.5
+    assert float(global_normalizer(8, 2, accumulation_scale=2 / 4)) == 2.0
+    assert float(global_normalizer(8, 2)) == 4.0
 
 
 def test_missing_reference_or_token_level_advantages_are_refused(adapter):
@@ -299,18 +297,43 @@ def _config(adapter, **overrides):
 
 def test_config_defaults_and_validation(adapter):
     args = _config(adapter)
-    assert (args.flowrl_beta, args.flowrl_importance_weights) == (15.0, "sequence_clipped")
+    options = args.flowrl_options
+    assert options == flowloss.FlowRLOptions(), "TRL's defaults translate to the core's defaults"
+    assert (args.flowrl_beta, args.flowrl_importance_weights) == (15.0, None)
     assert (args.epsilon, args.epsilon_high, args.beta) == (0.2, 0.28, 0.0)
+    assert _config(adapter, epsilon=0.1, epsilon_high=0.5).flowrl_options.replace(beta=15.0) == (
+        flowloss.FlowRLOptions(eps_low=0.1, eps_high=0.5))
     with pytest.raises(ValueError, match="`beta` is TRL's KL coefficient"):
         _config(adapter, beta=0.04)
-    with pytest.raises(ValueError, match="flowrl_importance_weights"):
+    with pytest.raises(ValueError, match="importance_weights"):
         _config(adapter, flowrl_importance_weights="token")
     with pytest.raises(ValueError, match="entropy_coef"):
         _config(adapter, entropy_coef=0.01)
-    with pytest.raises(ValueError, match="flowrl_log_z_dtype"):
+    with pytest.raises(ValueError, match="`flowrl_log_z_dtype`"):
         _config(adapter, flowrl_log_z_dtype="int8")
-    with pytest.raises(ValueError, match="flowrl_tis_cap"):
+    with pytest.raises(ValueError, match="tis_cap"):
         _config(adapter, flowrl_tis_cap=0.0)
+    with pytest.raises(ValueError, match="`epsilon` must be"):  # the core's check, reached through TRL's name
+        _config(adapter, epsilon=1.5)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"loss_type": "dr_grpo"}, {"loss_type": "grpo"}, {"importance_sampling_level": "sequence"}, {"delta": 2.0},
+     {"top_entropy_quantile": 0.2}, {"off_policy_mask_threshold": 0.5}],
+)
+def test_grpo_only_options_are_refused(adapter, option):
+    """Defect 5: GRPO loss options that FlowRL never reads were accepted silently."""
+    (name,) = option
+    with pytest.raises(ValueError, match=f"`{name}=.*GRPO loss option"):
+        _config(adapter, **option)
+
+
+@pytest.mark.parametrize("beta", [-1.0, 0.0, float("nan"), float("inf")])
+def test_non_positive_or_non_finite_flowrl_beta_is_refused(adapter, beta):
+    """Defect 5: flowrl_beta=-1.0 (a target that prefers low rewards) was accepted silently."""
+    with pytest.raises(ValueError, match="`flowrl_beta` must be"):
+        _config(adapter, flowrl_beta=beta)
 
 
 def test_trainer_refuses_a_plain_grpo_config(adapter, example, policy_dir, tmp_path):
@@ -339,7 +362,105 @@ def test_vllm_weight_sync_skips_the_log_z_head(adapter, example, policy_dir, tmp
     generation.accelerator = Accelerator(cpu=True)
     generation._dist = DistributedBackend(generation.accelerator)
     unfiltered = [name for name, _ in generation._iter_named_params()]
-    assert any(adapter.LOG_Z_HEAD_ATTR in n for n in unfiltered)
+    assert any(adapter.LOG_Z_HEAD_NAME in n for n in unfiltered)
     adapter.exclude_from_weight_sync(generation)
     synced = [name for name, _ in generation._iter_named_params()]
-    assert synced == [n for n in unfiltered if adapter.LOG_Z_HEAD_ATTR not in n]
+    assert synced == [n for n in unfiltered if adapter.LOG_Z_HEAD_NAME not in n]
+
+
+def _first_step(trainer):
+    trainer.train()
+    return next(r for r in trainer.state.log_history if "loss" in r)
+
+
+def _trainer_on(adapter, example, model, output_dir, tokenizer, **kwargs):
+    return adapter.FlowRLTrainer(
+        model=model, reward_funcs=example.reward_distinct_chars, processing_class=tokenizer,
+        args=example.make_config(str(output_dir), max_steps=1), train_dataset=example.Dataset.from_dict(
+            {"prompt": example.PROMPTS}), **kwargs,
+    )
+
+
+def test_a_model_built_in_memory_trains_against_a_frozen_copy_of_itself(adapter, example, policy_dir, tmp_path):
+    """Defect 1: a model object (``_name_or_path == ""``) made TRL reload the reference from the path ''
+    (``OSError: Repo id must use alphanumeric chars``)."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(policy_dir)
+    config._name_or_path = ""  # as for Qwen2Config(...) written in the script
+    model = Qwen2ForCausalLM(config)
+    assert model.config._name_or_path == ""
+    trainer = _trainer_on(adapter, example, model, tmp_path, AutoTokenizer.from_pretrained(policy_dir))
+    ref = trainer.ref_model
+    assert ref is not None and ref is not trainer.model and not any(p.requires_grad for p in ref.parameters())
+    ref_params = dict(ref.named_parameters())
+    for name, param in model.named_parameters():
+        if adapter.LOG_Z_HEAD_NAME not in name:
+            assert torch.equal(param, ref_params[name]) and param.data_ptr() != ref_params[name].data_ptr(), name
+    logs = _first_step(trainer)
+    assert logs["flowrl/logprobs_mean"] == pytest.approx(logs["flowrl/ref_logprobs_mean"], rel=1e-6)
+    # frozen: the policy moved, the reference did not
+    assert any(not torch.equal(p, ref_params[n]) for n, p in trainer.model.named_parameters() if n in ref_params)
+
+
+def test_the_reference_is_the_policy_in_memory_not_the_file_on_disk(adapter, example, policy_dir, tmp_path):
+    """Defect 1: weights changed in memory after loading: the reference used to be the file on disk (step-1
+    log-probs of policy and reference differed, silently)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    logs = _first_step(_trainer_on(adapter, example, model, tmp_path, AutoTokenizer.from_pretrained(policy_dir)))
+    assert logs["flowrl/logprobs_mean"] == pytest.approx(logs["flowrl/ref_logprobs_mean"], rel=1e-6)
+
+
+def test_an_explicit_reference_model_is_used(adapter, example, policy_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = example.build_tiny_policy(str(tmp_path / "other"), seed=7)
+    trainer = _trainer_on(adapter, example, policy_dir, tmp_path / "run", AutoTokenizer.from_pretrained(policy_dir),
+                          ref_model=other)
+    expected = AutoModelForCausalLM.from_pretrained(other).state_dict()
+    for name, value in trainer.ref_model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    logs = _first_step(trainer)
+    assert logs["flowrl/logprobs_mean"] != pytest.approx(logs["flowrl/ref_logprobs_mean"], rel=1e-3)
+
+
+def _code_lines(path: Path) -> list[str]:
+    """The script's lines after its module docstring, blank lines left out."""
+    import ast
+
+    source = path.read_text()
+    body = ast.parse(source).body
+    start = body[1].lineno if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else 1
+    return [line for line in source.splitlines()[start - 1:] if line.strip()]
+
+
+def test_a_users_grpo_script_switches_to_flowrl_in_at_most_4_lines(adapter, policy_dir, tmp_path):
+    """The documented switch: the user's GRPO script (a model object, TRL's defaults) and the FlowRL one differ
+    in at most 4 lines, and both run; the FlowRL run's first loss is beta^2 (G-1)/G (docs/adapters/trl.md)."""
+    import difflib
+
+    grpo_path, flowrl_path = ROOT / "examples" / "trl_grpo.py", ROOT / "examples" / "trl_grpo_flowrl.py"
+    diff = [d for d in difflib.ndiff(_code_lines(grpo_path), _code_lines(flowrl_path)) if d[:2] in ("- ", "+ ")]
+    removed, added = sum(d[0] == "-" for d in diff), sum(d[0] == "+" for d in diff)
+    assert max(removed, added) <= 4, "\n".join(diff)
+
+    logs = {}
+    for name, path in (("grpo", grpo_path), ("flowrl", flowrl_path)):
+        spec = importlib.util.spec_from_file_location(f"user_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        trainer = module.main(policy_dir, str(tmp_path / name), max_steps=2, use_cpu=True, seed=0)
+        logs[name] = [r for r in trainer.state.log_history if "loss" in r]
+    assert isinstance(trainer, adapter.FlowRLTrainer)
+    # What the docs tell a user to expect (beta = 15, G = 8): the loss starts at about beta^2 (G - 1) / G = 197
+    # (z-scored rewards have mean square (G - 1) / G per group and policy = reference at step 1), and the gradient
+    # norm is two orders of magnitude above GRPO's.
+    first = logs["flowrl"][0]
+    assert 0.8 * 15.0**2 * 7 / 8 <= first["loss"] <= 1.05 * 15.0**2 * 7 / 8, first
+    assert first["grad_norm"] > 30 * logs["grpo"][0]["grad_norm"], (first, logs["grpo"][0])

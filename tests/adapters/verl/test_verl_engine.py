@@ -34,6 +34,7 @@ from verl.utils import tensordict_utils as tu  # noqa: E402
 
 import flowloss  # noqa: E402
 from flowloss.adapters import verl as fv  # noqa: E402
+from flowloss.adapters.common import LOG_Z_HEAD_NAME, without_log_z_head  # noqa: E402
 
 
 def _tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
@@ -130,7 +131,7 @@ def test_optimizer_updates_head_and_checkpoint_round_trips(cpu_device, tmp_path)
     loss.backward()
     optimizer.step()
     state = model.state_dict()
-    head_keys = [k for k in state if k.startswith(fv.HEAD_ATTRIBUTE + ".")]
+    head_keys = [k for k in state if k.startswith(LOG_Z_HEAD_NAME + ".")]
     assert head_keys and all(not torch.equal(state[k], before[k]) for k in head_keys if k.endswith("weight"))
     key = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(state[key], before[key])
@@ -151,10 +152,10 @@ def test_weight_sync_leaves_the_head_out():
     model = _tiny_model()
     fv.attach_log_z_head(model)
     state = model.state_dict()
-    synced = fv._without_head(state)
-    assert not any(fv.HEAD_ATTRIBUTE in k for k in synced)
-    assert len(synced) == len(state) - sum(fv.HEAD_ATTRIBUTE in k for k in state)
-    from_generator = list(fv._without_head((k, v) for k, v in state.items()))
+    synced = without_log_z_head(state)
+    assert not any(LOG_Z_HEAD_NAME in k for k in synced)
+    assert len(synced) == len(state) - sum(LOG_Z_HEAD_NAME in k for k in state)
+    from_generator = list(without_log_z_head((k, v) for k, v in state.items()))
     assert [k for k, _ in from_generator] == list(synced)
 
 
@@ -186,7 +187,7 @@ def test_register_flowrl_engine_replaces_language_model_engine(monkeypatch):
     monkeypatch.setenv("VERL_ENGINE_DEVICE", "cuda")
     try:
         cls = fv.register_flowrl_engine({"beta": 10.0})
-        assert cls.flowrl_config.beta == 10.0 and issubclass(cls, fv.FlowRLFSDPEngine)
+        assert cls.flowrl_config.loss.beta == 10.0 and issubclass(cls, fv.FlowRLFSDPEngine)
         assert EngineRegistry.get_engine_cls("language_model", "fsdp") is cls
         assert EngineRegistry.get_engine_cls("language_model", "fsdp2") is cls
     finally:
@@ -209,7 +210,7 @@ def test_shard_export_leaves_the_head_out(cpu_device):
     gen, peft_config = engine.get_per_tensor_param_shard()
     exported = list(gen)
     names = [name for name, _, _ in exported]
-    expected = [k for k in model.state_dict() if fv.HEAD_ATTRIBUTE not in k]
+    expected = [k for k in model.state_dict() if LOG_Z_HEAD_NAME not in k]
     assert peft_config is None
     assert names == expected and len(expected) < len(model.state_dict())
     for name, local, spec in exported:
@@ -228,8 +229,8 @@ def test_delta_sync_snapshots_and_deltas_leave_the_head_out(cpu_device, monkeypa
     engine = _delta_engine(model)
     engine.prime_delta_snapshots()
     snaps = engine._delta_shard_snap
-    assert snaps and not any(fv.HEAD_ATTRIBUTE in k for k in snaps)
-    assert set(snaps) == {k for k in model.state_dict() if fv.HEAD_ATTRIBUTE not in k}
+    assert snaps and not any(LOG_Z_HEAD_NAME in k for k in snaps)
+    assert set(snaps) == {k for k in model.state_dict() if LOG_Z_HEAD_NAME not in k}
 
     def recording_export(gen, snap_dict, entry_fn):
         for name, local, _spec in gen:
