@@ -133,9 +133,9 @@ def _flowloss_triton_skip(device: torch.device) -> str | None:
         return reason
     if device.type != "cuda":
         return "the Triton kernel needs a CUDA device (its CPU check runs under TRITON_INTERPRET=1 in the tests)"
-    if importlib.util.find_spec("triton") is None:
-        return "triton not installed"
-    return None
+    from flowloss.ops.dispatch import triton_available
+
+    return None if triton_available("logits") else "triton not installed"
 
 
 def _build_flowloss(impl: str) -> Callable[[torch.device], Fn]:
