@@ -654,6 +654,19 @@ def test_torch_compile_fullgraph_matches_eager(device):
         assert torch.equal(eager, traced)
 
 
+def test_bench_entry_is_the_default_loss(device):
+    """`flowloss bench`'s flowloss-fused-loss callable equals trajectory_balance_loss with its defaults."""
+    from flowloss.bench.impls import IMPLS
+
+    (entry,) = [i for i in IMPLS if i.name == "flowloss-fused-loss"]
+    case = make_case(6, 12, torch.float32, seed=13, mode="sequence_clipped")
+    fn = entry.build(device)
+    args = [getattr(case, k).to(device) for k in ("lp", "ref", "rewards", "log_z", "mask", "old")]
+    loss = fn(*args)
+    expected = trajectory_balance_loss(case.lp, case.ref, case.rewards, case.log_z, case.mask, old_logprobs=case.old)
+    assert loss.shape == () and abs(loss.item() - expected.item()) <= 1e-5 * (1 + abs(expected.item()))
+
+
 def test_support_check_and_stat_rows(device):
     from flowloss.kernels import tb_loss
 
