@@ -4,6 +4,7 @@
 - ``logprob_backward``: ``dlogits`` recomputed from the saved log-sum-exp (optionally in place).
 - ``linear_logprob_forward``: the same from hidden states and the ``lm_head`` weight, logits never stored.
 - ``linear_logprob_backward``: ``d_hidden``, ``d_weight``, ``d_bias`` of it, deterministic, bounded scratch.
+- ``tb_forward`` / ``tb_backward``: the trajectory-balance loss's per-sequence part, one launch each way.
 
 Importing this package never needs triton; the launchers below are ``None`` when triton is missing
 (``HAS_TRITON`` tells which), and importing a kernel module directly raises ``ImportError`` then.
@@ -16,6 +17,7 @@ try:
     from .linear_logprob_forward import linear_logprob_forward
     from .logprob_backward import logprob_backward
     from .logprob_forward import logprob_forward
+    from .tb_loss import tb_backward, tb_forward
 
     HAS_TRITON = True
 except ImportError:  # triton not installed (e.g. macOS/Windows CPU builds)
@@ -23,6 +25,8 @@ except ImportError:  # triton not installed (e.g. macOS/Windows CPU builds)
     logprob_backward = None
     linear_logprob_forward = None
     linear_logprob_backward = None
+    tb_forward = None
+    tb_backward = None
     HAS_TRITON = False
 
 __all__ = [
@@ -31,4 +35,6 @@ __all__ = [
     "linear_logprob_forward",
     "logprob_backward",
     "logprob_forward",
+    "tb_backward",
+    "tb_forward",
 ]

@@ -77,7 +77,8 @@ def test_default_impls_end_to_end_json_table_png(tmp_path, capsys):
         assert r["status"] in ("ok", "skipped", "error")
         assert (r["status"] == "ok") == (r["reason"] == ""), r
 
-    (loss_result,) = loss["results"]
+    loss_result, fused_loss = _results(loss)["flowloss"], _results(loss)["flowloss-fused-loss"]
+    assert fused_loss["status"] == "skipped" and "CUDA" in fused_loss["reason"]
     assert loss["b"] * loss["t"] == 24
     assert loss_result["status"] == "ok" and loss_result["fraction_of_logprobs_fwdbwd"] > 0
     assert loss["relative_to"]["impl"] == "flowloss-chunked"

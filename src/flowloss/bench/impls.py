@@ -5,6 +5,8 @@ into this repository), and adapted to one signature:
 
 - op ``logprobs``: ``fn(logits [N, V], case) -> logp [N]`` (float32, 0 at masked rows);
 - op ``fused_linear``: ``fn(hidden [N, H], weight [V, H], case) -> logp [N]``;
+- op ``loss``: ``fn(logprobs, ref_logprobs, rewards, log_z, mask, old_logprobs) -> loss`` (the PyTorch path of
+  ``trajectory_balance_loss``, entry ``flowloss``, always runs beside these);
 
 (a callable may carry a ``note`` attribute, copied into the results, e.g. how a helper had to be loaded)
 
@@ -157,6 +159,33 @@ def _build_flowloss_fused(device: torch.device) -> Fn:
         return token_logprobs_from_hidden(hidden, weight, case.labels, temperature=case.temperature)
 
     return fn
+
+
+def _build_fused_loss(device: torch.device) -> Fn:
+    from flowloss.losses import resolve_options
+    from flowloss.ops.fused_tb import fused_tb_sequence_terms, reduce_per_sequence
+
+    opts = resolve_options()  # the loss's defaults, as the PyTorch entry uses them
+
+    def fn(lp, ref_lp, rewards, log_z, mask, old):
+        terms = fused_tb_sequence_terms(
+            lp, ref_lp, rewards, log_z, mask, old, mode=opts.resolved_importance_weights(True),
+            eps_low=opts.eps_low, eps_high=opts.eps_high, max_weight=opts.max_weight, tis_cap=opts.tis_cap,
+            token_clip_mask=opts.token_clip_mask, length_normalization=opts.length_normalization,
+            penalty=opts.penalty, linex_alpha=opts.linex_alpha, huber_delta=opts.huber_delta, beta=opts.beta,
+        )
+        return reduce_per_sequence(terms.per_sequence, terms.counted, opts.reduction, None)
+
+    return fn
+
+
+def _fused_loss_skip(device: torch.device) -> str | None:
+    reason = _flowloss_skip("flowloss.ops.fused_tb")(device)
+    if reason:
+        return reason
+    if device.type != "cuda":
+        return "the Triton kernel needs a CUDA device (its CPU check runs under TRITON_INTERPRET=1 in the tests)"
+    return None if importlib.util.find_spec("triton") is not None else "triton not installed"
 
 
 # --- frameworks (called from the installed packages) ---------------------------------------------------------
@@ -359,6 +388,13 @@ IMPLS: tuple[Impl, ...] = (
         'cut_cross_entropy.linear_cross_entropy(reduction="none")',
         lambda d: _first(_missing("cut_cross_entropy"), _needs_cuda(d)),
         _build_cce_fused,
+    ),
+    Impl(
+        "flowloss-fused-loss",
+        "loss",
+        "flowloss.ops.fused_tb.fused_tb_sequence_terms + reduce_per_sequence (2 Triton launches + 4 ops)",
+        _fused_loss_skip,
+        _build_fused_loss,
     ),
 )
 

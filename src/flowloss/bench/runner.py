@@ -400,36 +400,50 @@ def _loss_case(n: int, config: BenchConfig, device, gen, progress) -> dict[str, 
     log_z = torch.randn(b, generator=gen).to(device).requires_grad_(True)
     mask = mask.to(device)
     grad_out = torch.ones((), device=device)
-    impl = Impl("flowloss", "loss", "flowloss.trajectory_balance_loss", lambda d: None, lambda d: None)
+    expected: list[torch.Tensor] = []  # float64 loss and gradients, computed once (loops: slow)
 
-    def call() -> torch.Tensor:
-        return trajectory_balance_loss(lp, ref_lp, rewards, log_z, mask, old_logprobs=old)
+    def pytorch_path(*args: torch.Tensor) -> torch.Tensor:
+        return trajectory_balance_loss(*args[:5], old_logprobs=args[5])
 
-    try:
-        lp.grad = log_z.grad = None
-        out = call()
-        out.backward()
-        record: dict[str, Any] = {"impl": impl.name, "source": impl.source, "status": "ok", "reason": ""}
-        if n <= LOSS_REFERENCE_MAX_TOKENS:
-            lp64 = lp.detach().cpu().double().requires_grad_(True)
-            z64 = log_z.detach().cpu().double().requires_grad_(True)
-            w = flref.importance_weights(lp64.detach(), old.cpu().double(), mask.cpu(), mode="sequence_clipped")
-            expected = flref.trajectory_balance_loss(
-                lp64, ref_lp.cpu().double(), rewards.cpu().double(), z64, mask.cpu(), weights=w
-            )
-            expected.backward()
-            record["max_abs_err"] = ref.max_abs_error(out.detach().cpu().reshape(1), expected.detach().reshape(1))
-            record["max_abs_err_grad"] = max(
-                ref.max_abs_error(lp.grad.cpu(), lp64.grad), ref.max_abs_error(log_z.grad.cpu(), z64.grad)
-            )
-            case["reference"] = "flowloss.reference.trajectory_balance_loss (float64 loops)"
-        else:
-            record["max_abs_err"] = record["max_abs_err_grad"] = None
-            case["reference"] = f"not run: N > {LOSS_REFERENCE_MAX_TOKENS} (the float64 loop reference is slow)"
-        record.update(_measure(call, [lp, log_z], grad_out, device=device, config=config))
-    except Exception as err:
-        record = _skipped(impl, "out of memory" if _is_oom(err) else _short(err), status="error")
-    case["results"] = [record]
+    pytorch_impl = Impl("flowloss", "loss", "flowloss.trajectory_balance_loss", lambda d: None, lambda d: pytorch_path)
+    case["results"] = []
+    for impl in (pytorch_impl, *impls_for("loss", config.impls)):
+        reason = impl.skip_reason(device)
+        if reason:
+            case["results"].append(_skipped(impl, reason))
+            continue
+        try:
+            fn = impl.build(device)
+
+            def call(fn=fn) -> torch.Tensor:
+                return fn(lp, ref_lp, rewards, log_z, mask, old)
+
+            lp.grad = log_z.grad = None
+            out = call()
+            out.backward()
+            record: dict[str, Any] = {"impl": impl.name, "source": impl.source, "status": "ok", "reason": ""}
+            if n <= LOSS_REFERENCE_MAX_TOKENS:
+                if not expected:
+                    lp64 = lp.detach().cpu().double().requires_grad_(True)
+                    z64 = log_z.detach().cpu().double().requires_grad_(True)
+                    w = flref.importance_weights(lp64.detach(), old.cpu().double(), mask.cpu(), mode="sequence_clipped")
+                    loss64 = flref.trajectory_balance_loss(
+                        lp64, ref_lp.cpu().double(), rewards.cpu().double(), z64, mask.cpu(), weights=w
+                    )
+                    loss64.backward()
+                    expected.extend([loss64.detach().reshape(1), lp64.grad, z64.grad])
+                record["max_abs_err"] = ref.max_abs_error(out.detach().cpu().reshape(1), expected[0])
+                record["max_abs_err_grad"] = max(
+                    ref.max_abs_error(lp.grad.cpu(), expected[1]), ref.max_abs_error(log_z.grad.cpu(), expected[2])
+                )
+                case["reference"] = "flowloss.reference.trajectory_balance_loss (float64 loops)"
+            else:
+                record["max_abs_err"] = record["max_abs_err_grad"] = None
+                case["reference"] = f"not run: N > {LOSS_REFERENCE_MAX_TOKENS} (the float64 loop reference is slow)"
+            record.update(_measure(call, [lp, log_z], grad_out, device=device, config=config))
+        except Exception as err:
+            record = _skipped(impl, "out of memory" if _is_oom(err) else _short(err), status="error")
+        case["results"].append(record)
     return case
 
 

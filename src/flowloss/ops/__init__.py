@@ -4,5 +4,6 @@
 * ``library``: the ``torch.library`` custom ops and their autograd (what ``torch.compile`` sees);
 * ``chunked``: the PyTorch row-block implementations; ``_block_math``: one block's math; ``_rows``: row blocks;
 * ``triton_logprobs`` (and ``triton_linear``): the Triton implementations, imported on first use;
-* ``dispatch``: ``impl=`` resolution and the one Triton-availability check.
+* ``dispatch``: ``impl=`` resolution and the one Triton-availability check;
+* ``fused_tb``: the trajectory-balance loss's per-sequence terms as one custom op (two Triton launches).
 """
