@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from flowloss import count_valid_sequences, ratio_clip_token_mask, reverse_kl_surrogate, trajectory_balance_loss
@@ -390,3 +390,53 @@ def test_ratio_clip_token_mask_at_and_between_the_thresholds():
     none = ratio_clip_token_mask(log_ratio[:1] * 100, torch.zeros(1, 7, dtype=torch.float64),
                                  torch.zeros(1, dtype=torch.float64), mask[:1].clone().fill_(True))
     assert none.all()
+
+
+@pytest.mark.triton_interpreter
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    batch=batches(dtypes=(torch.float32, torch.bfloat16)),
+    mode=st.sampled_from(MODES),
+    token_clip=st.booleans(),
+    with_rollout=st.booleans(),
+    length_normalization=st.booleans(),
+    penalty=st.sampled_from(["squared", "huber", "linex"]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+)
+def test_fused_loss_path_equals_the_pytorch_path(
+    batch, mode, token_clip, with_rollout, length_normalization, penalty, reduction, monkeypatch_module
+):
+    """On CUDA (here: CPU under Triton's interpreter) `trajectory_balance_loss` runs the fused Triton kernels:
+    same loss, same stats, same gradients as the PyTorch path (float32 accumulation both)."""
+    import os
+
+    import flowloss.losses as losses
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("the fused loss runs on CUDA, or on CPU under TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    old = batch.old_logprobs.to(device) if (mode != "none" or token_clip) else None
+    kwargs = dict(
+        beta=2.0, old_logprobs=old, importance_weights=mode,
+        rollout_logprobs=batch.rollout_logprobs.to(device) if (with_rollout and old is not None) else None,
+        token_clip_mask=token_clip and old is not None, length_normalization=length_normalization,
+        penalty=penalty, reduction=reduction, return_stats=True,
+    )
+    results = []
+    for fused in (True, False):
+        monkeypatch_module.setattr(losses, "FUSED_LOSS", fused)
+        lp, lz = leaf(batch.logprobs.to(device)), leaf(batch.log_z.to(device))
+        loss, stats = trajectory_balance_loss(
+            lp, batch.ref_logprobs.to(device), batch.rewards.to(device), lz, batch.mask.to(device), **kwargs
+        )
+        (loss * torch.linspace(0.5, 1.5, loss.numel(), device=device).reshape(loss.shape)).sum().backward()
+        results.append((loss.detach(), stats, lp.grad, lz.grad))
+    (f_loss, f_stats, f_lp, f_lz), (t_loss, t_stats, t_lp, t_lz) = results
+    scale = _scale(batch, 2.0)
+    assert_close(f_loss, t_loss, dtype=torch.float32, what="fused loss", scale=scale * 1e-3)
+    assert set(f_stats) == set(t_stats)
+    for key in t_stats:
+        assert_close(f_stats[key].double(), t_stats[key].double(), dtype=torch.float32, what=f"stat {key}",
+                     scale=scale * 1e-3)
+    assert_close(f_lp, t_lp, dtype=batch.dtype, what="fused dloss/dlogprobs", scale=scale**0.5 * 1e-2, grad=True)
+    assert_close(f_lz, t_lz, dtype=batch.dtype, what="fused dloss/dlog_z", scale=scale**0.5 * 1e-2, grad=True)

@@ -358,6 +358,12 @@ def trajectory_balance_loss(
     norm = check_normalizer(normalizer, strict=strict)
 
     dtype = accumulation_dtype(logprobs, ref_logprobs, rewards, log_z_vec)
+    if dtype == torch.float32 and _fused_path(logprobs, ref_logprobs, rewards, log_z_vec, m, old_logprobs,
+                                              rollout_logprobs):
+        return _fused_trajectory_balance(
+            logprobs, ref_logprobs, rewards, log_z_vec, m, old_logprobs, rollout_logprobs, opts, mode, norm,
+            return_stats,
+        )
     terms = _sequence_terms(
         logprobs,
         ref_logprobs,
@@ -389,6 +395,64 @@ def trajectory_balance_loss(
     stats["residual_mean"] = _mean_over(delta, rows)
     stats["residual_abs_mean"] = _mean_over(delta.abs(), rows)
     stats["loss"] = loss.detach() if opts.reduction != "none" else _mean_over(per_sequence, rows)
+    return loss, stats
+
+
+# The fused Triton loss (flowloss.ops.fused_tb) runs for CUDA float inputs: two launches instead of ~80 ops.
+# Tests switch it off to compare it with the PyTorch path in one process.
+FUSED_LOSS = True
+
+
+def _fused_path(*tensors: torch.Tensor | None) -> bool:
+    if not FUSED_LOSS or not (tensors[0].is_cuda or _interpreting()):
+        return False
+    from flowloss.ops.fused_tb import fused_tb_supported
+
+    return fused_tb_supported(*tensors)
+
+
+def _interpreting() -> bool:
+    from flowloss.ops.dispatch import interpreter_on
+
+    return interpreter_on()
+
+
+def _fused_trajectory_balance(logprobs, ref_logprobs, rewards, log_z, m, old, rollout, opts, mode, norm,
+                              return_stats):
+    """The loss (and its stats) from the fused op; the same math and the same stats as the PyTorch path."""
+    from flowloss.ops.fused_tb import fused_tb_sequence_terms, reduce_per_sequence
+
+    t = fused_tb_sequence_terms(
+        logprobs, ref_logprobs, rewards, log_z, m, old, rollout, mode=mode, eps_low=opts.eps_low,
+        eps_high=opts.eps_high, max_weight=opts.max_weight, tis_cap=opts.tis_cap,
+        token_clip_mask=opts.token_clip_mask, length_normalization=opts.length_normalization,
+        penalty=opts.penalty, linex_alpha=opts.linex_alpha, huber_delta=opts.huber_delta, beta=opts.beta,
+    )
+    loss = reduce_per_sequence(t.per_sequence, t.counted, opts.reduction, norm)
+    if not return_stats:
+        return loss
+    rows = t.lengths > 0
+    stats = {
+        "valid_sequences": (t.counted > 0).sum(),
+        "logprobs_mean": _mean_over(t.seq_logprobs, rows),
+        "ref_logprobs_mean": _mean_over(t.seq_ref_logprobs, rows),
+        "reward_mean": _mean_over(constant(rewards, torch.float32), rows),
+        "response_length_mean": _mean_over(t.lengths, rows),
+    }
+    if opts.token_clip_mask:
+        stats["token_clip_frac"] = (t.mask_lengths - t.lengths).sum() / t.mask_lengths.sum().clamp_min(1)
+    if old is not None:
+        log_cap = math.log(torch.finfo(torch.float32).max) - 1.0
+        stats["log_weight_unclipped_mean"] = _mean_over(t.log_weights_unclipped, rows)
+        stats["weight_unclipped_mean"] = _mean_over(t.log_weights_unclipped.clamp_max(log_cap).exp(), rows)
+        stats["weight_mean"] = _mean_over(t.weights, rows)
+        stats["clip_frac_low"] = _mean_over(t.clipped_low, rows)
+        stats["clip_frac_high"] = _mean_over(t.clipped_high, rows)
+        stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
+    stats["log_z_mean"] = _mean_over(constant(log_z, torch.float32), rows)
+    stats["residual_mean"] = _mean_over(t.delta, rows)
+    stats["residual_abs_mean"] = _mean_over(t.delta.abs(), rows)
+    stats["loss"] = loss.detach() if opts.reduction != "none" else _mean_over(t.per_sequence, rows)
     return loss, stats
 
 
