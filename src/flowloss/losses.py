@@ -143,28 +143,26 @@ def _sequence_terms(
     old_logprobs: torch.Tensor | None,
     rollout_logprobs: torch.Tensor | None,
     *,
+    opts: FlowRLOptions,
     mode: str,
-    eps_low: float,
-    eps_high: float,
-    max_weight: float,
-    tis_cap: float,
-    token_clip_mask: bool,
-    length_normalization: bool,
     dtype: torch.dtype,
     difference: bool,
 ) -> _SequenceTerms:
     """Masked sums over tokens, lengths, weights: the few element-wise passes both losses need.
 
+    ``opts``: the validated options (``mode``, the weight mode in effect, resolved from them).
+
     ``difference=True`` folds the reference into one reduction, ``seq_logprobs = l_i - l_ref_i`` (what the
     TB residual needs; one pass fewer), and leaves ``seq_ref_logprobs`` None.
     """
+    eps_low, eps_high = opts.eps_low, opts.eps_high
     r = constant(rewards, dtype)
     kept = m
     log_ratio = None
     if old_logprobs is not None:
         old = constant(old_logprobs, dtype)
         log_ratio = constant(logprobs, dtype) - old
-        if token_clip_mask:
+        if opts.token_clip_mask:
             kept = m & ~clip_drop_mask(log_ratio, r, eps_low=eps_low, eps_high=eps_high)
     lengths = kept.sum(dim=-1).to(dtype)
     lp = as_dtype(logprobs, dtype)
@@ -173,7 +171,7 @@ def _sequence_terms(
         seq_lp, seq_ref = masked_token_sum(lp - ref, kept), None
     else:
         seq_lp, seq_ref = masked_token_sum(lp, kept), masked_token_sum(ref, kept)
-    if length_normalization:
+    if opts.length_normalization:
         denominator = lengths.clamp_min(1.0)
         seq_lp = seq_lp / denominator
         seq_ref = None if seq_ref is None else seq_ref / denominator
@@ -189,9 +187,9 @@ def _sequence_terms(
             mode=mode,
             eps_low=eps_low,
             eps_high=eps_high,
-            max_weight=max_weight,
+            max_weight=opts.max_weight,
             rollout_log_ratio=rollout,
-            tis_cap=tis_cap,
+            tis_cap=opts.tis_cap,
         )
     return _SequenceTerms(
         seq_logprobs=seq_lp,
@@ -371,13 +369,8 @@ def trajectory_balance_loss(
         m,
         old_logprobs,
         rollout_logprobs,
+        opts=opts,
         mode=mode,
-        eps_low=opts.eps_low,
-        eps_high=opts.eps_high,
-        max_weight=opts.max_weight,
-        tis_cap=opts.tis_cap,
-        token_clip_mask=opts.token_clip_mask,
-        length_normalization=opts.length_normalization,
         dtype=dtype,
         difference=not return_stats,
     )
@@ -522,13 +515,8 @@ def reverse_kl_surrogate(
         m,
         old_logprobs,
         rollout_logprobs,
+        opts=opts,
         mode=mode,
-        eps_low=opts.eps_low,
-        eps_high=opts.eps_high,
-        max_weight=opts.max_weight,
-        tis_cap=opts.tis_cap,
-        token_clip_mask=False,
-        length_normalization=opts.length_normalization,
         dtype=dtype,
         difference=False,
     )
