@@ -5,6 +5,8 @@ into this repository), and adapted to one signature:
 
 - op ``logprobs``: ``fn(logits [N, V], case) -> logp [N]`` (float32, 0 at masked rows);
 - op ``fused_linear``: ``fn(hidden [N, H], weight [V, H], case) -> logp [N]``;
+- op ``step``: ``fn(models, batch, settings) -> PathOutput``, one RL update's forward and loss
+  (`flowloss.bench.step`; the paths live there, transformers is imported only when one is built);
 
 (a callable may carry a ``note`` attribute, copied into the results, e.g. how a helper had to be loaded)
 
@@ -275,6 +277,32 @@ def _build_flash_attn(device: torch.device) -> Fn:
     return fn
 
 
+def _build_step(name: str) -> Callable[[torch.device], Fn]:
+    def build(device: torch.device) -> Fn:
+        from flowloss.bench import step
+
+        builders = {
+            "grpo-logits": step.build_grpo_logits,
+            "flowloss-logits": lambda d: step.flowloss_logits,
+            "flowloss-hidden": lambda d: step.flowloss_hidden,
+            "liger-grpo": step.build_liger_grpo,
+        }
+        return builders[name](device)
+
+    return build
+
+
+def _liger_grpo_skip(device: torch.device) -> str | None:
+    reason = _missing("liger_kernel")
+    if reason:
+        return reason
+    try:
+        importlib.import_module("liger_kernel.chunked_loss")
+    except Exception as err:
+        return f"liger_kernel.chunked_loss not importable ({type(err).__name__}: {err})"
+    return None
+
+
 IMPLS: tuple[Impl, ...] = (
     Impl("naive", "logprobs", "torch.log_softmax(logits.float() / T).gather", _never, lambda d: naive_logprobs),
     Impl(
@@ -341,6 +369,34 @@ IMPLS: tuple[Impl, ...] = (
         'liger_kernel.transformers.functional.liger_fused_linear_cross_entropy(reduction="none")',
         lambda d: _first(_missing("liger_kernel"), _needs_cuda(d)),
         _build_liger_fused,
+    ),
+    Impl(
+        "grpo-logits",
+        "step",
+        "model(..., logits_to_keep) logits -> trl selective_log_softmax (plain PyTorch without trl) -> GRPO loss",
+        _never,
+        _build_step("grpo-logits"),
+    ),
+    Impl(
+        "flowloss-logits",
+        "step",
+        "model(..., logits_to_keep) logits -> flowloss.token_logprobs -> flowloss.trajectory_balance_loss",
+        _never,
+        _build_step("flowloss-logits"),
+    ),
+    Impl(
+        "flowloss-hidden",
+        "step",
+        "model.model(...) hidden states -> flowloss.token_logprobs_from_hidden -> flowloss.trajectory_balance_loss",
+        _never,
+        _build_step("flowloss-hidden"),
+    ),
+    Impl(
+        "liger-grpo",
+        "step",
+        "liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss on hidden states and lm_head.weight",
+        _liger_grpo_skip,
+        _build_step("liger-grpo"),
     ),
 )
 
