@@ -295,3 +295,29 @@ def test_step_cli_json_table_png(tmp_path, capsys):
 
     png = png_path.read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+
+def test_batch_search_recovers_from_out_of_memory(models, monkeypatch):
+    """The CUDA search's logic on CPU: a step that raises torch.OutOfMemoryError above 12 sequences; the search
+    reports 12, the gradients are zero again afterwards, and an error that is not out-of-memory propagates."""
+    real_step = st.run_step
+
+    def step_or_oom(fn, m, b, s):
+        if b.sequences > 12:
+            fn(m, b, s).backward()  # partial gradients, as an interrupted backward would leave
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real_step(fn, m, b, s)
+
+    monkeypatch.setattr(st, "run_step", step_or_oom)
+    case = {"sequences": 4, "group_size": 2, "seq_len": 16}
+    found = st._search_fit(st.model_only, models, SETTINGS, case, CPU, seed=0)
+    assert found["sequences"] == 12 and found["tokens"] == 12 * 16 and found["seq_len"] == 16
+    assert found["probes"] == [[4, True], [8, True], [16, False], [12, True], [14, False]]
+    assert all(float(p.grad.abs().max()) == 0 for p in models.policy.parameters())
+
+    def broken(fn, m, b, s):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(st, "run_step", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        st._search_fit(st.model_only, models, SETTINGS, case, CPU, seed=0)

@@ -599,6 +599,10 @@ def step_case(
 
 
 def _search_fit(fn: Path, models: StepModels, settings: StepSettings, case: dict, device, seed: int) -> dict:
+    """`largest_fit` of whole steps of ``fn`` at ``case``'s ``L`` and ``G``, from ``case``'s ``B`` up: a batch
+    fits when its step (forward, backward, AdamW) runs without an out-of-memory error. After each try, gradients
+    are zeroed (an interrupted backward leaves partial sums), garbage collected and the CUDA cache emptied, so the
+    next try starts from the baseline. Only out-of-memory errors count as "does not fit"; others propagate."""
     seq_len, group = case["seq_len"], case["group_size"]
 
     def fits(sequences: int) -> bool:
@@ -606,7 +610,8 @@ def _search_fit(fn: Path, models: StepModels, settings: StepSettings, case: dict
         try:
             batch = make_batch(sequences, group, seq_len, models.vocab_size, seed=seed + sequences, device=device)
             run_step(fn, models, batch, settings)
-            torch.cuda.synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # an asynchronous failure surfaces here, inside the try
             return True
         except Exception as err:
             if not _is_oom(err):
