@@ -76,7 +76,7 @@ def write_plot(report: dict[str, Any], path: str) -> None:
         ax.grid(axis="y", alpha=0.3)
     if steps_only:
         ax_t.set_ylabel("one update, ms (median, p20-p80)\nhatched: the backbone (model row)")
-        ax_m.set_ylabel("peak MiB above weights,\ngradients, AdamW states")
+        ax_m.set_ylabel("peak MiB of forward + backward\nabove weights, gradients, AdamW")
     else:
         ax_t.set_ylabel("forward + backward (step: one update), ms")
         ax_t.set_yscale("log")

@@ -66,8 +66,8 @@ def count_units(config: BenchConfig) -> int:
         device = torch.device(config.device)
         runs = 1 + sum(1 for i in step_impls if not i.skip_reason(device))  # the model row and each path that runs
         fit = device.type == "cuda" and config.measure_memory
-        # build; then the check and the timing of each; then (CUDA) the batch search of each
-        total += len(config.step_dtypes) * (1 + 2 * runs + (runs if fit else 0))
+        # build; the check of each; the memory and warm-up of each; the rounds of timed steps; (CUDA) the batch searches
+        total += len(config.step_dtypes) * (1 + 2 * runs + config.step_reps + (runs if fit else 0))
     return total
 
 

@@ -29,7 +29,8 @@ Paths (`PATHS`, the rows of the table):
   and ``lm_head.weight``, the reference's hidden states and weight passed as ``ref_input`` / ``ref_weight``
   (``loss_type="grpo"``, ``beta = 0.04``, ``epsilon = 0.2``: the GRPO loss of ``grpo-logits``).
 
-Figures per path: the step time (median, p20-p80), tokens per second (``B L`` positions per median step; also
+Figures per path: the step time (median, p20-p80 over rounds that run one step of every path each, so that load
+changes on a shared machine reach every path alike), tokens per second (``B L`` positions per median step; also
 ``valid`` non-padding tokens), peak memory *above the baseline*, the bytes allocated when a step starts (policy
 weights and their gradients, kept allocated between steps, AdamW's two states, the reference weights, the log-Z
 head with its gradient and states, and the batch): of the forward + backward (activations and the loss path's
@@ -63,7 +64,7 @@ from flowloss.bench.step_model import (
     seeded,
     tensor_bytes,
 )
-from flowloss.bench.timing import time_calls
+from flowloss.bench.timing import summarize, time_calls
 
 FLOWRL_BETA = 15.0  # FlowRL's reward temperature (the authors' value; flowloss's default)
 GRPO_EPSILON = 0.2  # PPO/GRPO clip range (TRL's and Liger's default)
@@ -551,33 +552,60 @@ def step_case(
         case["optimizer_peak_bytes"], _ = peak_extra_bytes(models.optimizer.step, device=device)
         models.optimizer.zero_grad(set_to_none=False)
 
-    # 2. time and size each step (weights move with every step; the figures do not depend on their values)
-    for name, fn in built.items():
-        progress(f"{label}: {name} (timing)")
+    # 2. size each step, warm each up, then time them in rounds, one step of every row per round, so that a change
+    #    in the machine's load during the run reaches every row alike (weights move with every step; the figures
+    #    do not depend on their values)
+    def fail(name: str, err: Exception) -> None:
+        results[name] = {**results[name], "status": "error", "reason": "out of memory" if _is_oom(err) else _short(err)}
+        built.pop(name, None)
+
+    calls: dict[str, Callable[[], None]] = {}
+    for name, fn in list(built.items()):
+        progress(f"{label}: {name} (memory, warm-up)")
         record = results[name]
+
+        def call(fn=fn) -> None:
+            run_step(fn, models, batch, settings)
+
+        def fwd_bwd(fn=fn) -> None:
+            fn(models, batch, settings).backward()
+
         try:
-
-            def call(fn=fn) -> None:
-                run_step(fn, models, batch, settings)
-
-            record["step_ms"] = time_calls(call, device=device, warmup=warmup, reps=reps).as_dict()
-            seconds = record["step_ms"]["median"] * 1e-3
-            record["tokens_per_s"] = batch.tokens / seconds
-            record["valid_tokens_per_s"] = case["valid_tokens"] / seconds
             if measure_memory:
                 # forward + backward, where the paths differ; the whole step's peak is the larger of that and the
                 # AdamW step's, which runs after the forward's tensors are freed
-                def fwd_bwd(fn=fn) -> None:
-                    fn(models, batch, settings).backward()
-
                 record["peak_mem_fwdbwd_bytes"], record["memory_method"] = peak_extra_bytes(fwd_bwd, device=device)
                 if record["peak_mem_fwdbwd_bytes"] is not None and case.get("optimizer_peak_bytes") is not None:
                     record["peak_mem_bytes"] = max(record["peak_mem_fwdbwd_bytes"], case["optimizer_peak_bytes"])
+                models.optimizer.zero_grad(set_to_none=False)
+            for _ in range(warmup):
+                call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            calls[name] = call
         except Exception as err:
-            results[name] = {**record, "status": "error", "reason": "out of memory" if _is_oom(err) else _short(err)}
+            fail(name, err)
         finally:
             models.optimizer.zero_grad(set_to_none=False)
             _free(device)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for rep in range(reps):
+        progress(f"{label}: timed steps, round {rep + 1} of {reps}")
+        for name, call in calls.items():
+            if name not in built:
+                continue
+            try:
+                samples[name].append(time_calls(call, device=device, warmup=0, reps=1).median)
+            except Exception as err:
+                fail(name, err)
+                models.optimizer.zero_grad(set_to_none=False)
+                _free(device)
+    for name in built:
+        record = results[name]
+        record["step_ms"] = summarize(samples[name]).as_dict()
+        seconds = record["step_ms"]["median"] * 1e-3
+        record["tokens_per_s"] = batch.tokens / seconds
+        record["valid_tokens_per_s"] = case["valid_tokens"] / seconds
 
     # 3. CUDA: the largest batch each path fits
     for name, fn in built.items():
