@@ -321,3 +321,53 @@ def test_batch_search_recovers_from_out_of_memory(models, monkeypatch):
     monkeypatch.setattr(st, "run_step", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         st._search_fit(st.model_only, models, SETTINGS, case, CPU, seed=0)
+
+
+def _liger_stand_in(monkeypatch):
+    """A stand-in ``liger_kernel.chunked_loss`` whose GRPO loss is computed in plain PyTorch from exactly the
+    arguments Liger documents: wiring only (which tensor goes where), not Liger's arithmetic."""
+    import sys
+    import types
+
+    class LigerFusedLinearGRPOLoss(torch.nn.Module):
+        def __init__(self, beta=0.04, use_ref_model=True, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo",
+                     temperature=1.0):  # fmt: skip
+            super().__init__()
+            assert loss_type == "grpo" and use_ref_model and epsilon_low == epsilon_high == st.GRPO_EPSILON
+            self.beta, self.temperature = beta, temperature
+
+        def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
+                    ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None):  # fmt: skip
+            def logp(h, w):
+                z = (h.float() @ w.float().T) / self.temperature
+                return torch.log_softmax(z, -1).gather(-1, selected_token_ids[..., None]).squeeze(-1)
+
+            with torch.no_grad():
+                ref = logp(ref_input, ref_weight)
+            lp = logp(_input, lin_weight)
+            mask = attention_mask.bool()
+            return st.grpo_loss(lp, old_per_token_logps, ref, advantages, mask, kl_beta=self.beta), ()
+
+    module = types.ModuleType("liger_kernel.chunked_loss")
+    module.LigerFusedLinearGRPOLoss = LigerFusedLinearGRPOLoss
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss", module)
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["stand-in", "liger_kernel"])
+def test_liger_grpo_is_the_grpo_of_grpo_logits(real, models, batch, monkeypatch):
+    """liger-grpo and grpo-logits compute the same GRPO loss and policy gradients (old log-probs perturbed so that
+    the clip is active). With the real Liger (when installed) this checks its arithmetic too."""
+    if real:
+        pytest.importorskip("liger_kernel.chunked_loss")
+    else:
+        _liger_stand_in(monkeypatch)
+    b = copy.copy(batch)
+    b.old_logprobs = batch.old_logprobs + 0.3 * torch.randn(
+        batch.old_logprobs.shape, generator=torch.Generator().manual_seed(1)
+    )
+    out_g, grads_g = _run(st.build_grpo_logits(CPU), models, b)
+    out_l, grads_l = _run(st.build_liger_grpo(CPU), models, b)
+    assert float(out_g.loss) != 0.0  # the perturbed old log-probs make the surrogate non-zero
+    assert float(out_l.loss) == pytest.approx(float(out_g.loss), rel=1e-4, abs=1e-6)
+    assert _rel_l2(grads_l, grads_g) < 1e-5
