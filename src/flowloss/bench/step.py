@@ -3,15 +3,18 @@
 Every path runs on the same model (`flowloss.bench.step_model`), the same batch and the same optimizer, and one
 *step* is always::
 
-    policy forward -> reference forward (no grad) -> per-token log-probs (policy and reference)
+    reference forward and log-probs (no grad) -> policy forward and log-probs
     -> [log Z from the prompt's hidden states] -> loss -> backward -> AdamW step -> zero_grad(set_to_none=False)
 
-Paths (`PATHS`, the rows of the table):
+The reference goes first, so that its logits are freed before the policy's exist: TRL and OpenRLHF compute the
+reference log-probs in a phase of their own, never next to the policy's graph.
 
-- ``model``: the backbone alone, the part every path shares: ``policy.model`` forward, ``ref.model`` forward
-  under no_grad, backward from a fixed random gradient on the last hidden states ``[B, L, H]``, AdamW step. No
-  lm_head, no log-probs, no loss. ``step - model`` is each path's *loss path*: lm_head projections, log-probs,
-  log Z, the loss and their backward.
+Paths (the rows of the table):
+
+- ``model``: the backbone alone, the part every path shares: ``ref.model`` forward under no_grad,
+  ``policy.model`` forward, backward from a random gradient on the last hidden states ``[B, L, H]``, AdamW step.
+  No lm_head, no log-probs, no loss. ``step - model`` is each path's *loss path*: lm_head projections,
+  log-probs, log Z, the loss and their backward.
 - ``grpo-logits``: what TRL and OpenRLHF users run: ``policy(..., logits_to_keep=Lr + 1).logits`` (only the
   response positions are projected, as TRL asks), ``trl.trainer.utils.selective_log_softmax`` when trl is installed
   (otherwise the same computation in plain PyTorch: a loop over the batch rows, ``log_softmax`` of each row in
@@ -116,9 +119,9 @@ def _response_hidden(hidden: torch.Tensor, b: StepBatch) -> torch.Tensor:
 
 def model_only(m: StepModels, b: StepBatch, s: StepSettings) -> PathOutput:
     """The backbone's own forward and backward (the ``model`` row)."""
-    hidden = m.policy.model(**_model_inputs(b)).last_hidden_state
     with torch.no_grad():
         m.ref.model(**_model_inputs(b))
+    hidden = m.policy.model(**_model_inputs(b)).last_hidden_state
     # a random stand-in for the gradient a loss would send back (a few MiB, drawn afresh each step)
     return PathOutput(hidden=hidden, hidden_grad=torch.randn_like(hidden).mul_(1e-3))
 
@@ -188,11 +191,12 @@ def build_grpo_logits(device: torch.device) -> Path:
 
     def grpo_logits(m: StepModels, b: StepBatch, s: StepSettings) -> PathOutput:
         keep = b.response_len + 1
-        logits = m.policy(**_model_inputs(b), logits_to_keep=keep).logits[:, :-1]
-        logprobs = selective(logits, b.response_ids, s.temperature)
         with torch.no_grad():
             ref_logits = m.ref(**_model_inputs(b), logits_to_keep=keep).logits[:, :-1]
             ref_logprobs = selective(ref_logits, b.response_ids, s.temperature)
+            del ref_logits
+        logits = m.policy(**_model_inputs(b), logits_to_keep=keep).logits[:, :-1]
+        logprobs = selective(logits, b.response_ids, s.temperature)
         loss = grpo_loss(logprobs, b.old_logprobs, ref_logprobs, _advantages(b), b.response_mask)
         return PathOutput(loss=loss, logprobs=logprobs, ref_logprobs=ref_logprobs)
 
@@ -219,11 +223,12 @@ def flowloss_logits(m: StepModels, b: StepBatch, s: StepSettings) -> PathOutput:
     from flowloss import token_logprobs
 
     keep = b.response_len + 1
-    out = m.policy(**_model_inputs(b), logits_to_keep=keep, output_hidden_states=True)
-    logprobs = token_logprobs(out.logits[:, :-1], b.labels, temperature=s.temperature, inplace_backward=True)
     with torch.no_grad():
         ref_logits = m.ref(**_model_inputs(b), logits_to_keep=keep).logits[:, :-1]
         ref_logprobs = token_logprobs(ref_logits, b.labels, temperature=s.temperature)
+        del ref_logits
+    out = m.policy(**_model_inputs(b), logits_to_keep=keep, output_hidden_states=True)
+    logprobs = token_logprobs(out.logits[:, :-1], b.labels, temperature=s.temperature, inplace_backward=True)
     log_z = _log_z(m, out.hidden_states[-1], b)
     loss = _flowrl_loss(m, b, s, logprobs, ref_logprobs, log_z)
     return PathOutput(loss=loss, logprobs=logprobs, ref_logprobs=ref_logprobs, log_z=log_z)
@@ -232,15 +237,16 @@ def flowloss_logits(m: StepModels, b: StepBatch, s: StepSettings) -> PathOutput:
 def flowloss_hidden(m: StepModels, b: StepBatch, s: StepSettings) -> PathOutput:
     from flowloss import token_logprobs_from_hidden
 
-    hidden = m.policy.model(**_model_inputs(b)).last_hidden_state
-    logprobs = token_logprobs_from_hidden(
-        _response_hidden(hidden, b), m.policy.lm_head.weight, b.labels, temperature=s.temperature
-    )
     with torch.no_grad():
         ref_hidden = m.ref.model(**_model_inputs(b)).last_hidden_state
         ref_logprobs = token_logprobs_from_hidden(
             _response_hidden(ref_hidden, b), m.ref.lm_head.weight, b.labels, temperature=s.temperature
         )
+        del ref_hidden
+    hidden = m.policy.model(**_model_inputs(b)).last_hidden_state
+    logprobs = token_logprobs_from_hidden(
+        _response_hidden(hidden, b), m.policy.lm_head.weight, b.labels, temperature=s.temperature
+    )
     log_z = _log_z(m, hidden, b)
     loss = _flowrl_loss(m, b, s, logprobs, ref_logprobs, log_z)
     return PathOutput(loss=loss, logprobs=logprobs, ref_logprobs=ref_logprobs, log_z=log_z)
@@ -264,9 +270,9 @@ def build_liger_grpo(device: torch.device) -> Path:
         loss_fn = losses[s.temperature]
         # without a temperature option, (h / T) W^T = (h W^T) / T puts it into the hidden states
         scale = 1.0 if "temperature" in accepted else 1.0 / s.temperature
-        hidden = _response_hidden(m.policy.model(**_model_inputs(b)).last_hidden_state, b)
         with torch.no_grad():
             ref_hidden = _response_hidden(m.ref.model(**_model_inputs(b)).last_hidden_state, b)
+        hidden = _response_hidden(m.policy.model(**_model_inputs(b)).last_hidden_state, b)
         out = loss_fn(
             hidden * scale if scale != 1.0 else hidden,
             m.policy.lm_head.weight,
