@@ -326,12 +326,12 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         console.print(case_table(case))
     if any(case["op"] == "step" for case in report["cases"]):
         console.print(
-            "[dim]step: policy forward, reference forward (no grad), log-probs, \\[log Z,] loss, backward, AdamW "
-            "step; model: the backbone alone (no lm_head, no loss); loss path: step - model; tok/s: B L positions "
-            "per median step; peak: see below the table; fits: tokens per step of the largest batch that fits, "
-            "sequences grown at fixed L until CUDA runs out of memory (+: the search stopped at its limit); err: "
-            "max |x - float64| of the response log-probs / of the loss; grad diff: ||g - g_other|| / ||g_other|| "
-            "over the policy's parameters.[/dim]"
+            "[dim]step: reference forward and log-probs (no grad), policy forward and log-probs, \\[log Z,] loss, "
+            "backward, AdamW step; model: the backbones alone (no lm_head, no loss); loss path: step - model; "
+            "tok/s: B L positions per median step; peak: see below the table; fits: tokens per step of the largest "
+            "batch that fits, sequences grown at fixed L until CUDA runs out of memory (+: the search stopped at its "
+            "limit); err: max |x - float64| of the response log-probs / of the loss; grad diff: ||g - g_other|| / "
+            "||g_other|| over the policy's parameters.[/dim]"
         )
     if all(case["op"] == "step" for case in report["cases"]):
         return
