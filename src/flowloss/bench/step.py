@@ -501,7 +501,8 @@ def step_case(
     case.update(prompt_len=batch.prompt_len, response_len=batch.response_len, **batch.counts())
     f64 = float64_reference(models, batch, settings)
 
-    paths: list[tuple[str, str, Any]] = [(MODEL_ROW, "policy.model + ref.model forward, backward, AdamW", None)]
+    model_source = "ref.model and policy.model forward, backward from a random gradient on the hidden states, AdamW"
+    paths: list[tuple[str, str, Any]] = [(MODEL_ROW, model_source, None)]
     results: dict[str, dict[str, Any]] = {}
     for impl in impls:
         reason = impl.skip_reason(device)
@@ -623,8 +624,13 @@ def step_case(
             record["max_fit_reason"] = "CUDA only" if device.type != "cuda" else "--no-memory"
             continue
         progress(f"{label}: {name} (largest batch)")
-        record["max_fit"] = _search_fit(fn, models, settings, case, device, seed)
-        _free(device)
+        try:
+            record["max_fit"] = _search_fit(fn, models, settings, case, device, seed)
+        except Exception as err:  # anything but out-of-memory: say so, keep the row's other figures
+            record["max_fit"], record["max_fit_reason"] = None, f"search failed: {_short(err)}"
+        finally:
+            models.optimizer.zero_grad(set_to_none=False)
+            _free(device)
 
     ordered = [results[MODEL_ROW]] + [results[i.name] for i in impls if i.name in results]
     _add_step_derived(ordered)
