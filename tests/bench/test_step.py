@@ -371,3 +371,23 @@ def test_liger_grpo_is_the_grpo_of_grpo_logits(real, models, batch, monkeypatch)
     assert float(out_g.loss) != 0.0  # the perturbed old log-probs make the surrogate non-zero
     assert float(out_l.loss) == pytest.approx(float(out_g.loss), rel=1e-4, abs=1e-6)
     assert _rel_l2(grads_l, grads_g) < 1e-5
+
+
+def test_a_step_that_cannot_fit_is_skipped_with_the_bytes_it_needs(monkeypatch, capsys):
+    """The models and optimizer states must fit before anything is built (on CPU the OOM killer would end the run)."""
+    from flowloss._console import make_console
+    from flowloss.bench import runner
+    from flowloss.bench.config import BenchConfig
+    from flowloss.bench.report import build_report, print_report
+
+    monkeypatch.setattr(runner, "_available_bytes", lambda device: 2**20)
+    config = BenchConfig(ops=("step",), device="cpu", sequences=2, group_size=2, seq_len=8, warmup=0, reps=1)
+    (case,) = runner.run_suite(config)
+    assert [r["impl"] for r in case["results"]] == ["model", *PATHS, "liger-grpo"]
+    need = sm.state_bytes("tiny", torch.float32)  # 5 copies of the 4.47M parameters in fp32
+    for r in case["results"]:
+        assert r["status"] == "skipped" and r["reason"].startswith("shape needs about"), r
+    assert need == 5 * 4 * sm.parameter_count("tiny") and case["tokens"] == 16
+    print_report(build_report(config, [case]), make_console())
+    out = capsys.readouterr().out
+    assert "skipped (see below)" in out and "model skipped: shape needs about" in out

@@ -478,11 +478,17 @@ def run_suite(config: BenchConfig, progress: Progress | None = None) -> list[dic
             cases.append(loss_case)
     if "step" in ops:
         from flowloss.bench.step import step_case
+        from flowloss.bench.step_model import PRESETS, split_length, state_bytes
 
         for dtype_key in config.step_dtypes:
+            # the models and their optimizer states must fit; on CPU also the logits paths' fp32 working set
+            # (logits, their gradient and a temporary), since the kernel's OOM killer would end the whole run
+            logits = config.sequences * (split_length(config.seq_len)[1] + 1) * PRESETS[config.preset]["vocab_size"]
+            skip = _case_skip(state_bytes(config.preset, DTYPES[dtype_key]), device, naive_extra=3 * 4 * logits)
             cases.append(
                 step_case(
                     impls_for("step", config.impls),
+                    skip_reason=skip,
                     preset=config.preset,
                     dtype_key=dtype_key,
                     sequences=config.sequences,

@@ -458,9 +458,11 @@ def step_case(
     seed: int,
     measure_memory: bool,
     progress: Callable[[str], None],
+    skip_reason: str | None = None,
 ) -> dict[str, Any]:
     """Build the model and batch, check every path against float64 and each other, then time and size each step.
-    ``impls``: the `flowloss.bench.impls.Impl` entries of op ``step`` to run (the ``model`` row always runs)."""
+    ``impls``: the `flowloss.bench.impls.Impl` entries of op ``step`` to run (the ``model`` row always runs);
+    ``skip_reason``: why the case cannot run here (every row is listed as skipped with it)."""
     from flowloss.bench.config import DTYPES
 
     dtype = DTYPES[dtype_key]
@@ -495,13 +497,27 @@ def step_case(
         ),
     }
     progress(f"{label}: build model and batch")
-    models = build_models(preset, dtype, device, seed=seed)
-    batch = make_batch(sequences, group_size, seq_len, models.vocab_size, seed=seed, device=device)
-    fill_old_logprobs(models, batch, settings)
+    batch = make_batch(sequences, group_size, seq_len, shape["vocab_size"], seed=seed, device=device)
     case.update(prompt_len=batch.prompt_len, response_len=batch.response_len, **batch.counts())
-    f64 = float64_reference(models, batch, settings)
-
     model_source = "ref.model and policy.model forward, backward from a random gradient on the hidden states, AdamW"
+
+    def skip_all(status: str, reason: str) -> dict[str, Any]:
+        rows = [(MODEL_ROW, model_source)] + [(i.name, i.source) for i in impls]
+        case["results"] = [{"impl": n, "source": src, "status": status, "reason": reason} for n, src in rows]
+        return case
+
+    if skip_reason:
+        return skip_all("skipped", skip_reason)
+    try:
+        models = build_models(preset, dtype, device, seed=seed)
+        fill_old_logprobs(models, batch, settings)
+        f64 = float64_reference(models, batch, settings)
+    except Exception as err:
+        if not _is_oom(err):
+            raise
+        _free(device)
+        return skip_all("error", "out of memory while building the models and the float64 reference")
+
     paths: list[tuple[str, str, Any]] = [(MODEL_ROW, model_source, None)]
     results: dict[str, dict[str, Any]] = {}
     for impl in impls:

@@ -95,6 +95,12 @@ def parameter_count(preset: str) -> int:
     return v * h * (1 if c["tie_word_embeddings"] else 2) + n * layer + h
 
 
+def state_bytes(preset: str, dtype: torch.dtype) -> int:
+    """Bytes that exist before any step: policy weights, gradients, AdamW's two states and the reference weights
+    (five copies of the parameters in ``dtype``)."""
+    return 5 * parameter_count(preset) * torch.empty((), dtype=dtype).element_size()
+
+
 @dataclass
 class StepModels:
     """The trained policy, the frozen reference, the log-Z head and the optimizer over policy + head."""
