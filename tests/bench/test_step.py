@@ -391,3 +391,19 @@ def test_a_step_that_cannot_fit_is_skipped_with_the_bytes_it_needs(monkeypatch, 
     print_report(build_report(config, [case]), make_console())
     out = capsys.readouterr().out
     assert "skipped (see below)" in out and "model skipped: shape needs about" in out
+
+
+def test_grpo_logits_falls_back_to_the_plain_twin_and_says_why(monkeypatch):
+    """Without trl, or with a trl that cannot be imported here, grpo-logits runs the PyTorch twin and notes it."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "trl", None)
+    fn = st.build_grpo_logits(CPU)
+    assert fn.note == "trl not installed: the plain PyTorch twin of TRL's helper ran"
+    broken = types.ModuleType("trl")  # installed, but its helper is missing (a version this bench does not know)
+    broken.__version__ = "0.0"
+    for name in ("trl", "trl.trainer", "trl.trainer.utils"):
+        monkeypatch.setitem(sys.modules, name, broken if name == "trl" else types.ModuleType(name))
+    fn = st.build_grpo_logits(CPU)
+    assert fn.note.startswith("trl not importable (ImportError: cannot import name 'selective_log_softmax'")

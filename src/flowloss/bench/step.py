@@ -141,8 +141,12 @@ def _trl_selective(device: torch.device) -> tuple[Callable, str]:
     try:
         import trl
         from trl.trainer.utils import selective_log_softmax
-    except ImportError as err:
-        return plain_selective_log_softmax, f"trl not installed ({type(err).__name__}): plain PyTorch twin of TRL's"
+    except ModuleNotFoundError as err:
+        if err.name not in ("trl", "trl.trainer", "trl.trainer.utils"):
+            return plain_selective_log_softmax, f"trl not importable ({_short(err)}): its plain PyTorch twin ran"
+        return plain_selective_log_softmax, "trl not installed: the plain PyTorch twin of TRL's helper ran"
+    except Exception as err:  # an installed trl that cannot import here (a missing or mismatched dependency)
+        return plain_selective_log_softmax, f"trl not importable ({_short(err)}): its plain PyTorch twin ran"
     import inspect
 
     if "temperature" in inspect.signature(selective_log_softmax).parameters:
