@@ -12,7 +12,7 @@ export HYPOTHESIS_PROFILE ?= ci
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(PIP_C) -e ".[test,cli]"
+	$(BIN)/python -m pip install --quiet $(PIP_C) -e ".[test,cli,step]"
 	touch $@
 
 setup: $(BIN)/.installed

@@ -22,6 +22,9 @@ TRANSFORMERS_VERSION=5.15.0
 RAY_VERSION=2.55.0
 
 test -x "$VENV/bin/python" || python3 -m venv "$VENV"
+# .ci/constraints.txt pins transformers for the main venv; this framework needs its own: drop that one line.
+grep -v '^transformers==' "$CONSTRAINTS" > "$VENV/constraints.txt"
+CONSTRAINTS="$VENV/constraints.txt"
 PIP=("$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS")
 "$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
 "${PIP[@]}" torch==2.13.0

@@ -8,6 +8,9 @@ CONSTRAINTS="${2:?usage: install-trl.sh <venv dir> <constraints file>}"
 PYTHON="${PYTHON:-python3}"
 
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
+# .ci/constraints.txt pins transformers for the main venv; this framework needs its own: drop that one line.
+grep -v '^transformers==' "$CONSTRAINTS" > "$VENV/constraints.txt"
+CONSTRAINTS="$VENV/constraints.txt"
 PIP=("$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS")
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # The CPU build of torch first (pinned by the constraints), so nothing below can pull a CUDA build.

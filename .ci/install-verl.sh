@@ -9,6 +9,9 @@ CONSTRAINTS="${2:?usage: install-verl.sh <venv-dir> <constraints-file>}"
 VERL_VERSION="${VERL_VERSION:-0.9.1}"
 
 test -x "$VENV/bin/python" || python3 -m venv "$VENV"
+# .ci/constraints.txt pins transformers for the main venv; this framework needs its own: drop that one line.
+grep -v '^transformers==' "$CONSTRAINTS" > "$VENV/constraints.txt"
+CONSTRAINTS="$VENV/constraints.txt"
 PIP=("$VENV/bin/python" -m pip install --quiet --progress-bar off -c "$CONSTRAINTS")
 
 "$VENV/bin/python" -m pip install --quiet --progress-bar off --upgrade pip

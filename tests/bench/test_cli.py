@@ -5,6 +5,7 @@ No timing is asserted: only that every figure is present, finite where it must b
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -244,3 +245,33 @@ def test_impl_subset_leaves_out_ops_without_a_chosen_implementation(tmp_path):
     assert [c["op"] for c in cases] == ["fused_linear", "loss"]
     assert [r["impl"] for r in cases[0]["results"]] == ["flowloss-fused"]
     assert "fraction_of_logprobs_fwdbwd" not in cases[1]["results"][0]  # no log-prob op to compare with
+
+
+def test_step_without_transformers_names_the_extra_and_other_ops_still_run(tmp_path, monkeypatch, capsys):
+    """--op step needs the `step` extra: without transformers it stops with exit 2 and says what to install;
+    the other ops do not import transformers and keep working."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    assert main(["bench", "--op", "step", "--no-progress"]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # rich may wrap the line
+    assert "--op step needs transformers: pip install -e '.[step]'" in err
+    json_path = tmp_path / "out.json"
+    assert main([*TINY, "--op", "logprobs", "loss", "--impl", "naive", "--json", str(json_path)]) == 0
+    assert [c["op"] for c in json.loads(json_path.read_text())["cases"]] == ["logprobs", "loss"]
+
+
+def test_step_is_not_in_the_default_ops_and_its_options_are_checked(capsys):
+    from flowloss.bench.config import BenchConfig
+
+    assert "step" not in BenchConfig().resolved().ops
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--op", "step", "--preset", "llama-70b"])
+    assert exc.value.code == 2 and "argument --preset: invalid choice: 'llama-70b'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--op", "step", "--seq-len", "0"])
+    assert "argument --seq-len: must be an integer >= 1, got 0" in capsys.readouterr().err
+    if importlib.util.find_spec("transformers") is None:
+        return  # the message above comes first
+    assert main(["bench", "--op", "step", "--sequences", "6", "--group-size", "4"]) == 2
+    assert "--sequences (6) must be a multiple of --group-size (4)" in capsys.readouterr().err
+    assert main(["bench", "--op", "step", "--seq-len", "1"]) == 2
+    assert "--seq-len must be an integer >= 2, got 1" in capsys.readouterr().err

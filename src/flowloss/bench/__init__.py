@@ -1,4 +1,5 @@
-"""``flowloss bench``: microbenchmarks of the log-prob ops and the trajectory-balance loss.
+"""``flowloss bench``: microbenchmarks of the log-prob ops and the trajectory-balance loss, and (``--op step``) one
+whole RL update of a transformer per loss path.
 
 One module per job:
 
@@ -10,6 +11,8 @@ One module per job:
   counters read through the PyTorch profiler);
 - `flowloss.bench.reference` - the float64 reference (vectorized in row chunks) behind the error columns;
 - `flowloss.bench.runner` - builds the inputs of each case and measures every implementation;
+- `flowloss.bench.step_model` - ``--op step``'s model (a ``transformers`` Qwen2 from a config, random weights)
+  and its GRPO-style group batch; `flowloss.bench.step` - the update's paths, checks and measurements;
 - `flowloss.bench.report` - the rich table and the JSON file; `flowloss.bench.plot` - the PNG;
 - `flowloss.bench.cli` - the ``bench`` subcommand.
 """

@@ -8,12 +8,18 @@ from flowloss.bench.config import (
     CPU_DEFAULTS,
     CUDA_DEFAULTS,
     DEFAULT_MASK_FRACTION,
+    DEFAULT_OPS,
     DEFAULT_TEMPERATURE,
     DEVICES,
     DTYPES,
     OPS,
+    STEP_CPU_DEFAULTS,
+    STEP_CUDA_DEFAULTS,
+    STEP_GROUP_SIZE,
+    STEP_SEQUENCES,
 )
 from flowloss.bench.impls import IMPL_NAMES, IMPLS
+from flowloss.bench.step_model import PRESETS
 
 
 def _positive_int(text: str) -> int:
@@ -42,6 +48,13 @@ def _defaults(d: dict) -> str:
     )
 
 
+def _step_defaults(d: dict) -> str:
+    return (
+        f"--preset {d['preset']}, {STEP_SEQUENCES} sequences in groups of {STEP_GROUP_SIZE} x {d['seq_len']} "
+        f"positions, {d['dtypes'][0]}, {d['warmup']} warm-up + {d['reps']} timed steps"
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to the ``flowloss`` parser (``set_defaults(run=run)``)."""
     impl_help = "; ".join(f"{i.name} ({i.op}): {i.source}" for i in IMPLS)
@@ -52,11 +65,16 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Time (median, p20-p80), peak extra memory, effective bandwidth and float64-reference error of "
             "per-token log-prob implementations (logits -> log-probs, and hidden states -> log-probs through the "
             "lm_head), plus the trajectory-balance loss, with T=0.7, ~20% masked rows and a random upstream "
-            f"gradient. Defaults: CPU {_defaults(CPU_DEFAULTS)}; CUDA {_defaults(CUDA_DEFAULTS)}."
+            f"gradient. Defaults: CPU {_defaults(CPU_DEFAULTS)}; CUDA {_defaults(CUDA_DEFAULTS)}. "
+            "--op step (not in the default run; needs the step extra: pip install -e '.[step]') times one whole RL "
+            "update of a "
+            "transformer built from a config with random weights, per loss path, next to the backbone's own cost: "
+            f"CPU {_step_defaults(STEP_CPU_DEFAULTS)}; CUDA {_step_defaults(STEP_CUDA_DEFAULTS)}."
         ),
         epilog=f"Implementations: {impl_help}.",
     )
-    parser.add_argument("--op", nargs="+", choices=OPS, default=list(OPS), help="ops to measure (default: all)")
+    default_ops = " ".join(DEFAULT_OPS)
+    parser.add_argument("--op", nargs="+", choices=OPS, default=list(DEFAULT_OPS), help=f"default: {default_ops}")
     parser.add_argument("--n", nargs="+", type=_positive_int, metavar="N", help="token counts N (rows)")
     parser.add_argument("--v", nargs="+", type=_positive_int, metavar="V", help="vocabulary sizes V")
     parser.add_argument("--h", nargs="+", type=_positive_int, metavar="H", help="hidden sizes H (fused_linear)")
@@ -69,6 +87,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--mask-fraction", type=float, default=DEFAULT_MASK_FRACTION, help="fraction of rows masked (ignored)"
     )
+    step = parser.add_argument_group("--op step (one RL update of a transformer)")
+    step.add_argument("--preset", choices=tuple(PRESETS), help="model shape (CPU: tiny; CUDA: qwen2-0.5b)")
+    step.add_argument("--sequences", type=_positive_int, metavar="B", help=f"sequences per step ({STEP_SEQUENCES})")
+    step.add_argument("--group-size", type=_positive_int, metavar="G", help=f"responses per prompt ({STEP_GROUP_SIZE})")
+    step.add_argument("--seq-len", type=_positive_int, metavar="L", help="positions per sequence (CPU 128, CUDA 2048)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -95,6 +118,10 @@ def config_from_args(args: argparse.Namespace):
         mask_fraction=args.mask_fraction,
         seed=args.seed,
         measure_memory=not args.no_memory,
+        preset=args.preset,
+        sequences=args.sequences,
+        group_size=args.group_size,
+        seq_len=args.seq_len,
     )
 
 

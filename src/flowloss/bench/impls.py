@@ -7,6 +7,8 @@ into this repository), and adapted to one signature:
 - op ``fused_linear``: ``fn(hidden [N, H], weight [V, H], case) -> logp [N]``;
 - op ``loss``: ``fn(logprobs, ref_logprobs, rewards, log_z, mask, old_logprobs) -> loss`` (the PyTorch path of
   ``trajectory_balance_loss``, entry ``flowloss``, always runs beside these);
+- op ``step``: ``fn(models, batch, settings) -> PathOutput``, one RL update's forward and loss
+  (`flowloss.bench.step`; the paths live there, transformers is imported only when one is built);
 
 (a callable may carry a ``note`` attribute, copied into the results, e.g. how a helper had to be loaded)
 
@@ -315,6 +317,32 @@ def _build_flash_attn(device: torch.device) -> Fn:
     return fn
 
 
+def _build_step(name: str) -> Callable[[torch.device], Fn]:
+    def build(device: torch.device) -> Fn:
+        from flowloss.bench import step
+
+        builders = {
+            "grpo-logits": step.build_grpo_logits,
+            "flowloss-logits": lambda d: step.flowloss_logits,
+            "flowloss-hidden": lambda d: step.flowloss_hidden,
+            "liger-grpo": step.build_liger_grpo,
+        }
+        return builders[name](device)
+
+    return build
+
+
+def _liger_grpo_skip(device: torch.device) -> str | None:
+    reason = _missing("liger_kernel")
+    if reason:
+        return reason
+    try:
+        importlib.import_module("liger_kernel.chunked_loss")
+    except Exception as err:
+        return f"liger_kernel.chunked_loss not importable ({type(err).__name__}: {err})"
+    return None
+
+
 IMPLS: tuple[Impl, ...] = (
     Impl("naive", "logprobs", "torch.log_softmax(logits.float() / T).gather", _never, lambda d: naive_logprobs),
     Impl(
@@ -395,6 +423,34 @@ IMPLS: tuple[Impl, ...] = (
         "flowloss.ops.fused_tb.fused_tb_sequence_terms + reduce_per_sequence (2 Triton launches + 4 ops)",
         _fused_loss_skip,
         _build_fused_loss,
+    ),
+    Impl(
+        "grpo-logits",
+        "step",
+        "model(..., logits_to_keep) logits -> trl selective_log_softmax (plain PyTorch without trl) -> GRPO loss",
+        _never,
+        _build_step("grpo-logits"),
+    ),
+    Impl(
+        "flowloss-logits",
+        "step",
+        "model(..., logits_to_keep) logits -> flowloss.token_logprobs -> flowloss.trajectory_balance_loss",
+        _never,
+        _build_step("flowloss-logits"),
+    ),
+    Impl(
+        "flowloss-hidden",
+        "step",
+        "model.model(...) hidden states -> flowloss.token_logprobs_from_hidden -> flowloss.trajectory_balance_loss",
+        _never,
+        _build_step("flowloss-hidden"),
+    ),
+    Impl(
+        "liger-grpo",
+        "step",
+        "liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss on hidden states and lm_head.weight",
+        _liger_grpo_skip,
+        _build_step("liger-grpo"),
     ),
 )
 

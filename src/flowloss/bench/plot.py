@@ -4,6 +4,10 @@ Linear axes from zero, every value printed on its bar, memory against a "1x logi
 that states the result; sized for the docs' text column (720 px wide). matplotlib comes with the ``cli`` extra
 (``pip install -e ".[cli]"``); without it `write_plot` raises ``ImportError`` saying so.
 
+A ``step`` case (one whole RL update per loss path) shows each path's step time split into the backbone's share
+(the ``model`` row's median, hatched) and the loss path's (the rest), and its peak memory in MiB above the step's
+baseline (weights, gradients, AdamW states).
+
 ``python -m flowloss.bench.plot RUN.json OUT.png`` redraws the plot of a saved ``--json`` run.
 """
 
@@ -33,6 +37,8 @@ def _require_matplotlib():
 
 
 def _label(case: dict[str, Any]) -> str:
+    if case["op"] == "step":
+        return f"step  {case['preset']} B={case['sequences']} L={case['seq_len']} {case['dtype']} {case['device']}"
     shape = f"N={case['n']} V={case['v']}" + (f" H={case['h']}" if "h" in case else "")
     return f"{case['op']}  {shape} {case['dtype']} {case['device']}"
 
@@ -41,9 +47,25 @@ def _color(impl: str) -> str:
     return FLOWLOSS if impl.startswith("flowloss") else NAIVE if impl == "naive" else OTHER
 
 
+def _step_headline(case: dict[str, Any]) -> str | None:
+    ran = {r["impl"]: r for r in case["results"] if r["status"] == "ok"}
+    ours = [r for name, r in ran.items() if name.startswith("flowloss")]
+    if "grpo-logits" not in ran or not ours:
+        return None
+    base = ran["grpo-logits"]
+    best = min(ours, key=lambda r: r["step_ms"]["median"])
+    text = f"{best['impl']}: {base['step_ms']['median'] / best['step_ms']['median']:.2f}x the GRPO path's speed"
+    if best.get("peak_mem_fwdbwd_bytes") and base.get("peak_mem_fwdbwd_bytes"):
+        text += f", {best['peak_mem_fwdbwd_bytes'] / base['peak_mem_fwdbwd_bytes']:.2f}x its peak memory"
+    return text + f"\n{_label(case)}, one update"
+
+
 def _headline(cases: list[dict[str, Any]]) -> str:
-    """The takeaway of the first log-prob case where a flowloss implementation and naive both ran."""
+    """The takeaway of the first log-prob case where a flowloss implementation and naive both ran (or of the
+    first step case, when there is no log-prob case)."""
     for case in cases:
+        if case["op"] == "step":
+            continue
         ran = {r["impl"]: r for r in case["results"] if r["status"] == "ok"}
         ours = [r for name, r in ran.items() if name.startswith("flowloss")]
         if "naive" not in ran or not ours:
@@ -56,7 +78,46 @@ def _headline(cases: list[dict[str, Any]]) -> str:
                 f"(naive: {naive['mem_fwdbwd_vs_logits']:.2f}x)"
             )
         return text + f"\n{_label(case)}, forward + backward"
+    for case in cases:
+        if case["op"] == "step" and (line := _step_headline(case)):
+            return line
     return "forward + backward time and peak extra memory per implementation"
+
+
+def _step_row(ax_t, ax_m, case: dict[str, Any]) -> None:
+    """A step case: time split into backbone (hatched) and loss path; peak MiB above the step's baseline."""
+    ran = [r for r in case["results"] if r["status"] == "ok" and r.get("step_ms")]
+    names = [r["impl"] for r in ran]
+    ys = range(len(ran))
+    colors = [_color(n) for n in names]
+    med = [r["step_ms"]["median"] for r in ran]
+    model_ms = next((r["step_ms"]["median"] for r in ran if r["impl"] == "model"), None)
+    err = [[m - r["step_ms"]["p20"] for m, r in zip(med, ran)], [r["step_ms"]["p80"] - m for m, r in zip(med, ran)]]
+    base = [min(model_ms, m) if model_ms is not None and n != "model" else 0.0 for n, m in zip(names, med)]
+    ax_t.barh(ys, base, color=colors, alpha=0.35, hatch="//", edgecolor=colors)
+    ax_t.barh(ys, [m - b for m, b in zip(med, base)], left=base, color=colors, xerr=err,
+              error_kw={"elinewidth": 0.8, "capsize": 2})
+    for y, m, r in zip(ys, med, ran):
+        text = f"{m:.3g}"
+        if r.get("loss_path_ms") is not None:
+            text += f" (loss path {r['loss_path_ms']:.3g})"
+        ax_t.annotate(text, (r["step_ms"]["p80"], y), xytext=(4, 0), textcoords="offset points", va="center",
+                      fontsize=8.5)
+    ax_t.set_xlim(0, 1.6 * max(r["step_ms"]["p80"] for r in ran))
+    ax_t.set_yticks(list(ys), names)
+    ax_t.invert_yaxis()
+    ax_t.set_title(f"{_label(case)}\none update, ms (hatched: the backbone alone)", loc="left")
+    mem = [r.get("peak_mem_fwdbwd_bytes") for r in ran]
+    if any(x is not None for x in mem):
+        vals = [0.0 if x is None else x / 2**20 for x in mem]
+        ax_m.barh(ys, vals, color=colors)
+        for y, x in zip(ys, mem):
+            ax_m.annotate("not measured" if x is None else f"{x / 2**20:.4g}", (0 if x is None else x / 2**20, y),
+                          xytext=(4, 0), textcoords="offset points", va="center", fontsize=8.5)
+        ax_m.set_xlim(0, 1.4 * max(1.0, *vals))
+        ax_m.set_ylim(len(ran) - 0.5, -0.5)
+    ax_m.set_yticks(list(ys), [""] * len(ran))
+    ax_m.set_title("\npeak MiB above weights, grads, AdamW", loc="left")
 
 
 def _loss_line(report: dict[str, Any]) -> str:
@@ -84,6 +145,9 @@ def write_plot(report: dict[str, Any], path: str) -> None:
             gridspec_kw={"height_ratios": heights},
         )
         for (ax_t, ax_m), case in zip(axes, cases):
+            if case["op"] == "step":
+                _step_row(ax_t, ax_m, case)
+                continue
             ran = [r for r in case["results"] if r["status"] == "ok"]
             names = [r["impl"] for r in ran]
             ys = range(len(ran))

@@ -79,6 +79,25 @@ def _worse(a: float | None, b: float) -> float:
     return a if a != a else max(a, b)
 
 
+def fused_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, *, temperature: float
+) -> torch.Tensor:
+    """float64 ``logp [...]`` of ``log_softmax(hidden @ weight^T / T)[labels]``, 0 where not ``keep``, for
+    ``hidden [..., H]`` (labels and keep shaped like its leading dims); forward only, in row blocks."""
+    h2 = hidden.detach().reshape(-1, hidden.shape[-1])
+    safe = torch.where(keep, labels, torch.zeros_like(labels)).reshape(-1).long()
+    kept = keep.reshape(-1)
+    w = weight.detach().to(F64)
+    logp = torch.zeros(h2.shape[0], dtype=F64, device=hidden.device)
+    step = _block_rows(w.shape[0])
+    for start in range(0, h2.shape[0], step):
+        rows = slice(start, min(start + step, h2.shape[0]))
+        z = h2[rows].to(F64) @ w.T
+        lp = torch.log_softmax(z / temperature, dim=-1).gather(-1, safe[rows, None]).squeeze(-1)
+        logp[rows] = torch.where(kept[rows], lp, torch.zeros_like(lp))
+    return logp.reshape(labels.shape)
+
+
 def fused_logprobs_and_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,

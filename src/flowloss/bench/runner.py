@@ -15,6 +15,9 @@ forward + backward timed (training), and the peak extra memory of each. Derived 
 - ``speedup`` is the naive implementation's median over this one's;
 - the loss (``trajectory_balance_loss`` with importance weights from ``old_logprobs``, ``[B, T]`` with
   ``B T = N``) is reported as a fraction of the log-prob op's forward + backward time at the same ``N``.
+
+``--op step`` (a whole RL update of a transformer per loss path) is built and measured by `flowloss.bench.step`,
+once per dtype, after the other ops.
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ def count_units(config: BenchConfig) -> int:
                 total += len(config.v) * len(config.h) * len(impls_for("fused_linear", config.impls))
         if "loss" in config.ops:
             total += 1
+    step_impls = impls_for("step", config.impls)
+    if "step" in config.ops and step_impls:
+        device = torch.device(config.device)
+        runs = 1 + sum(1 for i in step_impls if not i.skip_reason(device))  # the model row and each path that runs
+        fit = device.type == "cuda" and config.measure_memory
+        # build; the check of each; the memory and warm-up of each; the rounds of timed steps; (CUDA) the batch searches
+        total += len(config.step_dtypes) * (1 + 2 * runs + config.step_reps + (runs if fit else 0))
     return total
 
 
@@ -484,4 +494,31 @@ def run_suite(config: BenchConfig, progress: Progress | None = None) -> list[dic
                         cases.append(_fused_case(n, vocab, hid, dtype_key, config, device, gen, progress))
         if loss_case is not None and not related:
             cases.append(loss_case)
+    if "step" in ops:
+        from flowloss.bench.step import step_case
+        from flowloss.bench.step_model import PRESETS, split_length, state_bytes
+
+        for dtype_key in config.step_dtypes:
+            # the models and their optimizer states must fit; on CPU also the logits paths' fp32 working set
+            # (logits, their gradient and a temporary), since the kernel's OOM killer would end the whole run
+            logits = config.sequences * (split_length(config.seq_len)[1] + 1) * PRESETS[config.preset]["vocab_size"]
+            skip = _case_skip(state_bytes(config.preset, DTYPES[dtype_key]), device, naive_extra=3 * 4 * logits)
+            cases.append(
+                step_case(
+                    impls_for("step", config.impls),
+                    skip_reason=skip,
+                    preset=config.preset,
+                    dtype_key=dtype_key,
+                    sequences=config.sequences,
+                    group_size=config.group_size,
+                    seq_len=config.seq_len,
+                    device=device,
+                    warmup=config.step_warmup,
+                    reps=config.step_reps,
+                    temperature=config.temperature,
+                    seed=config.seed,
+                    measure_memory=config.measure_memory,
+                    progress=progress,
+                )
+            )
     return cases
