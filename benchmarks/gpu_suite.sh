@@ -1,25 +1,24 @@
 #!/usr/bin/env bash
-# The H100 suite of kernel-notes "How the best measure": N in {4k, 16k, 32k} x V in {32000, 128256, 151936, 262144},
-# bf16 and fp32, T = 0.7, 20 % masked rows, random upstream gradient; then the fused lm_head op at H = 4096.
-# Shapes that do not fit the GPU's free memory are listed as skipped with the bytes they need.
-# Then one whole RL update of a Qwen2-0.5B-shaped model per loss path (--op step; needs the `step` extra).
-# Usage (from the repository root, with a CUDA build of torch in .venv, e.g. `make setup CONSTRAINTS=`):
-#   bash benchmarks/gpu_suite.sh            # writes benchmarks/results/gpu-*.json / .csv / .png
+# The GPU suite of the log-prob op and the loss (written for an H200, about 6 minutes; not yet run on one):
+#  1. the log-prob op at N in {4096, 16384} x V in {32000, 151936, 262144}, bf16 and fp32, T = 0.7, 20 % masked
+#     rows, random upstream gradient: naive, torch.compile, flowloss-triton and Liger (when installed) side by
+#     side; GB/s and % of a copy counted on the bytes the op must move (results/<gpu>-logprobs.csv);
+#  2. the issue's headline run: N = 16384, V = 151936, bf16 and fp32, with its JSON and plot;
+#  3. the loss at B = 16 x T = 1024, the PyTorch path beside the fused Triton loss (flowloss-fused-loss).
+# The fused lm_head op and one whole RL update have their own scripts: fused_linear_gpu.sh and step_gpu.sh.
+# Usage (repository root): bash benchmarks/gpu_suite.sh   with PY a Python whose torch is a CUDA build
+# (default .venv/bin/python, e.g. after `make setup CONSTRAINTS=`; on a bare machine PY=python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${BIN:-.venv/bin}
-OUT=benchmarks/results
+PY=${PY:-.venv/bin/python}
+OUT=${OUT_DIR:-benchmarks/results}
 mkdir -p "$OUT"
-NAME=${NAME:-gpu-$("$BIN/python" -c 'import torch; print(torch.cuda.get_device_name().split()[-1].lower())')}
+NAME=${NAME:-gpu-$("$PY" -c 'import torch; print(torch.cuda.get_device_name().split()[-1].lower())')}
+IMPLS=(naive compile flowloss-triton liger)
 
-# log-prob op and loss, all shapes: one CSV row per (N, V, dtype, implementation)
-"$BIN/python" benchmarks/sweep_vocab.py --device cuda --n 4096 16384 32768 --v 32000 128256 151936 262144 \
-    --dtype bf16 fp32 --name "$NAME-logprobs"
-
-# the default GPU run (log-prob op, loss and fused lm_head at N = 16384, V in {32000, 151936}, H = 4096) with a plot
-"$BIN/flowloss" bench --device cuda --json "$OUT/$NAME-default.json" --plot "$OUT/$NAME-default.png"
-
-# one whole RL update per loss path (--op step): Qwen2-0.5B shapes, random weights, bf16, 8 x 2,048 tokens (2 prompts x
-# 4 responses) and each path's largest batch; TRL's and Liger's rows run when trl / liger-kernel are in $BIN's venv
-"$BIN/flowloss" bench --device cuda --op step --preset qwen2-0.5b --sequences 8 --group-size 4 --seq-len 2048 \
-    --json "$OUT/$NAME-step-qwen2-0.5b.json" --plot "$OUT/$NAME-step-qwen2-0.5b.png"
+"$PY" benchmarks/sweep_vocab.py --device cuda --n 4096 16384 --v 32000 151936 262144 --dtype bf16 fp32 \
+    --impl "${IMPLS[@]}" --name "$NAME-logprobs"
+"$PY" -m flowloss bench --device cuda --op logprobs --n 16384 --v 151936 --dtype bf16 fp32 --impl "${IMPLS[@]}" \
+    --no-progress --json "$OUT/$NAME-logprobs-16k.json" --plot "$OUT/$NAME-logprobs-16k.png"
+"$PY" -m flowloss bench --device cuda --op loss --n 16384 --dtype fp32 --no-progress \
+    --json "$OUT/$NAME-loss.json"
