@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -179,6 +180,10 @@ class AdapterConfig:
     """
 
     EXTRAS: ClassVar[dict[str, Extra]] = {}
+    # 0.1 names of this framework's config: ``{old: new}`` (accepted with a DeprecationWarning), and names that
+    # no longer exist, ``{old: why}`` (refused with that reason).
+    RENAMED: ClassVar[dict[str, str]] = {}
+    REMOVED: ClassVar[dict[str, str]] = {}
 
     loss: FlowRLOptions
     log_z_head: LogZHeadOptions
@@ -189,6 +194,15 @@ class AdapterConfig:
         log_z_head: LogZHeadOptions | Mapping[str, Any] | None = None,
         **flat: Any,
     ) -> None:
+        for old, why in self.REMOVED.items():
+            if old in flat:
+                raise TypeError(f"`{old}` is no longer a {type(self).__name__} option: {why}")
+        for old, new in self.RENAMED.items():
+            if old in flat:
+                warnings.warn(f"`{old}` is deprecated: use `{new}`", DeprecationWarning, stacklevel=3)
+                if new in flat:
+                    raise TypeError(f"both `{old}` and its new name `{new}` were given")
+                flat[new] = flat.pop(old)
         known = self.flat_names()
         unknown = sorted(set(flat) - set(known))
         if unknown:

@@ -99,6 +99,10 @@ class FlowRLConfig(AdapterConfig):
                                "Experience.rewards as given", ("advantages", "rewards")),
         "kl_loss": Extra(False, "keep OpenRLHF's --algo.kl.use_loss KL term in the loss (false)"),
     }
+    RENAMED: ClassVar[dict[str, str]] = {"drop_last_prompt_token": "log_z_drop_last_prompt_token"}
+    REMOVED: ClassVar[dict[str, str]] = {
+        "head_name": "the head is always the HF model's `flowrl_log_z_head` submodule (one name in every adapter)"
+    }
     rollout_tis: bool
     reward_source: RewardSource
     kl_loss: bool

@@ -95,6 +95,10 @@ class FlowRLConfig(AdapterConfig):
                        ("head", "vargrad")),
         "rollout_tis": Extra(False, "truncated IS against data['rollout_log_probs'] (false)"),
     }
+    RENAMED: ClassVar[dict[str, str]] = {
+        "use_rollout_log_probs": "rollout_tis",
+        "drop_last_prompt_token": "log_z_drop_last_prompt_token",
+    }
     log_z: LogZSource
     rollout_tis: bool
 

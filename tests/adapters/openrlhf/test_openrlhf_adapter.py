@@ -502,3 +502,13 @@ def test_entropy_bonus_is_refused(adapter, example):
         adapter.enable_flowrl(trainer)
     trainer.args.actor.entropy_coef = 0.0
     adapter.enable_flowrl(trainer)
+
+
+def test_config_keys_of_0_1_are_translated_or_refused_clearly(adapter):
+    """0.1 took `drop_last_prompt_token` (now `log_z_drop_last_prompt_token`, accepted with a warning) and
+    `head_name` (gone: the head has one name in every adapter; refused with the reason)."""
+    with pytest.warns(DeprecationWarning, match="use `log_z_drop_last_prompt_token`"):
+        old = adapter.FlowRLConfig.from_any({"drop_last_prompt_token": True})
+    assert old == adapter.FlowRLConfig(log_z_drop_last_prompt_token=True)
+    with pytest.raises(TypeError, match=r"`head_name` is no longer.*flowrl_log_z_head"):
+        adapter.FlowRLConfig(head_name="my_head")

@@ -280,3 +280,15 @@ def test_kl_loss_uses_loss_scale_factor_like_ppo_loss():
                         dp_size=1, global_batch_size=6, loss_scale_factor=64)
     assert mask.shape[-1] != 64
     assert abs(float(metrics["kl_loss"].aggregate()) - float(expected)) <= 1e-6 * max(1.0, abs(float(expected)))
+
+
+def test_config_keys_of_0_1_still_work_with_a_deprecation_warning():
+    """0.1's verl config said `use_rollout_log_probs` / `drop_last_prompt_token`; one name per concept now, the
+    old keys translated (a compatible path) with a warning."""
+    with pytest.warns(DeprecationWarning, match="use `rollout_tis`"):
+        old = fv.FlowRLConfig.from_any({"use_rollout_log_probs": True, "drop_last_prompt_token": True})
+    assert old == fv.FlowRLConfig(rollout_tis=True, log_z_drop_last_prompt_token=True)
+    with pytest.raises(TypeError, match="both `use_rollout_log_probs` and its new name"), pytest.warns(
+        DeprecationWarning
+    ):
+        fv.FlowRLConfig(use_rollout_log_probs=True, rollout_tis=False)
