@@ -309,6 +309,23 @@ def _copy_peft_adapter_as_reference(model: nn.Module) -> None:
             model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
 
 
+def _reload_top_level_adapter(model: nn.Module, checkpoint_dir: str) -> None:
+    """Load a PEFT checkpoint's top-level adapter into ``model``'s active adapter when sub-folders hold others.
+
+    A run that starts from a trained adapter saves it at the top level and its frozen ``"ref"`` copy in
+    ``ref/``; transformers' ``Trainer._load_from_checkpoint`` then loads only the sub-folder adapters, and a
+    resumed run would silently go on from the adapter the new trainer was built with.
+    """
+    if not _is_peft_model(model) or not os.path.isdir(checkpoint_dir):
+        return
+    names = ("adapter_model.safetensors", "adapter_model.bin")
+    top = any(os.path.isfile(os.path.join(checkpoint_dir, n)) for n in names)
+    subfolders = any(os.path.isfile(os.path.join(checkpoint_dir, d, n)) for d in os.listdir(checkpoint_dir)
+                     for n in names)
+    if top and subfolders:
+        model.load_adapter(checkpoint_dir, model.active_adapter, is_trainable=True)
+
+
 @contextlib.contextmanager
 def _reference_policy(trainer: FlowRLTrainer, model: Any, ref_model: nn.Module | str | None) -> Iterator[None]:
     """While TRL's ``__init__`` runs, hand it our reference instead of a model reloaded from the policy's path.
@@ -511,6 +528,7 @@ class FlowRLTrainer(GRPOTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        _reload_top_level_adapter(model if model is not None else self.model, resume_from_checkpoint)
         if not load_log_z_head(self.log_z_head, resume_from_checkpoint):
             warnings.warn(
                 f"{resume_from_checkpoint} has no {LOG_Z_HEAD_FILE}: the log-Z head starts fresh",
