@@ -225,7 +225,3 @@ def check_finite_where(mask: torch.Tensor, tensors: Sequence[tuple[str, torch.Te
     ]
     check_finite_values(checks)
 
-
-def require_positive(name: str, value: object, *, allow_zero: bool = False) -> float:
-    """A number ``> 0`` (``>= 0`` with ``allow_zero``)."""
-    return as_number(name, value, low=0.0, low_inclusive=allow_zero)

@@ -232,14 +232,33 @@ def _base_stats(
         stats["token_clip_frac"] = (m & ~terms.kept).sum() / m.sum().clamp_min(1)
     iw = terms.iw
     if iw is not None:
-        log_cap = math.log(torch.finfo(dtype).max) - 1.0  # exp() of the unclipped log-weight stays finite
-        stats["log_weight_unclipped_mean"] = _mean_over(iw.log_weights_unclipped, rows)
-        stats["weight_unclipped_mean"] = _mean_over(iw.log_weights_unclipped.clamp_max(log_cap).exp(), rows)
-        stats["weight_mean"] = _mean_over(iw.weights, rows)
-        stats["clip_frac_low"] = _mean_over(iw.clipped_low.to(dtype), rows)
-        stats["clip_frac_high"] = _mean_over(iw.clipped_high.to(dtype), rows)
-        stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
+        stats.update(_weight_stats(iw.log_weights_unclipped, iw.weights, iw.clipped_low, iw.clipped_high, rows))
     return stats
+
+
+def _weight_stats(log_w_unclipped, weights, clipped_low, clipped_high, rows) -> dict[str, torch.Tensor]:
+    """The authors' importance-weight diagnostics, means over ``rows`` (both loss paths report these)."""
+    dtype = weights.dtype
+    log_cap = math.log(torch.finfo(dtype).max) - 1.0  # exp() of the unclipped log-weight stays finite
+    low, high = _mean_over(clipped_low.to(dtype), rows), _mean_over(clipped_high.to(dtype), rows)
+    return {
+        "log_weight_unclipped_mean": _mean_over(log_w_unclipped, rows),
+        "weight_unclipped_mean": _mean_over(log_w_unclipped.clamp_max(log_cap).exp(), rows),
+        "weight_mean": _mean_over(weights, rows),
+        "clip_frac_low": low,
+        "clip_frac_high": high,
+        "clip_frac": low + high,
+    }
+
+
+def _residual_stats(log_z, delta, per_sequence, loss, reduction, rows) -> dict[str, torch.Tensor]:
+    """log Z, the residual and the loss as diagnostics (both TB loss paths report these)."""
+    return {
+        "log_z_mean": _mean_over(as_dtype(log_z, delta.dtype), rows),
+        "residual_mean": _mean_over(delta, rows),
+        "residual_abs_mean": _mean_over(delta.abs(), rows),
+        "loss": loss.detach() if reduction != "none" else _mean_over(per_sequence, rows),
+    }
 
 
 def _as_sequence_vector(name: str, t: object, batch: int) -> torch.Tensor:
@@ -384,10 +403,7 @@ def trajectory_balance_loss(
         return loss
     stats = _base_stats(terms, logprobs, ref_logprobs, m, opts.length_normalization)
     rows = terms.contributes
-    stats["log_z_mean"] = _mean_over(log_z_vec.to(dtype), rows)
-    stats["residual_mean"] = _mean_over(delta, rows)
-    stats["residual_abs_mean"] = _mean_over(delta.abs(), rows)
-    stats["loss"] = loss.detach() if opts.reduction != "none" else _mean_over(per_sequence, rows)
+    stats.update(_residual_stats(log_z_vec, delta, per_sequence, loss, opts.reduction, rows))
     return loss, stats
 
 
@@ -397,17 +413,11 @@ FUSED_LOSS = True
 
 
 def _fused_path(*tensors: torch.Tensor | None) -> bool:
-    if not FUSED_LOSS or not (tensors[0].is_cuda or _interpreting()):
+    if not FUSED_LOSS:
         return False
-    from flowloss.ops.fused_tb import fused_tb_supported
+    from flowloss.ops.fused_tb import fused_tb_supported  # checks the device first; imports triton only then
 
     return fused_tb_supported(*tensors)
-
-
-def _interpreting() -> bool:
-    from flowloss.ops.dispatch import interpreter_on
-
-    return interpreter_on()
 
 
 def _fused_trajectory_balance(logprobs, ref_logprobs, rewards, log_z, m, old, rollout, opts, mode, norm,
@@ -435,17 +445,8 @@ def _fused_trajectory_balance(logprobs, ref_logprobs, rewards, log_z, m, old, ro
     if opts.token_clip_mask:
         stats["token_clip_frac"] = (t.mask_lengths - t.lengths).sum() / t.mask_lengths.sum().clamp_min(1)
     if old is not None:
-        log_cap = math.log(torch.finfo(torch.float32).max) - 1.0
-        stats["log_weight_unclipped_mean"] = _mean_over(t.log_weights_unclipped, rows)
-        stats["weight_unclipped_mean"] = _mean_over(t.log_weights_unclipped.clamp_max(log_cap).exp(), rows)
-        stats["weight_mean"] = _mean_over(t.weights, rows)
-        stats["clip_frac_low"] = _mean_over(t.clipped_low, rows)
-        stats["clip_frac_high"] = _mean_over(t.clipped_high, rows)
-        stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
-    stats["log_z_mean"] = _mean_over(constant(log_z, torch.float32), rows)
-    stats["residual_mean"] = _mean_over(t.delta, rows)
-    stats["residual_abs_mean"] = _mean_over(t.delta.abs(), rows)
-    stats["loss"] = loss.detach() if opts.reduction != "none" else _mean_over(t.per_sequence, rows)
+        stats.update(_weight_stats(t.log_weights_unclipped, t.weights, t.clipped_low, t.clipped_high, rows))
+    stats.update(_residual_stats(log_z, t.delta, t.per_sequence, loss, opts.reduction, rows))
     return loss, stats
 
 

@@ -19,8 +19,6 @@ import torch
 from flowloss.kernels.logprob_backward import logprob_backward
 from flowloss.kernels.logprob_forward import DEFAULT_BLOCK_V, logprob_forward
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def _sequences(logits: torch.Tensor) -> list[tuple[torch.Tensor, slice]]:
     """``[N, V]`` -> one ``(rows, slice)``; ``[B, T, V]`` -> one ``(logits[b], rows of b)`` per sequence."""
@@ -141,4 +139,4 @@ def triton_token_logprobs(
     return logp, (entropy if return_entropy else None)
 
 
-__all__ = ["SUPPORTED_DTYPES", "backward", "forward", "triton_token_logprobs"]
+__all__ = ["backward", "forward", "triton_token_logprobs"]
