@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from flowloss.ops.dispatch import TRITON_DTYPES, interpreter_on
+from flowloss.ops.dispatch import interpreter_on, triton_available, unsupported_reason
 
 # The rows of the op's `stats` output (kept equal to flowloss.kernels.tb_loss.STAT_ROWS, checked in the tests;
 # repeated here so that importing this module needs no triton).
@@ -67,20 +67,8 @@ class TBSequenceTerms(NamedTuple):
 def fused_tb_supported(*tensors: Tensor | None) -> bool:
     """Whether the fused op can take these tensors: all on CUDA (or CPU under Triton's interpreter), the float
     ones fp16/bf16/fp32 (float64 stays on the PyTorch path), and the Triton kernel importable."""
-    present = [t for t in tensors if t is not None]
-    if not all(t.is_cuda or interpreter_on() for t in present):
-        return False
-    if any(t.is_floating_point() and t.dtype not in TRITON_DTYPES for t in present):
-        return False
-    return _kernel_module() is not None
-
-
-def _kernel_module():
-    try:
-        from flowloss.kernels import tb_loss
-    except ImportError:
-        return None
-    return tb_loss
+    named = [(f"tensor {i}", t) for i, t in enumerate(tensors)]
+    return unsupported_reason(named, cpu_ok=interpreter_on()) is None and triton_available("tb_loss")
 
 
 # ------------------------------------------------------------------------------------------------------
