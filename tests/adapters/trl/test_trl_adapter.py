@@ -142,13 +142,15 @@ def _manual_batch(tokenizer_vocab: int, *, seed: int):
     }
 
 
+@pytest.mark.parametrize("logprobs", ["framework", "logits", "hidden"])
 @pytest.mark.parametrize("off_policy", [False, True])
-def test_compute_loss_equals_trajectory_balance_loss(adapter, example, policy_dir, tmp_path, off_policy):
+def test_compute_loss_equals_trajectory_balance_loss(adapter, example, policy_dir, tmp_path, off_policy, logprobs):
     """The trainer's loss = sum_i w_i (log Z + mean lp - beta r_hat - mean lp_ref)^2 / (N G / (W S)),
-    recomputed from a plain HF forward and the float64 reference: values, policy and head gradients."""
+    recomputed from a plain HF forward and the float64 reference: values, policy and head gradients, for each
+    log-prob path."""
     args = example.make_config(
         str(tmp_path), flowrl_log_z_dropout=0.0, gradient_accumulation_steps=2, steps_per_generation=4,
-        per_device_train_batch_size=2,
+        per_device_train_batch_size=2, flowrl_logprobs=logprobs,
     )
     trainer = adapter.FlowRLTrainer(
         model=policy_dir, reward_funcs=example.reward_distinct_chars, args=args,
