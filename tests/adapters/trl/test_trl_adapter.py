@@ -24,31 +24,10 @@ from hypothesis import strategies as st
 import flowloss
 from flowloss import reference
 from flowloss.adapters.common import global_normalizer
-from tests.adapters.conftest import require_framework
+from tests.adapters.trl.helpers import manual_batch
 from tests.conftest import assert_close
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    require_framework("trl")
-    import flowloss.adapters.trl as module
-
-    return module
-
-
-@pytest.fixture(scope="module")
-def example(adapter):
-    spec = importlib.util.spec_from_file_location("trl_flowrl_example", ROOT / "examples" / "trl_flowrl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def policy_dir(example, tmp_path_factory):
-    return example.build_tiny_policy(str(tmp_path_factory.mktemp("tiny-policy")))
 
 
 def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -120,28 +99,6 @@ def test_end_to_end_training_moves_policy_and_head_and_checkpoint_roundtrips(ada
         assert torch.equal(reloaded.log_z_head.state_dict()[name], value), name
 
 
-def _manual_batch(tokenizer_vocab: int, *, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    b, p, t = 6, 5, 7
-    prompt_ids = torch.randint(3, tokenizer_vocab, (b, p), generator=g)
-    prompt_mask = torch.ones(b, p, dtype=torch.long)
-    prompt_mask[1, :2] = 0  # left padding
-    prompt_mask[4, :1] = 0
-    completion_ids = torch.randint(3, tokenizer_vocab, (b, t), generator=g)
-    completion_mask = torch.ones(b, t, dtype=torch.long)
-    completion_mask[0, 4:] = 0
-    completion_mask[3, :] = 0  # e.g. a truncated completion masked out: not counted, contributes 0
-    completion_mask[5, 1:] = 0
-    return {
-        "prompt_ids": prompt_ids,
-        "prompt_mask": prompt_mask,
-        "completion_ids": completion_ids,
-        "completion_mask": completion_mask,
-        "advantages": torch.randn(b, generator=g),
-        "ref_per_token_logps": -torch.rand(b, t, generator=g) * 6,
-    }
-
-
 @pytest.mark.parametrize("logprobs", ["framework", "logits", "hidden"])
 @pytest.mark.parametrize("off_policy", [False, True])
 def test_compute_loss_equals_trajectory_balance_loss(adapter, example, policy_dir, tmp_path, off_policy, logprobs):
@@ -159,7 +116,7 @@ def test_compute_loss_equals_trajectory_balance_loss(adapter, example, policy_di
     trainer.current_gradient_accumulation_steps = 2
     model = trainer.model
     model.train()
-    inputs = _manual_batch(model.config.vocab_size, seed=3)
+    inputs = manual_batch(model.config.vocab_size, seed=3)
     inputs[adapter.NUM_SEQUENCES_KEY] = torch.tensor(40)  # the generation batch's count (all ranks)
     if off_policy:
         noise = torch.Generator().manual_seed(9)

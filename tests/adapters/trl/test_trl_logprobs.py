@@ -22,28 +22,10 @@ import pytest
 import torch
 
 from tests.adapters.conftest import require_framework
-from tests.adapters.trl.helpers import load_example, manual_batch, tiny_model, with_deterministic_sampling
+from tests.adapters.trl.helpers import manual_batch, tiny_model, with_deterministic_sampling
 from tests.conftest import assert_close
 
 PATHS = ("framework", "logits", "hidden")
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    require_framework("trl")
-    import flowloss.adapters.trl as module
-
-    return module
-
-
-@pytest.fixture(scope="module")
-def example(adapter):
-    return load_example()
-
-
-@pytest.fixture(scope="module")
-def policy_dir(example, tmp_path_factory):
-    return example.build_tiny_policy(str(tmp_path_factory.mktemp("tiny-policy")))
 
 
 def _lora(**overrides):

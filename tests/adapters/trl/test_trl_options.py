@@ -21,25 +21,7 @@ import pytest
 import torch
 
 from tests.adapters.conftest import require_framework
-from tests.adapters.trl.helpers import load_example, tiny_model
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    require_framework("trl")
-    import flowloss.adapters.trl as module
-
-    return module
-
-
-@pytest.fixture(scope="module")
-def example(adapter):
-    return load_example()
-
-
-@pytest.fixture(scope="module")
-def policy_dir(example, tmp_path_factory):
-    return example.build_tiny_policy(str(tmp_path_factory.mktemp("tiny-policy")))
+from tests.adapters.trl.helpers import tiny_model
 
 
 def _config(adapter, **overrides):
