@@ -385,7 +385,8 @@ def _run_without_gpu_packages(*argv: str):
     for name in ("flash_attn", "vllm"):
         if importlib.util.find_spec(name) is not None and "standins" not in str(importlib.util.find_spec(name).origin):
             pytest.skip(f"{name} is installed here: nothing to test")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and "standins" not in p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.run([sys.executable, "-m", "flowloss.adapters.openrlhf", *argv], capture_output=True,
                           text=True, env=env, cwd=Path(__file__).resolve().parents[3], timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
