@@ -10,8 +10,9 @@ On a machine without flash-attn and vllm (any CPU machine) put the test stand-in
     PYTHONPATH=tests/adapters/openrlhf/standins python examples/openrlhf_flowrl.py
 
 ``--logprobs framework|logits|hidden`` picks the actor's log-prob path (default ``auto``); ``--vocab``,
-``--batch`` and ``--response-len`` size the problem, and the last line reports the process's peak memory above
-the built model and the time per step (run each path in a fresh process to compare them).
+``--hidden``, ``--prompts``, ``--group``, ``--prompt-len``, ``--response-len`` and ``--dtype`` size the
+problem, and the last line reports the process's peak memory above the built model and the time per step (run
+each path in a fresh process to compare them).
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ VOCAB, PAD = 64, 0
 
 
 def tiny_model(seed: int, *, vocab: int = VOCAB, hidden: int = 32, layers: int = 2, tie: bool = False,
-               bias: bool = False) -> Qwen2ForCausalLM:
+               bias: bool = False, dtype: torch.dtype = torch.float32) -> Qwen2ForCausalLM:
     """A random Qwen2 policy; ``tie`` shares the lm_head weight with the embeddings, ``bias`` gives the lm_head a
-    bias (Qwen2's has none)."""
+    bias (Qwen2's has none); ``dtype`` its parameters' (OpenRLHF trains in bfloat16 by default)."""
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -59,7 +60,7 @@ def tiny_model(seed: int, *, vocab: int = VOCAB, hidden: int = 32, layers: int =
         if tie:
             head.weight = model.model.embed_tokens.weight
         model.lm_head = head
-    return model
+    return model.to(dtype)
 
 
 def with_lora(model: Qwen2ForCausalLM) -> torch.nn.Module:
@@ -204,8 +205,12 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def main(steps: int = 3, *, logprobs: str = "auto", vocab: int = VOCAB, hidden: int = 32, prompts: int = 2,
-         group: int = 4, prompt_len: int = 5, response_len: int = 6) -> list[float]:
+         group: int = 4, prompt_len: int = 5, response_len: int = 6, dtype: str = "float32") -> list[float]:
     owns_group = not dist.is_initialized()
     if owns_group:  # OpenRLHF's trainer calls torch.distributed.barrier(): one process, file store
         import tempfile
@@ -213,7 +218,8 @@ def main(steps: int = 3, *, logprobs: str = "auto", vocab: int = VOCAB, hidden: 
         store = f"file://{tempfile.mkdtemp()}/store"
         dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
     try:
-        trainer, _, reference = build_trainer(FlowRLConfig(logprobs=logprobs), vocab=vocab, hidden=hidden)
+        trainer, _, reference = build_trainer(FlowRLConfig(logprobs=logprobs), vocab=vocab, hidden=hidden,
+                                              dtype=getattr(torch, dtype))
         print(f"log-prob path: {trainer.flowrl_logprobs} (--flowrl.logprobs {logprobs})")
         built = _rss_mib()
         sizes = dict(prompts=prompts, group=group, prompt_len=prompt_len, response_len=response_len, vocab=vocab)
@@ -221,6 +227,8 @@ def main(steps: int = 3, *, logprobs: str = "auto", vocab: int = VOCAB, hidden: 
         for step in range(steps):
             start = time.perf_counter()
             experience = make_experience(trainer, reference, seed=step, **sizes)
+            if step == 0:
+                forwards = _peak_mib()
             status = trainer.training_step(experience, kl_ctl=0.0, step=step)
             seconds.append(time.perf_counter() - start)
             metrics = status["metrics"]
@@ -228,10 +236,10 @@ def main(steps: int = 3, *, logprobs: str = "auto", vocab: int = VOCAB, hidden: 
             log_z = float(metrics["flowrl_log_z_mean"])
             residual = float(metrics["flowrl_residual_abs_mean"])
             print(f"step {step}: FlowRL loss {losses[-1]:.4f}  log Z {log_z:+.4f}  |delta| {residual:.4f}")
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         best = min(seconds[1:] or seconds)
-        print(f"peak {peak - built:.0f} MiB above the built model ({built:.0f} MiB); "
-              f"fastest step {best:.2f} s (old + reference + training forward, backward, update)")
+        print(f"peak above the built model ({built:.0f} MiB): {forwards - built:.0f} MiB in the old-policy and "
+              f"reference forwards, {_peak_mib() - built:.0f} MiB with the training step; fastest step "
+              f"{best:.2f} s (both forwards, the training forward, backward and update)")
         return losses
     finally:
         if owns_group:
@@ -248,6 +256,7 @@ if __name__ == "__main__":
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=5)
     parser.add_argument("--response-len", type=int, default=6)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the policy's")
     cli = parser.parse_args()
     main(cli.steps, logprobs=cli.logprobs, vocab=cli.vocab, hidden=cli.hidden, prompts=cli.prompts,
-         group=cli.group, prompt_len=cli.prompt_len, response_len=cli.response_len)
+         group=cli.group, prompt_len=cli.prompt_len, response_len=cli.response_len, dtype=cli.dtype)
