@@ -144,3 +144,15 @@ def test_hidden_path_is_refused_where_it_would_be_wrong(adapter, example):
     lora_head = get_peft_model(example.tiny_model(0), LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(ValueError, match=r"not a plain nn\.Linear"):
         logprobs.use_flowrl_logprobs(example.make_actor(lora_head), "hidden")
+
+
+def test_flowrl_actor_forward_takes_the_installed_actor_forward_parameters(adapter):
+    import inspect
+
+    from openrlhf.models import Actor
+
+    from flowloss.adapters.openrlhf.logprobs import FlowRLActor
+
+    ours = list(inspect.signature(FlowRLActor.forward).parameters)
+    theirs = list(inspect.signature(Actor.forward).parameters)
+    assert ours == theirs, f"Actor.forward takes {theirs}, FlowRLActor.forward takes {ours}"
