@@ -139,11 +139,13 @@ def make_actor(model: torch.nn.Module, *, temperature: float = 1.0, packing: boo
 
 
 def build_trainer(config: FlowRLConfig, *, lr: float = 1e-2, seed: int = 0, temperature: float = 1.0,
-                  packing: bool = False, lora: bool = False, **model_options):
+                  packing: bool = False, lora: bool = False, checkpointing: bool = False, **model_options):
     """Policy + head (attached before the optimizer is built, as before ``strategy.prepare``), trainer and
     reference actor (log-probs on the same path as the policy's). ``model_options``: `tiny_model`'s."""
     policy = tiny_model(seed, **model_options)
     actor = make_actor(with_lora(policy) if lora else policy, temperature=temperature, packing=packing)
+    if checkpointing:  # --actor.gradient_checkpointing_enable
+        actor.gradient_checkpointing_enable()
     head = attach_log_z_head(actor.model, config)
     optimizer = torch.optim.SGD([p for p in actor.parameters() if p.requires_grad], lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

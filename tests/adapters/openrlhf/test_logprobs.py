@@ -18,6 +18,7 @@ CASES = {
     "temperature_and_bias": dict(temperature=0.7, bias=True),
     "tied_embeddings_and_bias": dict(tie=True, bias=True, temperature=1.3),
     "lora": dict(lora=True, temperature=0.7),
+    "gradient_checkpointing": dict(checkpointing=True, bias=True),
 }
 
 
@@ -27,6 +28,7 @@ def _train(example, adapter, path: str, steps: int = 3, *, entropy: bool = False
     config = adapter.FlowRLConfig(log_z_dropout=0.0, logprobs=path)
     trainer, _, reference = example.build_trainer(config, lr=0.02, **options)
     assert trainer.flowrl_logprobs == path
+    assert trainer.actor.model.is_gradient_checkpointing == options.get("checkpointing", False)
     if entropy:
         trainer.args.actor.entropy_coef = 0.0  # OpenRLHF computes and logs the entropy, adds nothing
     grads: dict[str, torch.Tensor] = {}
