@@ -442,16 +442,24 @@ def test_launcher_modules_import():
 
 
 def test_launcher_options_reach_the_workers(launch, adapter, monkeypatch):
-    """The parsed options land on ``strategy.args.flowrl``, where FlowRLPolicyModelActor reads them."""
+    """The parsed options land on ``strategy.args.flowrl``, where the FlowRL workers read them; OpenRLHF's
+    ``train()`` creates FlowRL's policy and reference workers."""
+    import sys
+
+    import openrlhf.trainer.ray.launcher as ray_launcher
     import openrlhf.trainer.ray.ppo_actor as ppo_actor
     import openrlhf.utils as orl_utils
     import ray
 
-    original_actor = ppo_actor.PolicyModelActor
+    original_actor, original_reference = ppo_actor.PolicyModelActor, ray_launcher.ReferenceModelActor
     seen = {}
 
     def get_strategy(args):
         seen["flowrl"] = args.flowrl
+        frame = sys._getframe(1)
+        while frame.f_code.co_name != "train":  # OpenRLHF's train(), in the launcher's module globals
+            frame = frame.f_back
+        seen["workers"] = frame.f_globals["PolicyModelActor"], frame.f_globals["ReferenceModelActor"]
         raise _RayStarted
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: None)
@@ -460,8 +468,10 @@ def test_launcher_options_reach_the_workers(launch, adapter, monkeypatch):
                           "--flowrl.log_z_dropout", "0")
     assert code == "ray", err
     assert seen["flowrl"] == adapter.FlowRLConfig(beta=10.0, token_clip_mask=True, log_z_dropout=0.0)
+    assert seen["workers"] == (adapter.FlowRLPolicyModelActor, adapter.FlowRLReferenceModelActor)
     assert orl_utils.get_strategy is get_strategy  # main() restored what it patched
     assert ppo_actor.PolicyModelActor is original_actor
+    assert ray_launcher.ReferenceModelActor is original_reference
 
 
 def test_example_runs(example, capsys):
@@ -589,3 +599,50 @@ def test_compat_names_the_installed_openrlhf_version(adapter):
         f"openrlhf {_compat.openrlhf_version()} is not among the versions _compat.py was checked against "
         f"{_compat.OPENRLHF_TESTED}: re-check each patch listed in its docstring"
     )
+
+
+def test_workers_set_up_flowrl_around_openrlhfs_own_initialisation(adapter, example, monkeypatch):
+    """The Ray workers' ``init_model_from_pretrained`` without Ray or a GPU: OpenRLHF's own method replaced by
+    what it does that matters here (``strategy.prepare((actor, cfg))``, the trainer / the reference actor)."""
+    from openrlhf.trainer.ray.launcher import ReferenceModelActor
+    from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
+
+    args = example.openrlhf_args()
+    args.flowrl = adapter.FlowRLConfig(logprobs="logits", log_z_lr=1e-3)
+    calls = []
+
+    class Strategy(example.MinimalStrategy):
+        def _get_model_parameters(self, model, *, optim=None, weight_decay=0.0):
+            return model.model, [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.0}]
+
+        def prepare(self, item):
+            actor, _ = item
+            _, groups = self._get_model_parameters(actor)
+            calls.append(groups)
+            optim = torch.optim.SGD(groups, lr=1e-6)
+            return actor, optim, torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
+
+    def policy_init(self, strategy, pretrain, max_steps=None, vllm_engines=None):
+        self.strategy = strategy
+        self.actor, self.actor_optim, self.actor_scheduler = strategy.prepare(
+            (example.make_actor(example.tiny_model(0)), {}))
+        with example.cpu_compat():
+            self.trainer = ActorPPOTrainer(strategy, self.actor, None, self.actor_optim, self.actor_scheduler)
+
+    def reference_init(self, strategy, pretrain):
+        self.strategy, self.model = strategy, example.make_actor(example.tiny_model(0))
+
+    monkeypatch.setattr(PolicyModelActor.__ray_metadata__.modified_class, "init_model_from_pretrained", policy_init)
+    monkeypatch.setattr(ReferenceModelActor.__ray_metadata__.modified_class, "init_model_from_pretrained",
+                        reference_init)
+    strategy = Strategy(args)
+    policy = object.__new__(adapter.FlowRLPolicyModelActorImpl)
+    policy.init_model_from_pretrained(strategy, "tiny")
+    assert isinstance(policy.trainer, adapter.FlowRLActorPPOTrainer) and policy.trainer.flowrl_logprobs == "logits"
+    head = {id(p) for p in adapter.find_log_z_head(policy.actor).parameters()}
+    assert [g["lr"] for g in policy.actor_optim.param_groups] == [1e-6, 1e-3]  # the head's group at log_z_lr
+    assert {id(p) for p in policy.actor_optim.param_groups[1]["params"]} == head
+    assert "prepare" not in vars(strategy) and "_get_model_parameters" not in vars(strategy)
+    reference = object.__new__(adapter.FlowRLReferenceModelActorImpl)
+    reference.init_model_from_pretrained(strategy, "tiny")
+    assert isinstance(reference.model, adapter.FlowRLActor) and reference.model.flowrl_logprobs == "logits"

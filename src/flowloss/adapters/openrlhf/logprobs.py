@@ -176,7 +176,8 @@ def action_log_probs(
         inputs, position_ids, rolled, _, indices = unpad_and_slice_tensor(sequences, attention_mask, None)
         predicts = torch.zeros(batch, seqlen, dtype=torch.bool, device=sequences.device)
         predicts[:, first: seqlen - 1] = action_mask.bool()
-        rows = predicts.reshape(-1)[indices].nonzero().squeeze(-1)  # packed rows predicting a response token
+        # the packed rows predicting a response token (one host sync, as OpenRLHF's own unpadding has)
+        rows = predicts.reshape(-1)[indices].nonzero().squeeze(-1)
         labels, forward_mask, mask, keep = rolled[0, rows], None, None, rows
     else:
         inputs = sequences

@@ -30,7 +30,7 @@ def unpack_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> 
     ``attention_mask [B, S]`` is set, row by row) -> ``[B, S, H]``, zeros at padding; differentiable."""
     batch, seqlen = attention_mask.shape
     flat = attention_mask.reshape(-1).bool()
-    positions = flat.nonzero().squeeze(-1)
+    positions = flat.nonzero().squeeze(-1)  # one host sync, as OpenRLHF's own unpadding has
     if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] != positions.numel():
         raise ValueError(
             f"packed decoder hidden states {tuple(hidden.shape)} do not match the {positions.numel()} attended "
