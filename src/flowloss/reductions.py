@@ -35,7 +35,7 @@ from flowloss._validation import (
     require_ndim,
     require_tensor,
 )
-from flowloss.options import REDUCTIONS, SequenceReduction
+from flowloss.options import REDUCTIONS, TB_DEFAULTS, SequenceReduction
 from flowloss.strict import is_strict
 
 TokenReduction = Literal["mean", "sum", "none"]
@@ -138,6 +138,19 @@ def check_normalizer(normalizer: float | torch.Tensor | None, *, strict: bool) -
         ) from None
 
 
+def normalizer_value(normalizer: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """The divisor for ``normalizer`` (checked by `check_normalizer`), on ``like``'s device and dtype.
+
+    A tensor's value is never read on the host: one that is not finite and > 0 becomes NaN, so a bad count
+    (negative, zero, inf, NaN) shows up as a NaN loss instead of a finite wrong one (a sign-flipped or zero
+    gradient). Strict mode refuses such a tensor before this point.
+    """
+    if not isinstance(normalizer, torch.Tensor):
+        return normalizer
+    n = normalizer.detach().to(device=like.device, dtype=like.dtype).reshape(())
+    return torch.where((n > 0) & (n < float("inf")), n, float("nan"))
+
+
 def apply_reduction(
     per_sequence: torch.Tensor,
     valid: torch.Tensor,
@@ -151,8 +164,7 @@ def apply_reduction(
     """
     kept = torch.where(valid, per_sequence, 0.0)
     if normalizer is not None:
-        if isinstance(normalizer, torch.Tensor):
-            normalizer = normalizer.detach().to(device=kept.device, dtype=kept.dtype).reshape(())
+        normalizer = normalizer_value(normalizer, kept)
         if reduction == "none":
             return kept / normalizer
         return kept.sum() / normalizer
@@ -168,7 +180,7 @@ def reduce_sequences(
     per_sequence: torch.Tensor,
     valid: torch.Tensor,
     *,
-    reduction: SequenceReduction = "mean",
+    reduction: SequenceReduction = TB_DEFAULTS.reduction,
     normalizer: float | torch.Tensor | None = None,
     strict: bool | None = None,
 ) -> torch.Tensor:
@@ -180,7 +192,7 @@ def reduce_sequences(
 
     With ``normalizer`` equal to the number of valid sequences in the whole optimizer step, the gradients of
     the micro-batch losses add up to the gradient of the full-batch loss. A tensor ``normalizer`` is used
-    as is (no host synchronisation); strict mode also checks that it is finite and positive.
+    as is (no host synchronisation): one that is not finite and > 0 gives NaN; strict mode raises instead.
     """
     require_choice("reduction", reduction, REDUCTIONS)
     require_float_tensor("per_sequence", per_sequence)
