@@ -6,6 +6,7 @@ fp32 after the upcast (inputs may be fp16/bf16/fp32)::
 
     rho_t    = lp_t - old_t                                       (detached)
     kept_t   = m_t and not (r_i > 0 and rho_t > hi  or  r_i < 0 and rho_t < lo)    token clip mask, else m_t
+               (a non-finite rho_t is kept: a bad log-prob must reach the loss)
     n_i      = sum_t kept_t                                       hi = log1p(eps_high), lo = log1p(-eps_low)
     l_i      = sum_kept (lp_t - ref_t)  [/ max(n_i, 1) with length normalization]
     delta_i  = (z_i + l_i) - beta r_i
@@ -224,7 +225,9 @@ def _tb_forward_kernel(
             old = tl.where(m, tl.load(old_row + cols, mask=in_row, other=0.0).to(tl.float32), 0.0)
             rho = lp - old
             if TOKEN_CLIP:
-                kept = m & ~((rho > drop_above) | (rho < drop_below))  # NaN rho: kept, as in PyTorch
+                # NaN or infinite rho: kept, as in PyTorch (dropping it would hide a bad log-prob)
+                outside = ((rho > drop_above) | (rho < drop_below)) & (tl.abs(rho) < float("inf"))
+                kept = m & ~outside
             acc_rho += tl.where(kept, rho, 0.0)
             if HAS_ROLLOUT:
                 ro = tl.where(m, tl.load(ro_row + cols, mask=in_row, other=0.0).to(tl.float32), 0.0)
@@ -348,7 +351,8 @@ def _tb_backward_kernel(
                 lp = tl.where(kept, tl.load(lp_row + cols, mask=in_row, other=0.0).to(tl.float32), 0.0)
                 old = tl.where(kept, tl.load(old_row + cols, mask=in_row, other=0.0).to(tl.float32), 0.0)
                 rho = lp - old
-                kept = kept & ~((rho > drop_above) | (rho < drop_below))
+                outside = ((rho > drop_above) | (rho < drop_below)) & (tl.abs(rho) < float("inf"))
+                kept = kept & ~outside
             out = tl.where(kept, per_token, 0.0)
             tl.store(dlp_row + cols, out.to(dlp_ptr.dtype.element_ty), mask=in_row)
 

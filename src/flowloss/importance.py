@@ -243,9 +243,11 @@ def clip_drop_mask(
 
     ``log_ratio [B, T]`` detached, ``advantages [B]``: drop where ``A_i > 0 and rho_it > log(1 + eps_high)``
     or ``A_i < 0 and rho_it < log(1 - eps_low)`` (strict inequalities: a ratio exactly on the bound is kept).
+    A non-finite ``rho`` (NaN, or an infinite log-prob) is never dropped: it must reach the loss, not vanish.
     """
     adv = advantages[:, None]
-    return ((adv > 0) & (log_ratio > math.log1p(eps_high))) | ((adv < 0) & (log_ratio < math.log1p(-eps_low)))
+    outside = ((adv > 0) & (log_ratio > math.log1p(eps_high))) | ((adv < 0) & (log_ratio < math.log1p(-eps_low)))
+    return outside & torch.isfinite(log_ratio)
 
 
 def ratio_clip_token_mask(
@@ -263,7 +265,8 @@ def ratio_clip_token_mask(
 
     Keeps token ``t`` of row ``i`` unless ``A_i > 0 and r_it > 1 + eps_high`` or ``A_i < 0 and r_it < 1 - eps_low``,
     with ``r_it = pi_theta / pi_old`` compared in log space (a ratio exactly on a bound is kept).
-    ``advantages [B]`` (FlowRL passes ``r_hat``). Returns a bool ``[B, T]`` mask (a subset of ``mask``).
+    ``advantages [B]`` (FlowRL passes ``r_hat``). Returns a bool ``[B, T]`` mask (a subset of ``mask``). A token
+    whose ratio is not finite (a NaN or infinite log-prob) is kept, so that the bad value reaches the loss.
     """
     eps_low, eps_high, _, _ = check_importance_bounds(eps_low, eps_high, _D.max_weight, _D.tis_cap)
     require_float_tensor("logprobs", logprobs)

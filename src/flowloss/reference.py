@@ -100,7 +100,8 @@ def ratio_clip_token_mask(
     eps_high: float = _D.eps_high,
 ) -> torch.Tensor:
     """Keep token ``t`` of row ``i`` unless ``A_i > 0`` and ``log(pi/pi_old) > log(1 + eps_high)``, or ``A_i < 0``
-    and ``log(pi/pi_old) < log(1 - eps_low)`` (a ratio exactly on a bound is kept); masked tokens stay out."""
+    and ``log(pi/pi_old) < log(1 - eps_low)`` (a ratio exactly on a bound is kept; a non-finite one is kept);
+    masked tokens stay out."""
     kept = torch.zeros(mask.shape, dtype=torch.bool)
     for i in range(mask.shape[0]):
         a = float(advantages[i])
@@ -108,7 +109,7 @@ def ratio_clip_token_mask(
             log_ratio = float(logprobs[i, t]) - float(old_logprobs[i, t])
             too_high = a > 0 and log_ratio > math.log1p(eps_high)
             too_low = a < 0 and log_ratio < math.log1p(-eps_low)
-            kept[i, t] = not (too_high or too_low)
+            kept[i, t] = not (too_high or too_low) or not math.isfinite(log_ratio)
     return kept
 
 

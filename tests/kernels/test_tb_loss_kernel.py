@@ -766,3 +766,17 @@ def test_kernels_compile_for_sm90_with_vector_memory_access():
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_token_clip_mask_keeps_an_infinite_ratio_so_it_reaches_the_loss(device):
+    """An old log-prob of +-inf (rho = -+inf) at a kept token is outside any trust region; dropping it would turn
+    the bad value into a finite loss. Both paths keep it: the row's weight and loss are NaN."""
+    clean = make_case(2, 6, torch.float32, seed=4, mode="sequence_clipped", token_clip_mask=True, old_noise=0.01,
+                      mask=torch.ones(2, 6, dtype=torch.bool))
+    bad = replace(clean, old=clean.old.clone(), rewards=torch.tensor([1.0, -1.0]))
+    bad.old[0, 1] = float("-inf")  # rho = +inf with r > 0: above 1 + eps_high
+    bad.old[1, 2] = float("inf")  # rho = -inf with r < 0: below 1 - eps_low
+    terms, _, _ = run_fused(bad, device, torch.ones(2))
+    assert terms.lengths.tolist() == [6.0, 6.0] and bool(terms.per_sequence.isnan().all())
+    torch_path, _, _, _ = run_pytorch_path(bad, torch.ones(2))
+    assert bool(torch_path.isnan().all())
