@@ -17,7 +17,7 @@ The whole public API::
 
 ``flowloss.reference`` holds the float64 oracle; ``flowloss.adapters.{trl,verl,openrlhf}`` the framework
 adapters (imported on demand, never by ``import flowloss``). ``length_normalize`` and ``sequence_logprobs``
-are deprecated aliases of ``masked_mean``/``masked_sum``.
+are deprecated aliases of ``masked_mean``/``masked_sum`` (since 0.2.0; removed in 0.3.0).
 """
 
 from flowloss.grouping import group_normalize_rewards
@@ -38,7 +38,7 @@ from flowloss.reductions import (
 )
 from flowloss.strict import is_strict, set_strict, strict_mode
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FlowRLOptions",

@@ -29,11 +29,11 @@ instead, see `flowloss.strict`).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import NamedTuple
 
 import torch
 
+from flowloss._deprecation import warn_deprecated
 from flowloss._validation import (
     accumulation_dtype,
     as_bool_mask,
@@ -178,11 +178,7 @@ def importance_weights_with_stats(
 def _renamed_mode(mode: str | None, importance_weights: str) -> str:
     if mode is None:
         return importance_weights
-    warnings.warn(
-        "`mode=` is deprecated: pass `importance_weights=` (the name the losses and FlowRLOptions use)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
+    warn_deprecated("`mode=`", "pass `importance_weights=` (the name the losses and FlowRLOptions use)", stacklevel=4)
     return mode
 
 
@@ -217,7 +213,7 @@ def clipped_importance_weights(
         rollout_logprobs: ``[B, T]`` log-probs from the inference engine; enables the TIS factor.
         tis_cap: truncation ``C`` of the TIS factor ``min(pi_old / pi_rollout, C)`` (verl's default 2).
         strict: check values (finite at unmasked positions, 0/1 mask); default: the global setting.
-        mode: deprecated name of ``importance_weights``.
+        mode: deprecated name of ``importance_weights`` (since 0.2.0; removed in 0.3.0).
 
     Returns:
         ``[B]`` weights in float32 (float64 for float64 inputs), without gradient.

@@ -15,16 +15,17 @@ Sequence level: [`reduce_sequences`][flowloss.reduce_sequences] turns per-sequen
 loss ``sum_i l_i / N`` where ``N`` defaults to the number of valid sequences in *this* batch. Pass ``normalizer=``
 the global count to make micro-batches and data-parallel ranks add up to the full-batch gradient.
 
-``sequence_logprobs`` and ``length_normalize`` are deprecated aliases kept for 0.1 code (one name per reduction).
+``sequence_logprobs`` and ``length_normalize`` are deprecated aliases (since 0.2.0, removed in 0.3.0) kept for 0.1
+code (one name per reduction).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import torch
 
+from flowloss._deprecation import warn_deprecated
 from flowloss._validation import (
     accumulation_dtype,
     as_bool_mask,
@@ -76,7 +77,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, *, strict: bool | None
 
 def length_normalize(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Deprecated alias of [`masked_mean`][flowloss.masked_mean] (FlowRL's length-normalized log-likelihood)."""
-    warnings.warn("`length_normalize` is deprecated: use `masked_mean`", DeprecationWarning, stacklevel=2)
+    warn_deprecated("`length_normalize`", "use `masked_mean`")
     return masked_mean(logprobs, mask)
 
 
@@ -85,11 +86,7 @@ def sequence_logprobs(
 ) -> torch.Tensor:
     """Deprecated: ``reduction="mean"`` is [`masked_mean`][flowloss.masked_mean], ``"sum"`` is
     [`masked_sum`][flowloss.masked_sum], ``"none"`` is ``torch.where(mask, logprobs, 0)``."""
-    warnings.warn(
-        "`sequence_logprobs` is deprecated: use `masked_mean` (reduction='mean') or `masked_sum` ('sum')",
-        DeprecationWarning,
-        stacklevel=2,
-    )
+    warn_deprecated("`sequence_logprobs`", "use `masked_mean` (reduction='mean') or `masked_sum` ('sum')")
     require_choice("reduction", reduction, ("mean", "sum", "none"))
     m = _checked(logprobs, mask, "logprobs", None)
     dtype = accumulation_dtype(logprobs)
