@@ -141,7 +141,7 @@ class _WeightedOptions:
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
-    def resolved_importance_weights(self, has_old_logprobs: bool) -> str:
+    def resolved_importance_weights(self, has_old_logprobs: bool) -> ImportanceMode:
         """The weight mode in effect: ``importance_weights``, or its default given whether ``old_logprobs`` exist."""
         if self.importance_weights is not None:
             return self.importance_weights
