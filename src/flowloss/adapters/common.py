@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from flowloss import FlowRLOptions, LogZHead
+from flowloss._deprecation import warn_deprecated
 
 __all__ = [
     "LOG_Z_HEAD_FILE",
@@ -222,7 +222,7 @@ class AdapterConfig:
                 raise TypeError(f"`{old}` is no longer a {type(self).__name__} option: {why}")
         for old, new in self.RENAMED.items():
             if old in flat:
-                warnings.warn(f"`{old}` is deprecated: use `{new}`", DeprecationWarning, stacklevel=3)
+                warn_deprecated(f"the option `{old}`", f"use `{new}`", stacklevel=4)
                 if new in flat:
                     raise TypeError(f"both `{old}` and its new name `{new}` were given")
                 flat[new] = flat.pop(old)
