@@ -25,7 +25,6 @@ that feeds the log-Z head behave as on OpenRLHF's path.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 from collections.abc import Iterator
 from typing import Any
@@ -85,7 +84,8 @@ def logprobs_path_problem(actor: Actor, path: str) -> str | None:
     if hasattr(head.weight, "ds_id"):
         return "DeepSpeed ZeRO-3 partitions the lm_head weight, which is gathered only inside the lm_head's forward"
     config = getattr(hf, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    get_text_config = getattr(config, "get_text_config", None)
+    text = get_text_config() if callable(get_text_config) else config
     for key in _POST_HEAD_TRANSFORMS:
         value = getattr(text, key, None)
         if value is not None and value != 1:
@@ -129,12 +129,17 @@ def lm_head_passthrough(head: nn.Module) -> Iterator[None]:
         yield
 
 
-@functools.cache
-def _takes_logits_to_keep(cls: type) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(cls.forward).parameters
-    except (TypeError, ValueError):
-        return False
+_TAKES_LOGITS_TO_KEEP: dict[type[nn.Module], bool] = {}
+
+
+def _takes_logits_to_keep(cls: type[nn.Module]) -> bool:
+    """Whether ``cls.forward`` takes ``logits_to_keep`` (transformers' causal LMs do); looked up once per class."""
+    if cls not in _TAKES_LOGITS_TO_KEEP:
+        try:
+            _TAKES_LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):
+            _TAKES_LOGITS_TO_KEEP[cls] = False
+    return _TAKES_LOGITS_TO_KEEP[cls]
 
 
 def _unpack(values: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int], first: int) -> torch.Tensor:
@@ -170,6 +175,7 @@ def action_log_probs(
     actions = action_mask.shape[1]
     first = seqlen - actions - 1  # the row that predicts the first response token
     packed = bool(getattr(actor, "packing_samples", False))
+    keep: torch.Tensor | int
     if packed:
         from openrlhf.models.ring_attn_utils import unpad_and_slice_tensor
 
@@ -187,7 +193,9 @@ def action_log_probs(
     takes_keep = _takes_logits_to_keep(type(hf))
     kwargs = {"logits_to_keep": keep} if takes_keep else {}
     head = _output_layer(hf)
-    bypass = lm_head_passthrough(head) if path == "hidden" else contextlib.nullcontext()
+    if path == "hidden" and not isinstance(head, nn.Linear):  # use_flowrl_logprobs refuses such models
+        raise ValueError(f"the hidden path needs an nn.Linear lm_head, got {type(head).__name__}")
+    bypass = lm_head_passthrough(head) if isinstance(head, nn.Linear) and path == "hidden" else contextlib.nullcontext()
     with bypass:
         output = model(inputs, attention_mask=forward_mask, position_ids=position_ids, **kwargs)
     out = output["logits"]  # [B, A+1, V or H] / [1, K, V or H]
@@ -195,12 +203,18 @@ def action_log_probs(
         out = out[:, rows] if packed else out[:, first:]
     x = out[0] if packed else out[:, :-1]
     temperature = float(getattr(actor, "temperature", 1.0))
-    if path == "logits":
-        result = token_logprobs(x, labels, temperature=temperature, mask=mask, return_entropy=return_entropy)
+    entropy: torch.Tensor | None = None
+    if isinstance(head, nn.Linear) and path == "hidden":
+        w, b = head.weight, head.bias
+        if return_entropy:
+            logp, entropy = token_logprobs_from_hidden(x, w, labels, bias=b, temperature=temperature, mask=mask,
+                                                       return_entropy=True)
+        else:
+            logp = token_logprobs_from_hidden(x, w, labels, bias=b, temperature=temperature, mask=mask)
+    elif return_entropy:
+        logp, entropy = token_logprobs(x, labels, temperature=temperature, mask=mask, return_entropy=True)
     else:
-        result = token_logprobs_from_hidden(x, head.weight, labels, bias=head.bias, temperature=temperature,
-                                            mask=mask, return_entropy=return_entropy)
-    logp, entropy = result if return_entropy else (result, None)
+        logp = token_logprobs(x, labels, temperature=temperature, mask=mask)
     if packed:
         positions = indices[rows]
         logp = _unpack(logp, positions, (batch, seqlen), first)
@@ -246,13 +260,16 @@ class FlowRLActor(Actor):
         return (logp, output) if return_output else logp
 
 
-@functools.cache
+_FLOWRL_CLASSES: dict[type, type] = {Actor: FlowRLActor}
+
+
 def _flowrl_class(cls: type) -> type:
+    """``FlowRLActor`` for OpenRLHF's ``Actor``, a subclass of both for a subclass of it (made once)."""
     if issubclass(cls, FlowRLActor):
         return cls
-    if cls is Actor:
-        return FlowRLActor
-    return type(f"FlowRL{cls.__name__}", (FlowRLActor, cls), {"__module__": cls.__module__})
+    if cls not in _FLOWRL_CLASSES:
+        _FLOWRL_CLASSES[cls] = type(f"FlowRL{cls.__name__}", (FlowRLActor, cls), {"__module__": cls.__module__})
+    return _FLOWRL_CLASSES[cls]
 
 
 def use_flowrl_logprobs(actor: Actor, choice: str = "auto") -> str:

@@ -107,7 +107,8 @@ class FlowRLPolicyLoss(nn.Module):
             got = tuple(log_probs.shape) if isinstance(log_probs, torch.Tensor) else type(log_probs).__name__
             raise ValueError(f"`log_probs` must be a [B, A] tensor of action log-probs, got {got}")
         mask = action_mask if action_mask is not None else torch.ones_like(log_probs, dtype=torch.bool)
-        if cfg.reward_source == "rewards":
+        rewards: torch.Tensor
+        if cfg.reward_source == "rewards" and self._batch.rewards is not None:  # micro_batch requires them
             rewards = self._batch.rewards
         elif isinstance(advantages, torch.Tensor) and advantages.shape == log_probs.shape:
             rewards = masked_mean(advantages, mask)
