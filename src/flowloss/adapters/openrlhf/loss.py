@@ -1,4 +1,4 @@
-"""`FlowRLPolicyLoss`: OpenRLHF's ``PolicyLoss`` call translated into `flowloss.trajectory_balance_loss`.
+"""`FlowRLPolicyLoss`: OpenRLHF's ``PolicyLoss`` call translated into `flowloss.TrajectoryBalanceLoss`.
 
 ``ActorPPOTrainer.training_step`` (openrlhf 0.11) calls ``self.actor_loss_fn(log_probs, old_log_probs, advantages,
 action_mask=, rollout_log_probs=, dp_size=, batch_num_tokens=, global_batch_size=)`` and expects ``(loss,
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flowloss import masked_mean, masked_sum, trajectory_balance_loss
+from flowloss import TrajectoryBalanceLoss, masked_mean, masked_sum
 from flowloss.adapters.common import global_normalizer
 from flowloss.adapters.openrlhf.config import FlowRLConfig
 
@@ -58,6 +58,7 @@ class FlowRLPolicyLoss(nn.Module):
     def __init__(self, config: FlowRLConfig | None = None) -> None:
         super().__init__()
         self.config = FlowRLConfig.from_any(config)
+        self.tb_loss = TrajectoryBalanceLoss(self.config.loss)  # the options, validated once, held as one object
         self._batch: _MicroBatch | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
 
@@ -122,7 +123,7 @@ class FlowRLPolicyLoss(nn.Module):
         log_z = self._batch.log_z() if callable(self._batch.log_z) else self._batch.log_z
         rollout = rollout_log_probs if cfg.rollout_tis else None
         normalizer = None if global_batch_size is None else global_normalizer(global_batch_size, int(dp_size))
-        loss, stats = trajectory_balance_loss(
+        loss, stats = self.tb_loss(
             log_probs,
             self._batch.ref_log_probs,
             rewards,
@@ -132,7 +133,6 @@ class FlowRLPolicyLoss(nn.Module):
             rollout_logprobs=rollout,
             normalizer=normalizer,
             return_stats=True,
-            **cfg.loss.to_dict(),
         )
         self.last_stats = stats
         m = mask.bool()
