@@ -12,6 +12,7 @@ The public API::
     AdapterConfig.parse_flags(argv, prefix="--flowrl.", prog=...)             # (config, the other args)
     # the log-Z head on a Hugging Face model
     LOG_Z_HEAD_NAME   LOG_Z_HEAD_FILE   attach_log_z_head   find_log_z_head   decoder_of   log_z_param_groups
+    unwrap_model
     save_log_z_head   load_log_z_head   split_log_z_head_state   log_z_head_detached   without_log_z_head
     # the decoder's last hidden states during a forward
     HiddenStateCapture   last_hidden_state
@@ -33,7 +34,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from flowloss import FlowRLOptions, LogZHead
+from flowloss._deprecation import warn_deprecated
 
 __all__ = [
     "LOG_Z_HEAD_FILE",
@@ -62,6 +63,7 @@ __all__ = [
     "log_z_param_groups",
     "save_log_z_head",
     "split_log_z_head_state",
+    "unwrap_model",
     "without_log_z_head",
 ]
 
@@ -220,7 +222,7 @@ class AdapterConfig:
                 raise TypeError(f"`{old}` is no longer a {type(self).__name__} option: {why}")
         for old, new in self.RENAMED.items():
             if old in flat:
-                warnings.warn(f"`{old}` is deprecated: use `{new}`", DeprecationWarning, stacklevel=3)
+                warn_deprecated(f"the option `{old}`", f"use `{new}`", stacklevel=4)
                 if new in flat:
                     raise TypeError(f"both `{old}` and its new name `{new}` were given")
                 flat[new] = flat.pop(old)
@@ -420,6 +422,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
         elif not hasattr(model, "config") and isinstance(getattr(model, "model", None), nn.Module):
             model = model.model
     return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside ``model``'s wrappers (OpenRLHF's ``Actor``, DeepSpeed/DDP, PEFT)."""
+    return _unwrap(model)
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

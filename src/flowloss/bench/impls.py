@@ -164,19 +164,10 @@ def _build_flowloss_fused(device: torch.device) -> Fn:
 
 
 def _build_fused_loss(device: torch.device) -> Fn:
-    from flowloss.losses import resolve_options
-    from flowloss.ops.fused_tb import fused_tb_sequence_terms, reduce_per_sequence
+    from flowloss.losses import trajectory_balance_loss
 
-    opts = resolve_options()  # the loss's defaults, as the PyTorch entry uses them
-
-    def fn(lp, ref_lp, rewards, log_z, mask, old):
-        terms = fused_tb_sequence_terms(
-            lp, ref_lp, rewards, log_z, mask, old, mode=opts.resolved_importance_weights(True),
-            eps_low=opts.eps_low, eps_high=opts.eps_high, max_weight=opts.max_weight, tis_cap=opts.tis_cap,
-            token_clip_mask=opts.token_clip_mask, length_normalization=opts.length_normalization,
-            penalty=opts.penalty, linex_alpha=opts.linex_alpha, huber_delta=opts.huber_delta, beta=opts.beta,
-        )
-        return reduce_per_sequence(terms.per_sequence, terms.counted, opts.reduction, None)
+    def fn(lp, ref_lp, rewards, log_z, mask, old):  # the loss's defaults, as the PyTorch entry uses them
+        return trajectory_balance_loss(lp, ref_lp, rewards, log_z, mask, old_logprobs=old, impl="triton")
 
     return fn
 
@@ -420,7 +411,7 @@ IMPLS: tuple[Impl, ...] = (
     Impl(
         "flowloss-fused-loss",
         "loss",
-        "flowloss.ops.fused_tb.fused_tb_sequence_terms + reduce_per_sequence (2 Triton launches + 4 ops)",
+        'flowloss.trajectory_balance_loss(impl="triton") (2 Triton launches + 1-4 ops)',
         _fused_loss_skip,
         _build_fused_loss,
     ),

@@ -82,14 +82,15 @@ def triton_module(kind: str = "logits") -> ModuleType:
 
 
 def unsupported_reason(tensors: Sequence[tuple[str, torch.Tensor | None]], *, cpu_ok: bool) -> str | None:
-    """Why the Triton kernels cannot take these tensors (None when they can): device and float dtypes."""
-    for name, t in tensors:
-        if t is None:
-            continue
-        if not (t.is_cuda or cpu_ok):
-            return f"`{name}` is not a CUDA tensor ({describe(t)})"
+    """Why the Triton kernels cannot take these tensors (None when they can): a float dtype they do not take
+    (reported first: no device can fix it), then a tensor off CUDA (unless ``cpu_ok``: the interpreter)."""
+    present = [(name, t) for name, t in tensors if t is not None]
+    for name, t in present:
         if t.is_floating_point() and t.dtype not in TRITON_DTYPES:
             return f"`{name}` is {t.dtype}; the Triton kernels take float32, bfloat16 or float16"
+    for name, t in present:
+        if not (t.is_cuda or cpu_ok):
+            return f"`{name}` is not a CUDA tensor ({describe(t)})"
     return None
 
 

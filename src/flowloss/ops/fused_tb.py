@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from flowloss.ops.dispatch import interpreter_on, triton_available, unsupported_reason
+from flowloss.options import FlowRLOptions
+from flowloss.reductions import normalizer_value
 
 # The rows of the op's `stats` output (kept equal to flowloss.kernels.tb_loss.STAT_ROWS, checked in the tests;
 # repeated here so that importing this module needs no triton).
@@ -226,17 +228,8 @@ def fused_tb_sequence_terms(
     old_logprobs: Tensor | None = None,
     rollout_logprobs: Tensor | None = None,
     *,
+    options: FlowRLOptions,
     mode: str,
-    eps_low: float,
-    eps_high: float,
-    max_weight: float,
-    tis_cap: float,
-    token_clip_mask: bool,
-    length_normalization: bool,
-    penalty: str,
-    linex_alpha: float,
-    huber_delta: float,
-    beta: float,
     block_t: int = 0,
 ) -> TBSequenceTerms:
     """The per-sequence terms of the TB loss in two launches (see the module docstring); inputs already checked.
@@ -247,18 +240,19 @@ def fused_tb_sequence_terms(
             ``"none"``, the token clip mask and TIS; ``rollout`` only with ``old``).
         rewards: ``[B]`` (``r_hat``); log_z: ``[B]`` (differentiable; squeeze a ``[B, 1]`` first).
         mask: ``[B, T]`` bool response mask; masked entries of the log-probs may hold anything (never read).
-        mode: the resolved weight mode (``FlowRLOptions.resolved_importance_weights``); the other keywords are
-            the fields of `flowloss.FlowRLOptions`, already validated.
+        options: the loss's validated `flowloss.FlowRLOptions` (its ``reduction`` is applied by the caller).
+        mode: the resolved weight mode (``options.resolved_importance_weights(old_logprobs is not None)``).
         block_t: tokens per block (a power of two >= 16), 0 for the default.
 
     Returns:
         `TBSequenceTerms`: ``per_sequence [B]`` fp32 (gradient to ``logprobs`` and ``log_z``) and detached
         ``[B]`` diagnostics, all computed by the same forward launch.
     """
+    o = options  # a custom op takes plain values: the options are unpacked here, once
     per_sequence, stats = tb_sequence_terms_op(
-        logprobs, ref_logprobs, rewards, log_z, mask, old_logprobs, rollout_logprobs, mode, float(eps_low),
-        float(eps_high), float(max_weight), float(tis_cap), bool(token_clip_mask), bool(length_normalization),
-        penalty, float(linex_alpha), float(huber_delta), float(beta), int(block_t),
+        logprobs, ref_logprobs, rewards, log_z, mask, old_logprobs, rollout_logprobs, mode, o.eps_low, o.eps_high,
+        o.max_weight, o.tis_cap, o.token_clip_mask, o.length_normalization, o.penalty, o.linex_alpha, o.huber_delta,
+        o.beta, int(block_t),
     )
     return TBSequenceTerms(per_sequence, *stats.unbind(0)[: len(TBSequenceTerms._fields) - 1])
 
@@ -273,8 +267,7 @@ def reduce_per_sequence(
     or over ``sum(counted)`` clamped to >= 1 (``counted`` the 0.0/1.0 row flags).
     """
     if normalizer is not None:
-        if isinstance(normalizer, Tensor):
-            normalizer = normalizer.detach().to(device=per_sequence.device, dtype=per_sequence.dtype).reshape(())
+        normalizer = normalizer_value(normalizer, per_sequence)
         return (per_sequence if reduction == "none" else per_sequence.sum()) / normalizer
     if reduction == "none":
         return per_sequence
