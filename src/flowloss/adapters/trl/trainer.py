@@ -24,6 +24,7 @@ from flowloss.adapters.common import (
     log_z_param_groups,
     save_log_z_head,
     split_log_z_head_state,
+    unwrap_model,
 )
 from flowloss.adapters.trl import _compat
 from flowloss.adapters.trl.config import FlowRLConfig
@@ -47,12 +48,6 @@ def _checkpoint_dir(model: Any) -> str | None:
         return model if os.path.isdir(model) else None
     path = getattr(getattr(model, "config", None), "_name_or_path", None)
     return path if isinstance(path, str) and os.path.isdir(path) else None
-
-
-def _hf_model(model: nn.Module, accelerator: Any) -> nn.Module:
-    """The Hugging Face causal LM inside DDP/DeepSpeed (accelerate) and PEFT wrappers."""
-    model = accelerator.unwrap_model(model)
-    return model.get_base_model() if _compat.is_peft_model(model) else model
 
 
 def _give_head_its_own_group(optimizer: torch.optim.Optimizer, model: nn.Module, lr: float | None) -> None:
@@ -132,7 +127,7 @@ class FlowRLTrainer(GRPOTrainer):
         with _compat.reference_policy(self, model, ref_model), _compat.allow_adapter_on_lm_head(lift):
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
 
-        models = [_hf_model(m, self.accelerator) for m in (self.model, self.ref_model) if m is not None]
+        models = [unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
         if path == "hidden" and (problem := next(filter(None, map(hidden_path_problem, models)), None)):
             if args.flowrl_logprobs != "auto":
                 raise ValueError(f"flowrl_logprobs='hidden' cannot be used: {problem}. Use 'logits' or 'framework'.")
