@@ -367,3 +367,22 @@ def test_actor_settings_flowrl_would_ignore_are_refused_together():
     # FlowRL's own clip range written in verl's names, and verl's defaults, are accepted.
     fv.make_flowrl_loss_fn(_actor_config(clip_ratio_low=0.2, clip_ratio_high=0.28))
     fv.make_flowrl_loss_fn(_actor_config(clip_ratio_high=0.3), {"eps_high": 0.3})
+
+
+# The public names of flowloss.adapters.verl when it was one module (0.1): the package keeps them all.
+_NAMES_OF_0_1 = ("REGISTERED_POLICY_LOSS", "FlowRLConfig", "FlowRLFSDPEngine", "LogZSource", "attach_log_z_head",
+                 "flowrl_loss", "install_flowrl_loss", "make_flowrl_loss_fn", "packed_prompt_log_z",
+                 "register_flowrl", "register_flowrl_engine", "register_flowrl_policy_loss",
+                 "register_flowrl_trainer", "sequence_rewards", "set_flowrl_loss_fn")
+
+
+def test_every_name_of_the_single_module_still_imports():
+    import importlib
+
+    module = importlib.import_module("flowloss.adapters.verl")
+    for name in _NAMES_OF_0_1:
+        assert getattr(module, name) is not None, name
+    assert set(_NAMES_OF_0_1) - {"LogZSource"} <= set(module.__all__)
+    assert module.FlowRLFSDPEngine is module.FlowRLFSDPEngine  # built once, on first access
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        module.nope  # noqa: B018

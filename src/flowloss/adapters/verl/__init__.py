@@ -24,6 +24,7 @@ from typing import Any
 from flowloss.adapters.verl.config import (
     FLOWRL_NODE,
     FlowRLConfig,
+    LogZSource,  # noqa: F401 (a name of 0.1: the type of FlowRLConfig.log_z)
     check_verl_settings,
     flowrl_config_from,
     verl_conflicts,
