@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from flowloss import count_valid_sequences, masked_mean, trajectory_balance_loss, vargrad_log_z
+from flowloss import TrajectoryBalanceLoss, count_valid_sequences, masked_mean, vargrad_log_z
 from flowloss.adapters.verl.config import FlowRLConfig, check_verl_settings
 
 __all__ = [
@@ -115,15 +115,13 @@ def _weighted_tb_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``trajectory_balance_loss``, with each sequence's term multiplied by ``sequence_weights [B]`` (detached)
     when given: ``sum_i c_i w_i delta_i^2 / N``, ``N`` the normalizer (or the micro-batch's valid count)."""
-    options = flowrl.loss.to_dict()
+    loss_fn = TrajectoryBalanceLoss(flowrl.loss)  # holds the validated options object as is
     if sequence_weights is None:
-        return trajectory_balance_loss(log_prob, ref, rewards, log_z, mask, old_logprobs=old,
-                                       rollout_logprobs=rollout, normalizer=normalizer, return_stats=True,
-                                       **options)
+        return loss_fn(log_prob, ref, rewards, log_z, mask, old_logprobs=old, rollout_logprobs=rollout,
+                       normalizer=normalizer, return_stats=True)
     n = normalizer if normalizer is not None else count_valid_sequences(mask).clamp_min(1).to(torch.float32)
-    terms, stats = trajectory_balance_loss(log_prob, ref, rewards, log_z, mask, old_logprobs=old,
-                                           rollout_logprobs=rollout, normalizer=n, return_stats=True,
-                                           **{**options, "reduction": "none"})
+    terms, stats = loss_fn(log_prob, ref, rewards, log_z, mask, old_logprobs=old, rollout_logprobs=rollout,
+                           normalizer=n, return_stats=True, reduction="none")
     c = sequence_weights.detach().to(terms.dtype)
     valid = mask.any(dim=1).to(c.dtype)
     stats["rollout_is_weight_mean"] = (c * valid).sum() / valid.sum().clamp_min(1)
