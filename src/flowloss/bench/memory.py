@@ -1,4 +1,5 @@
-"""Peak extra memory of one call: the most bytes held by tensors at any moment, minus what was held before.
+"""Peak extra memory of one call: the most bytes held by tensors at any moment, minus what was held before; and
+how a call that failed (out of memory or otherwise) is reported.
 
 - CUDA: ``torch.cuda.reset_peak_memory_stats`` then ``max_memory_allocated() - memory_allocated()``: tensor bytes
   from the caching allocator, the allocator's cache excluded.
@@ -82,3 +83,13 @@ def _cpu_peak(fn: Callable[[], object]) -> tuple[int | None, str]:
     base = first.total_allocated - first.alloc_size
     peak = max(n.extra_fields.total_allocated for n in allocations)
     return max(peak - base, 0), method
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def short_error(err: BaseException) -> str:
+    """``"Type: first line of the message"``, at most 300 characters: the ``reason`` of a row that failed."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
