@@ -408,3 +408,21 @@ def test_grpo_logits_falls_back_to_the_plain_twin_and_says_why(monkeypatch):
         monkeypatch.setitem(sys.modules, name, broken if name == "trl" else types.ModuleType(name))
     fn = sp.build_grpo_logits(CPU)
     assert fn.note.startswith("trl not importable (ImportError: cannot import name 'selective_log_softmax'")
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["stand-in", "trl"])
+def test_trl_fused_head_is_the_flowrl_of_flowloss_hidden(real, models, batch, monkeypatch):
+    """trl-fused-head (TRL's ChunkedLogProbFunction on the response hidden states) and flowloss-hidden: the same
+    FlowRL loss, log-probs and policy gradients. With the real trl (from .venv-trl) this checks TRL's arithmetic."""
+    if real:
+        pytest.importorskip("trl.kernels")
+    else:
+        from tests.bench.test_parts import trl_stand_in
+
+        trl_stand_in(monkeypatch, compact=True)
+    out_t, grads_t = _run(sp.build_trl_fused_head(CPU), models, batch)
+    out_h, grads_h = _run(sp.flowloss_hidden, models, batch)
+    assert float(out_t.loss) == pytest.approx(float(out_h.loss), rel=1e-5)
+    torch.testing.assert_close(out_t.logprobs, out_h.logprobs, rtol=0, atol=2e-6)
+    assert (out_t.logprobs[~batch.response_mask] == 0).all()
+    assert _rel_l2(grads_t, grads_h) < 1e-5
