@@ -426,3 +426,11 @@ def test_trl_fused_head_is_the_flowrl_of_flowloss_hidden(real, models, batch, mo
     torch.testing.assert_close(out_t.logprobs, out_h.logprobs, rtol=0, atol=2e-6)
     assert (out_t.logprobs[~batch.response_mask] == 0).all()
     assert _rel_l2(grads_t, grads_h) < 1e-5
+
+
+def test_largest_fit_stops_when_told():
+    """The time budget reaches into the batch search: no probe starts once stop() is true; what was found stays."""
+    calls = []
+    found = st.largest_fit(lambda n: calls.append(n) or True, 8, 4, 10_000, stop=lambda: len(calls) >= 2)
+    assert calls == [8, 16] and found == {"sequences": 16, "probes": [[8, True], [16, True]], "bounded": True,
+                                          "stopped": True}  # fmt: skip

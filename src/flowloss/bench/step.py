@@ -108,14 +108,18 @@ def reference_loss(impl: str, f64: dict[str, torch.Tensor], b: StepBatch, s: Ste
     return float(flref.trajectory_balance_loss(lp, ref_lp, r_hat, z, mask, beta=s.beta, weights=weights))
 
 
-def largest_fit(fits: Callable[[int], bool], start: int, unit: int, limit: int) -> dict[str, Any]:
+def largest_fit(fits: Callable[[int], bool], start: int, unit: int, limit: int,
+                stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:  # fmt: skip
     """Largest number of sequences (a multiple of ``unit``, at most ``limit``) for which ``fits`` is true,
     assuming that fitting is monotone: double from ``start`` until the first failure, then bisect the last gap
-    `FIT_BISECTIONS` times. Returns ``{"sequences": best or None, "probes": [[sequences, fits], ...],
-    "bounded": whether the search stopped at ``limit`` without a failure}``."""
+    `FIT_BISECTIONS` times; no probe starts once ``stop()`` is true. Returns ``{"sequences": best or None,
+    "probes": [[sequences, fits], ...], "bounded": whether the search stopped without a failure (at ``limit``, or
+    stopped)}``, plus ``"stopped": True`` when ``stop`` cut it short."""
     probes: list[list] = []
     best, bad, size = None, None, start
     while size <= limit:
+        if stop():
+            return {"sequences": best, "probes": probes, "bounded": bad is None, "stopped": True}
         ok = fits(size)
         probes.append([size, ok])
         if not ok:
@@ -126,6 +130,8 @@ def largest_fit(fits: Callable[[int], bool], start: int, unit: int, limit: int) 
         mid = (best + bad) // 2 // unit * unit
         if mid <= best or mid >= bad:
             break
+        if stop():
+            return {"sequences": best, "probes": probes, "bounded": False, "stopped": True}
         ok = fits(mid)
         probes.append([mid, ok])
         best, bad = (mid, bad) if ok else (best, mid)
@@ -143,7 +149,7 @@ def _reason(err: BaseException) -> str:
 
 
 def search_fit(fn: Path, models: StepModels, settings: StepSettings, case: dict, device: torch.device,
-               seed: int) -> dict[str, Any]:  # fmt: skip
+               seed: int, stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:  # fmt: skip
     """`largest_fit` of whole steps of ``fn`` at ``case``'s ``L`` and ``G``, from ``case``'s ``B`` up: a batch
     fits when its step (forward, backward, AdamW) runs without an out-of-memory error. After each try, gradients
     are zeroed (an interrupted backward leaves partial sums), garbage collected and the CUDA cache emptied, so the
@@ -167,7 +173,7 @@ def search_fit(fn: Path, models: StepModels, settings: StepSettings, case: dict,
             _free(device)
 
     limit = max(case["sequences"], MAX_FIT_TOKENS // seq_len // group * group)
-    found = largest_fit(fits, case["sequences"], group, limit)
+    found = largest_fit(fits, case["sequences"], group, limit, stop)
     best = found["sequences"]
     return {**found, "tokens": None if best is None else best * seq_len, "seq_len": seq_len}
 
@@ -355,7 +361,8 @@ def step_case(impls: list, dtype_key: str, run: Run, *, skip_reason: str | None 
             continue
         run.progress(f"{label}: {name} (largest batch)")
         try:
-            record["max_fit"] = search_fit(fn, models, settings, case, device, c.seed)
+            record["max_fit"] = search_fit(fn, models, settings, case, device, c.seed,
+                                           stop=lambda: run.out_of_time() is not None)  # fmt: skip
         except Exception as err:  # anything but out-of-memory: say so, keep the row's other figures
             record["max_fit"], record["max_fit_reason"] = None, f"search failed: {_reason(err)}"
         finally:
