@@ -173,7 +173,7 @@ def _launchers_skip(device: torch.device) -> str | None:
     """The launchers run on CUDA, and on CPU under Triton's interpreter (``TRITON_INTERPRET=1``: a check, not a
     benchmark)."""
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return importable("triton")
+        return importable("flowloss.kernels")
     return "the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU, as a check)"
 
 
@@ -368,10 +368,9 @@ IMPLS: tuple[Impl, ...] = (
          needs=("flowloss.ops.fused_linear",)),
     Impl("flowloss-fused-onepass", "fused_linear",
          "flowloss.kernels launchers, scratch budget raised so the fp32 [N, H] dH buffer fits: one recompute",
-         _flowloss_plan(max_scratch_bytes=lambda h, w: 4 * h.numel() + 512 * 2**20), needs=("flowloss.kernels",),
-         check=_launchers_skip),
+         _flowloss_plan(max_scratch_bytes=lambda h, w: 4 * h.numel() + 512 * 2**20), check=_launchers_skip),
     Impl("flowloss-fused-filter", "fused_linear", "flowloss.kernels launchers, exact plan, filter_eps = 2^-10",
-         _flowloss_plan(filter_eps=FILTER_EPS), needs=("flowloss.kernels",), check=_launchers_skip),
+         _flowloss_plan(filter_eps=FILTER_EPS), check=_launchers_skip),
     Impl("trl-chunked", "fused_linear", "trl.kernels.ChunkedLogProbFunction (TRL's fused lm_head), 32768 columns "
          "a tile", _trl_chunked, needs=("trl.kernels",)),
     Impl("liger-fused", "fused_linear",

@@ -67,14 +67,16 @@ def machine_info(device: str, load_at_start: tuple[float, float, float] | None =
 
 
 def load_text(m: dict[str, Any]) -> str:
-    """``"load 1.14 at start, 1.30 / 1.05 / 0.90 at end (1 / 5 / 15 min), 2 cores"``, or ``""`` when unknown."""
-    if m.get("load_average_1min") is None:
+    """``"load 1.14 at start, 1.30 / 1.05 / 0.90 at end (1 / 5 / 15 min), 2 cores"`` (what the JSON holds of it),
+    or ``""`` when unknown."""
+    present = [(minutes, m[key]) for minutes, key in (("1", "load_average_1min"), ("5", "load_average_5min"),
+               ("15", "load_average_15min")) if m.get(key) is not None]  # fmt: skip
+    if not present:
         return ""
     start = m.get("load_average_1min_start")
     head = "load" if start is None else f"load {start:.2f} at start,"
-    ends = " / ".join(f"{m[k]:.2f}" for k in ("load_average_1min", "load_average_5min", "load_average_15min")
-                      if m.get(k) is not None)  # fmt: skip
-    return f"{head} {ends} {'at end ' if start is not None else ''}(1 / 5 / 15 min), {m['cpu_count']} cores"
+    ends = " / ".join(f"{v:.2f}" for _, v in present) + (" at end" if start is not None else "")
+    return f"{head} {ends} ({' / '.join(k for k, _ in present)} min), {m.get('cpu_count')} cores"
 
 
 def num(x: float | None) -> str:

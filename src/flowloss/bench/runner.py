@@ -10,7 +10,6 @@ what else the run measures. ``--op step`` is built and measured by `flowloss.ben
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import math
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from flowloss.bench import reference as ref
 from flowloss.bench import step, step_paths
 from flowloss.bench.config import DTYPES, BenchConfig, Run
 from flowloss.bench.impls import Impl
-from flowloss.bench.memory import is_oom, peak_extra_bytes, short_error
+from flowloss.bench.memory import is_oom, peak_extra_bytes, release, short_error
 from flowloss.bench.step_model import PRESETS, split_length, state_bytes
 from flowloss.bench.timing import time_calls
 
@@ -174,9 +173,7 @@ def _run_impls(impls: list[Impl], make_call: Callable, check: Callable, leaves: 
                 t.grad = None
             results.append(skipped(impl, "out of memory" if is_oom(err) else short_error(err), status="error"))
         finally:
-            gc.collect()
-            if run.device.type == "cuda":
-                torch.cuda.empty_cache()
+            release(run.device)
     return results
 
 

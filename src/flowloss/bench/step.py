@@ -12,7 +12,6 @@ largest batch (sequences grown at fixed ``L`` until out of memory). Figures and 
 
 from __future__ import annotations
 
-import gc
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 
 from flowloss.bench import reference as ref
 from flowloss.bench.config import DTYPES, BenchConfig, Run
-from flowloss.bench.memory import is_oom, peak_extra_bytes, short_error
+from flowloss.bench.memory import is_oom, peak_extra_bytes, release, short_error
 from flowloss.bench.step_model import (
     PRESETS,
     StepBatch,
@@ -138,12 +137,6 @@ def largest_fit(fits: Callable[[int], bool], start: int, unit: int, limit: int,
     return {"sequences": best, "probes": probes, "bounded": bad is None}
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _reason(err: BaseException) -> str:
     return "out of memory" if is_oom(err) else short_error(err)
 
@@ -170,7 +163,7 @@ def search_fit(fn: Path, models: StepModels, settings: StepSettings, case: dict,
         finally:
             batch = None
             models.optimizer.zero_grad(set_to_none=False)
-            _free(device)
+            release(device)
 
     limit = max(case["sequences"], MAX_FIT_TOKENS // seq_len // group * group)
     found = largest_fit(fits, case["sequences"], group, limit, stop)
@@ -277,7 +270,7 @@ def step_case(impls: list, dtype_key: str, run: Run, *, skip_reason: str | None 
     except Exception as err:
         if _reason(err) != "out of memory":
             raise
-        _free(device)
+        release(device)
         return skip_all("error", "out of memory while building the models and the float64 reference")
 
     results: dict[str, dict[str, Any]] = {MODEL_ROW: {"impl": MODEL_ROW, "source": MODEL_SOURCE, "status": "ok",
@@ -306,7 +299,7 @@ def step_case(impls: list, dtype_key: str, run: Run, *, skip_reason: str | None 
             fail(impl.name, err)
         finally:
             models.optimizer.zero_grad(set_to_none=False)
-            _free(device)
+            release(device)
     snapshots.clear()
     del f64
     case["memory_baseline"] = _baseline(models, batch, device)
@@ -334,7 +327,7 @@ def step_case(impls: list, dtype_key: str, run: Run, *, skip_reason: str | None 
             fail(name, err)
         finally:
             models.optimizer.zero_grad(set_to_none=False)
-            _free(device)
+            release(device)
     samples: dict[str, list[float]] = {name: [] for name in built}
     for rep in range(c.step_reps):
         run.progress(f"{label}: timed steps, round {rep + 1} of {c.step_reps}")
@@ -345,7 +338,7 @@ def step_case(impls: list, dtype_key: str, run: Run, *, skip_reason: str | None 
             except Exception as err:
                 fail(name, err)
                 models.optimizer.zero_grad(set_to_none=False)
-                _free(device)
+                release(device)
     for name in built:
         record = results[name]
         record["step_ms"] = summarize(samples[name]).as_dict()
@@ -367,7 +360,7 @@ def step_case(impls: list, dtype_key: str, run: Run, *, skip_reason: str | None 
             record["max_fit"], record["max_fit_reason"] = None, f"search failed: {_reason(err)}"
         finally:
             models.optimizer.zero_grad(set_to_none=False)
-            _free(device)
+            release(device)
 
     case["results"] = [results[MODEL_ROW]] + [results[i.name] for i in impls if i.name in results]
     model_ms = results[MODEL_ROW].get("step_ms", {}).get("median")
