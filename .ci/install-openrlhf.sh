@@ -7,7 +7,8 @@
 # GPU-only), so openrlhf is installed without dependencies and the modules the adapter tests import are added
 # by hand: deepspeed (built without ops, against the already installed CPU torch), transformers at openrlhf's
 # pin, peft, ray, torchdata and a few pure-Python needs. The GPU-only modules openrlhf imports at top level
-# (flash_attn, vllm) are replaced by minimal stand-ins inside tests/adapters/openrlhf/ only.
+# (flash_attn, vllm) are replaced by minimal stand-ins inside tests/adapters/openrlhf/ only (flash-attn's
+# padding helpers as CPU twins, for the packed-samples tests).
 set -euo pipefail
 
 VENV=${1:?usage: install-openrlhf.sh VENV_DIR CONSTRAINTS_FILE}
@@ -47,7 +48,7 @@ assert torch.__version__.startswith("2.13.0"), torch.__version__
 import deepspeed, openrlhf, peft, ray, transformers  # noqa: F401,E401
 import openrlhf.trainer.ray.ppo_actor  # noqa: F401  (flash_attn / vllm: the test stand-ins)
 import openrlhf.cli.train_ppo_ray, openrlhf.trainer.ppo_trainer  # noqa: F401,E401  (the launcher's imports)
-import flowloss.adapters.openrlhf  # noqa: F401
+import flowloss.adapters.openrlhf.trainer, flowloss.adapters.openrlhf.worker  # noqa: F401,E401
 print(f"openrlhf venv ready: torch {torch.__version__}, transformers {transformers.__version__}, "
       f"deepspeed {deepspeed.__version__}, ray {ray.__version__}")
 PY

@@ -6,12 +6,15 @@ fp32 after the upcast (inputs may be fp16/bf16/fp32)::
 
     rho_t    = lp_t - old_t                                       (detached)
     kept_t   = m_t and not (r_i > 0 and rho_t > hi  or  r_i < 0 and rho_t < lo)    token clip mask, else m_t
+               (a non-finite rho_t is kept: a bad log-prob must reach the loss)
     n_i      = sum_t kept_t                                       hi = log1p(eps_high), lo = log1p(-eps_low)
     l_i      = sum_kept (lp_t - ref_t)  [/ max(n_i, 1) with length normalization]
     delta_i  = (z_i + l_i) - beta r_i
     s_i      = sum_kept rho_t  [/ max(n_i, 1) for "geometric_clipped"]           unclipped log-weight
     c_i      = clip(s_i, lo, hi) | min(s_i, log max_weight) | min(s_i, 20) | 0   by importance mode
+    c_i      = NaN where s_i is not finite (a clip must not hide an infinite ratio)
     c_i     += min(sum_kept (old_t - ro_t) [/ max(n_i, 1) geometric], log tis_cap)   with rollout log-probs
+               (NaN where that sum is -inf: a rollout log-prob of +inf)
     w_i      = exp(c_i)                                            (1 exactly for mode "none" without rollout)
     per_seq_i = w_i g(delta_i) where n_i > 0, else 0               g: the penalty (squared, shifted_cosh, ...)
 
@@ -222,7 +225,9 @@ def _tb_forward_kernel(
             old = tl.where(m, tl.load(old_row + cols, mask=in_row, other=0.0).to(tl.float32), 0.0)
             rho = lp - old
             if TOKEN_CLIP:
-                kept = m & ~((rho > drop_above) | (rho < drop_below))  # NaN rho: kept, as in PyTorch
+                # NaN or infinite rho: kept, as in PyTorch (dropping it would hide a bad log-prob)
+                outside = ((rho > drop_above) | (rho < drop_below)) & (tl.abs(rho) < float("inf"))
+                kept = m & ~outside
             acc_rho += tl.where(kept, rho, 0.0)
             if HAS_ROLLOUT:
                 ro = tl.where(m, tl.load(ro_row + cols, mask=in_row, other=0.0).to(tl.float32), 0.0)
@@ -261,11 +266,15 @@ def _tb_forward_kernel(
         else:
             high = log_w > log_cap
             clipped = tl.where(high, log_cap, log_w)
+        # An infinite log-ratio (old log-prob +-inf at a kept token) would be clipped to a finite weight: NaN.
+        clipped = tl.where(tl.abs(log_w) < float("inf"), clipped, float("nan"))
     if HAS_ROLLOUT:
         log_tis = tl.sum(acc_tis, axis=0)
         if MODE == 4:
             log_tis = log_tis / denominator
-        clipped += tl.where(log_tis > log_tis_cap, log_tis_cap, log_tis)
+        # pi_rollout = 0 (+inf here) truncates to exactly log tis_cap; a rollout log-prob of +inf (-inf) is NaN.
+        truncated = tl.where(log_tis > log_tis_cap, log_tis_cap, log_tis)
+        clipped += tl.where(log_tis > float("-inf"), truncated, float("nan"))
     w = tl.full((), 1.0, tl.float32)  # exactly 1 without a weight
     if (MODE != 0) or HAS_ROLLOUT:
         w = tl.exp(clipped)
@@ -342,7 +351,8 @@ def _tb_backward_kernel(
                 lp = tl.where(kept, tl.load(lp_row + cols, mask=in_row, other=0.0).to(tl.float32), 0.0)
                 old = tl.where(kept, tl.load(old_row + cols, mask=in_row, other=0.0).to(tl.float32), 0.0)
                 rho = lp - old
-                kept = kept & ~((rho > drop_above) | (rho < drop_below))
+                outside = ((rho > drop_above) | (rho < drop_below)) & (tl.abs(rho) < float("inf"))
+                kept = kept & ~outside
             out = tl.where(kept, per_token, 0.0)
             tl.store(dlp_row + cols, out.to(dlp_ptr.dtype.element_ty), mask=in_row)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -102,10 +101,3 @@ def op_node(output: torch.Tensor):
             return node
         todo.extend(n for n, _ in node.next_functions)
     raise AssertionError(f"no flowloss op in the autograd graph of {output.grad_fn}")
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    """A monkeypatch that hypothesis tests may use (the function-scoped one is not reset between examples)."""
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch

@@ -50,15 +50,17 @@ def test_deprecated_reduction_aliases_warn_and_equal_the_one_name():
     g = torch.Generator().manual_seed(0)
     lp = torch.randn(3, 4, generator=g).masked_fill(torch.eye(3, 4, dtype=torch.bool), float("nan"))
     mask = ~torch.eye(3, 4, dtype=torch.bool)
-    with pytest.warns(DeprecationWarning, match="use `masked_mean`"):
+    with pytest.warns(DeprecationWarning, match="since 0.2.0 and will be removed in 0.3.0: use `masked_mean`") as seen:
         assert torch.equal(length_normalize(lp, mask), masked_mean(lp, mask))
+    assert seen[0].filename == __file__, "the warning points at the caller's line"
     with pytest.warns(DeprecationWarning, match="deprecated"):
         assert torch.equal(sequence_logprobs(lp, mask, reduction="sum"), masked_sum(lp, mask))
     with pytest.warns(DeprecationWarning):
         out = sequence_logprobs(lp, mask, reduction="none")
     assert torch.equal(out, torch.where(mask, lp, 0.0))
-    with pytest.warns(DeprecationWarning, match="`mode=` is deprecated"):
+    with pytest.warns(DeprecationWarning, match="`mode=` is deprecated since 0.2.0") as seen:
         w = clipped_importance_weights(lp, torch.zeros(3, 4), mask, mode="sequence")
+    assert seen[0].filename == __file__
     assert torch.equal(w, clipped_importance_weights(lp, torch.zeros(3, 4), mask, importance_weights="sequence"))
     assert count_valid_sequences(torch.tensor([[1, 0], [0, 0]])).item() == 1
 

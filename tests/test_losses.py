@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from flowloss import count_valid_sequences, ratio_clip_token_mask, reverse_kl_surrogate, trajectory_balance_loss
+from flowloss import (
+    TrajectoryBalanceLoss,
+    count_valid_sequences,
+    ratio_clip_token_mask,
+    reverse_kl_surrogate,
+    trajectory_balance_loss,
+)
 from flowloss import reference as ref
 from tests.conftest import assert_close
 from tests.strategies import batches, f64_leaf, leaf
@@ -404,13 +411,11 @@ def test_ratio_clip_token_mask_at_and_between_the_thresholds():
     reduction=st.sampled_from(["mean", "sum", "none"]),
 )
 def test_fused_loss_path_equals_the_pytorch_path(
-    batch, mode, token_clip, with_rollout, length_normalization, penalty, reduction, monkeypatch_module
+    batch, mode, token_clip, with_rollout, length_normalization, penalty, reduction
 ):
-    """On CUDA (here: CPU under Triton's interpreter) `trajectory_balance_loss` runs the fused Triton kernels:
-    same loss, same stats, same gradients as the PyTorch path (float32 accumulation both)."""
+    """`impl="triton"` (CUDA, here: CPU under Triton's interpreter) runs the fused Triton kernels: same loss,
+    same stats, same gradients as `impl="pytorch"` (float32 accumulation both)."""
     import os
-
-    import flowloss.losses as losses
 
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("the fused loss runs on CUDA, or on CPU under TRITON_INTERPRET=1")
@@ -423,11 +428,11 @@ def test_fused_loss_path_equals_the_pytorch_path(
         penalty=penalty, reduction=reduction, return_stats=True,
     )
     results = []
-    for fused in (True, False):
-        monkeypatch_module.setattr(losses, "FUSED_LOSS", fused)
+    for impl in ("triton", "pytorch"):
         lp, lz = leaf(batch.logprobs.to(device)), leaf(batch.log_z.to(device))
         loss, stats = trajectory_balance_loss(
-            lp, batch.ref_logprobs.to(device), batch.rewards.to(device), lz, batch.mask.to(device), **kwargs
+            lp, batch.ref_logprobs.to(device), batch.rewards.to(device), lz, batch.mask.to(device), impl=impl,
+            **kwargs,
         )
         (loss * torch.linspace(0.5, 1.5, loss.numel(), device=device).reshape(loss.shape)).sum().backward()
         results.append((loss.detach(), stats, lp.grad, lz.grad))
@@ -440,3 +445,63 @@ def test_fused_loss_path_equals_the_pytorch_path(
                      scale=scale * 1e-3)
     assert_close(f_lp, t_lp, dtype=batch.dtype, what="fused dloss/dlogprobs", scale=scale**0.5 * 1e-2, grad=True)
     assert_close(f_lz, t_lz, dtype=batch.dtype, what="fused dloss/dlog_z", scale=scale**0.5 * 1e-2, grad=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["rewards", "log_z"])
+def test_a_bad_value_on_an_all_masked_row_reaches_neither_loss_nor_gradient(bad, where):
+    """An all-masked row takes no part: a NaN/inf reward or log Z there leaves the loss and every gradient finite
+    (the gradient used to be 0 * NaN = NaN for log Z, and one optimizer step turned the whole head NaN)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 1)
+    pooled = torch.randn(3, 4)
+    values = {"rewards": torch.randn(3), "log_z": None}
+    mask = torch.tensor([[True, True, False], [False, False, False], [True, False, False]])
+    logprobs = leaf(-torch.rand(3, 3))
+    if where == "rewards":
+        values["rewards"][1] = bad
+        log_z = head(pooled).squeeze(-1)
+    else:
+        log_z = torch.where(torch.arange(3) == 1, torch.tensor(bad), head(pooled).squeeze(-1))
+    loss = trajectory_balance_loss(logprobs, -torch.rand(3, 3), values["rewards"], log_z, mask, impl="pytorch")
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(logprobs.grad).all() and torch.isfinite(head.weight.grad).all()
+    assert torch.isfinite(head.bias.grad).all()
+    # the row's own contribution is exactly zero
+    assert float(logprobs.grad[1].abs().sum()) == 0.0
+
+
+def test_impl_selects_the_implementation_and_refuses_what_cannot_run():
+    lp, ref_lp, rewards, log_z = -torch.rand(2, 3), -torch.rand(2, 3), torch.randn(2), torch.zeros(2)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    expected = trajectory_balance_loss(lp, ref_lp, rewards, log_z, mask)
+    assert torch.equal(trajectory_balance_loss(lp, ref_lp, rewards, log_z, mask, impl="pytorch"), expected)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match=r"impl='triton'.*not a CUDA tensor.*impl='pytorch'"):
+            trajectory_balance_loss(lp, ref_lp, rewards, log_z, mask, impl="triton")
+    with pytest.raises(TypeError, match=r"impl='triton'.*float64"):
+        trajectory_balance_loss(lp.double(), ref_lp, rewards, log_z, mask, impl="triton")
+    with pytest.raises(ValueError, match=r"`impl` must be one of \('auto', 'triton', 'pytorch'\)"):
+        trajectory_balance_loss(lp, ref_lp, rewards, log_z, mask, impl="fused")
+    with pytest.raises(ValueError, match="reverse_kl_surrogate has no Triton kernel"):
+        reverse_kl_surrogate(lp, ref_lp, rewards, mask, impl="triton")
+    with pytest.raises(ValueError, match="`impl` must be one of"):
+        TrajectoryBalanceLoss(impl="chunked")
+    module = TrajectoryBalanceLoss(impl="pytorch")
+    assert module.impl == "pytorch" and "impl='pytorch'" in repr(module)
+    assert torch.equal(module(lp, ref_lp, rewards, log_z, mask), expected)
+
+
+def test_auto_sends_the_loss_to_its_fused_kernel_only_once_that_kernel_has_run_on_a_gpu(monkeypatch):
+    """`impl="auto"` on tensors the kernels take: the PyTorch path while `GPU_VERIFIED["tb_loss"]` is None."""
+    from flowloss.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "unsupported_reason", lambda tensors, cpu_ok: None)  # as for CUDA fp32
+    monkeypatch.setattr(dispatch, "triton_available", lambda kind="logits": True)
+    x = [("logprobs", torch.zeros(2, 3))]
+    assert dispatch.GPU_VERIFIED["tb_loss"] is None
+    assert dispatch.choose("tb_loss", "auto", x) == "pytorch"
+    assert dispatch.choose("logits", "auto", x) == "triton"  # ran on an H200
+    monkeypatch.setitem(dispatch.GPU_VERIFIED, "tb_loss", "a device run")
+    assert dispatch.choose("tb_loss", "auto", x) == "triton"

@@ -46,21 +46,29 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path: Path):
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for name in ("src", "kernels"):
         shutil.copytree(ROOT / name, source / name, ignore=skip)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, source / name)
     dist = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(source)],
+        [sys.executable, "-m", "build", "--wheel", "--sdist", "--outdir", str(dist), str(source)],
         check=True,
         capture_output=True,
         text=True,
     )
     (wheel,) = dist.glob("flowloss-*.whl")
+    (sdist,) = dist.glob("flowloss-*.tar.gz")
+    import flowloss
+
+    assert wheel.name.startswith(f"flowloss-{flowloss.__version__}-") and flowloss.__version__ in sdist.name
     with zipfile.ZipFile(wheel) as zf:
-        assert "flowloss/py.typed" in zf.namelist(), "the wheel does not ship flowloss/py.typed (PEP 561)"
-        (meta_path,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+        names = zf.namelist()
+        assert "flowloss/py.typed" in names, "the wheel does not ship flowloss/py.typed (PEP 561)"
+        assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "the wheel lacks the LICENSE"
+        (meta_path,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = Parser().parsestr(zf.read(meta_path).decode())
     assert metadata["License-Expression"] == "Apache-2.0"
+    assert metadata["Version"] == flowloss.__version__
+    assert "Typing :: Typed" in (metadata.get_all("Classifier") or [])
     requires = metadata.get_all("Requires-Dist") or []
     runtime = {_name(r) for r in requires if "extra ==" not in r}
     assert runtime == RUNTIME, f"runtime requirements {sorted(runtime)}, expected {sorted(RUNTIME)}"
@@ -98,3 +106,11 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path: Path):
         [str(env_dir / "bin" / "flowloss"), "bench"], capture_output=True, text=True, cwd=tmp_path, env=env
     )
     assert bench.returncode == 2 and 'pip install -e ".[cli]"' in bench.stderr, bench.stderr
+    # The README's trainer example, exactly as written, with only what `pip install flowloss` brings.
+    from tests.docs.code_blocks import python_blocks
+
+    (block,) = python_blocks("README.md")
+    example = tmp_path / "readme_example.py"
+    example.write_text(block.code)
+    run = subprocess.run([str(python), str(example)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 0 and run.stdout.startswith("loss "), run.stdout + run.stderr

@@ -3,7 +3,8 @@
 The whole public API::
 
     # losses (pure functions on tensors), their options object and nn.Module twins
-    trajectory_balance_loss   reverse_kl_surrogate   FlowRLOptions   TrajectoryBalanceLoss   ReverseKLSurrogate
+    trajectory_balance_loss   reverse_kl_surrogate   FlowRLOptions   ReverseKLOptions
+    TrajectoryBalanceLoss   ReverseKLSurrogate
     # building blocks
     masked_mean  masked_sum  count_valid_sequences  reduce_sequences
     clipped_importance_weights  ratio_clip_token_mask  group_normalize_rewards
@@ -16,7 +17,7 @@ The whole public API::
 
 ``flowloss.reference`` holds the float64 oracle; ``flowloss.adapters.{trl,verl,openrlhf}`` the framework
 adapters (imported on demand, never by ``import flowloss``). ``length_normalize`` and ``sequence_logprobs``
-are deprecated aliases of ``masked_mean``/``masked_sum``.
+are deprecated aliases of ``masked_mean``/``masked_sum`` (since 0.2.0; removed in 0.3.0).
 """
 
 from flowloss.grouping import group_normalize_rewards
@@ -26,7 +27,7 @@ from flowloss.losses import reverse_kl_surrogate, trajectory_balance_loss
 from flowloss.modules import ReverseKLSurrogate, TrajectoryBalanceLoss
 from flowloss.ops.fused_linear import token_logprobs_from_hidden
 from flowloss.ops.token_logprobs import token_logprobs
-from flowloss.options import FlowRLOptions
+from flowloss.options import FlowRLOptions, ReverseKLOptions
 from flowloss.reductions import (
     count_valid_sequences,
     length_normalize,
@@ -37,12 +38,13 @@ from flowloss.reductions import (
 )
 from flowloss.strict import is_strict, set_strict, strict_mode
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FlowRLOptions",
     "LogZHead",
     "LogZTable",
+    "ReverseKLOptions",
     "ReverseKLSurrogate",
     "TrajectoryBalanceLoss",
     "__version__",

@@ -17,21 +17,23 @@ weight can be huge. So that the *loss* stays finite (not just ``w``), its ``log 
 
 Truncated importance sampling (TIS) against the inference engine: with ``rollout_logprobs`` given, ``w_i`` is
 multiplied by ``min(exp(agg_t (log pi_old - log pi_rollout)), tis_cap)``, ``agg`` being the mode's aggregation
-(``sum`` for the sequence modes, ``mean`` for the geometric one).
+(``sum`` for the sequence modes, ``mean`` for the geometric one). A rollout log-prob of ``-inf``
+(``pi_rollout = 0``) gives the factor exactly ``tis_cap``, the truncation of an infinite ratio; ``+inf`` gives NaN.
 
 An all-masked row has ``sum = mean = 0``, hence ``w = 1`` (clipped into range); losses leave it out anyway.
-No function here synchronises with the device; non-finite log-probs at unmasked positions give a NaN weight
-(strict mode raises instead, see `flowloss.strict`).
+No function here synchronises with the device; a non-finite log-prob at an unmasked position (including
+``+-inf``, which a clip would otherwise turn into a finite weight) gives a NaN weight (strict mode raises
+instead, see `flowloss.strict`).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import NamedTuple
 
 import torch
 
+from flowloss._deprecation import warn_deprecated
 from flowloss._validation import (
     accumulation_dtype,
     as_bool_mask,
@@ -43,11 +45,14 @@ from flowloss._validation import (
     require_same_device,
     require_same_shape,
 )
-from flowloss.options import IMPORTANCE_MODES, ImportanceMode, check_importance_bounds
+from flowloss.options import IMPORTANCE_MODES, TB_DEFAULTS, ImportanceMode, check_importance_bounds
 from flowloss.strict import is_strict
 
 # Cap of log w in the "unclipped" sequence mode: keeps w * g(delta) finite in float32.
 UNCLIPPED_LOG_WEIGHT_LIMIT = 20.0
+# Defaults are the losses' (one default per option, in flowloss.options).
+_D = TB_DEFAULTS
+_WITH_OLD = TB_DEFAULTS.resolved_importance_weights(has_old_logprobs=True)  # the paper's weight
 
 
 class ImportanceWeights(NamedTuple):
@@ -101,12 +106,26 @@ def log_weights(
         low = torch.zeros_like(log_w, dtype=torch.bool)
         high = log_w > cap if mode != "none" else low
         clipped = log_w.clamp_max(cap) if mode != "none" else log_w
+    if mode != "none":
+        clipped = _nan_unless_finite(log_w, clipped)
     if rollout_log_ratio is not None:
         log_tis = masked_token_sum(rollout_log_ratio, mask)
         if geometric:
             log_tis = log_tis / lengths.clamp_min(1.0)
-        clipped = clipped + log_tis.clamp_max(math.log(tis_cap))
+        # pi_rollout = 0 (log-prob -inf) makes pi_old / pi_rollout infinite: truncated to exactly C, as TIS
+        # means. A log-prob of +inf (probability above 1) cannot be truncated into anything: NaN.
+        truncated = log_tis.clamp_max(math.log(tis_cap))
+        clipped = clipped + torch.where(log_tis > float("-inf"), truncated, float("nan"))
     return ImportanceWeights(torch.exp(clipped), log_w, low, high)
+
+
+def _nan_unless_finite(raw: torch.Tensor, clipped: torch.Tensor) -> torch.Tensor:
+    """``clipped`` where the unclipped log-weight ``raw`` is finite, NaN elsewhere.
+
+    A clip or cap would turn an infinite log-ratio (an old log-prob of ``-inf`` or ``+inf`` at a kept token: a
+    token its sampler could not have drawn) into a finite weight: a silently finite result from a bad input.
+    """
+    return torch.where(torch.isfinite(raw), clipped, float("nan"))
 
 
 def importance_weights_with_stats(
@@ -114,12 +133,12 @@ def importance_weights_with_stats(
     old_logprobs: torch.Tensor,
     mask: torch.Tensor,
     *,
-    importance_weights: ImportanceMode = "sequence_clipped",
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    max_weight: float = 10.0,
+    importance_weights: ImportanceMode = _WITH_OLD,
+    eps_low: float = _D.eps_low,
+    eps_high: float = _D.eps_high,
+    max_weight: float = _D.max_weight,
     rollout_logprobs: torch.Tensor | None = None,
-    tis_cap: float = 2.0,
+    tis_cap: float = _D.tis_cap,
     strict: bool | None = None,
 ) -> ImportanceWeights:
     """`clipped_importance_weights` plus the unclipped log-weights and the clip indicators ``[B]``."""
@@ -159,11 +178,7 @@ def importance_weights_with_stats(
 def _renamed_mode(mode: str | None, importance_weights: str) -> str:
     if mode is None:
         return importance_weights
-    warnings.warn(
-        "`mode=` is deprecated: pass `importance_weights=` (the name the losses and FlowRLOptions use)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
+    warn_deprecated("`mode=`", "pass `importance_weights=` (the name the losses and FlowRLOptions use)", stacklevel=4)
     return mode
 
 
@@ -172,12 +187,12 @@ def clipped_importance_weights(
     old_logprobs: torch.Tensor,
     mask: torch.Tensor,
     *,
-    importance_weights: ImportanceMode = "sequence_clipped",
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    max_weight: float = 10.0,
+    importance_weights: ImportanceMode = _WITH_OLD,
+    eps_low: float = _D.eps_low,
+    eps_high: float = _D.eps_high,
+    max_weight: float = _D.max_weight,
     rollout_logprobs: torch.Tensor | None = None,
-    tis_cap: float = 2.0,
+    tis_cap: float = _D.tis_cap,
     strict: bool | None = None,
     mode: ImportanceMode | None = None,
 ) -> torch.Tensor:
@@ -198,7 +213,7 @@ def clipped_importance_weights(
         rollout_logprobs: ``[B, T]`` log-probs from the inference engine; enables the TIS factor.
         tis_cap: truncation ``C`` of the TIS factor ``min(pi_old / pi_rollout, C)`` (verl's default 2).
         strict: check values (finite at unmasked positions, 0/1 mask); default: the global setting.
-        mode: deprecated name of ``importance_weights``.
+        mode: deprecated name of ``importance_weights`` (since 0.2.0; removed in 0.3.0).
 
     Returns:
         ``[B]`` weights in float32 (float64 for float64 inputs), without gradient.
@@ -224,9 +239,11 @@ def clip_drop_mask(
 
     ``log_ratio [B, T]`` detached, ``advantages [B]``: drop where ``A_i > 0 and rho_it > log(1 + eps_high)``
     or ``A_i < 0 and rho_it < log(1 - eps_low)`` (strict inequalities: a ratio exactly on the bound is kept).
+    A non-finite ``rho`` (NaN, or an infinite log-prob) is never dropped: it must reach the loss, not vanish.
     """
     adv = advantages[:, None]
-    return ((adv > 0) & (log_ratio > math.log1p(eps_high))) | ((adv < 0) & (log_ratio < math.log1p(-eps_low)))
+    outside = ((adv > 0) & (log_ratio > math.log1p(eps_high))) | ((adv < 0) & (log_ratio < math.log1p(-eps_low)))
+    return outside & torch.isfinite(log_ratio)
 
 
 def ratio_clip_token_mask(
@@ -235,8 +252,8 @@ def ratio_clip_token_mask(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
+    eps_low: float = _D.eps_low,
+    eps_high: float = _D.eps_high,
     strict: bool | None = None,
 ) -> torch.Tensor:
     """CISPO-style token mask of verl PR #3924: drop tokens whose ratio left the trust region in the
@@ -244,9 +261,10 @@ def ratio_clip_token_mask(
 
     Keeps token ``t`` of row ``i`` unless ``A_i > 0 and r_it > 1 + eps_high`` or ``A_i < 0 and r_it < 1 - eps_low``,
     with ``r_it = pi_theta / pi_old`` compared in log space (a ratio exactly on a bound is kept).
-    ``advantages [B]`` (FlowRL passes ``r_hat``). Returns a bool ``[B, T]`` mask (a subset of ``mask``).
+    ``advantages [B]`` (FlowRL passes ``r_hat``). Returns a bool ``[B, T]`` mask (a subset of ``mask``). A token
+    whose ratio is not finite (a NaN or infinite log-prob) is kept, so that the bad value reaches the loss.
     """
-    eps_low, eps_high, _, _ = check_importance_bounds(eps_low, eps_high, 10.0, 2.0)
+    eps_low, eps_high, _, _ = check_importance_bounds(eps_low, eps_high, _D.max_weight, _D.tis_cap)
     require_float_tensor("logprobs", logprobs)
     require_float_tensor("old_logprobs", old_logprobs)
     require_float_tensor("advantages", advantages)

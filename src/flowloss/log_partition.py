@@ -28,6 +28,7 @@ from flowloss._validation import (
     require_tensor,
 )
 from flowloss.grouping import Groups, group_index
+from flowloss.options import TB_DEFAULTS
 from flowloss.reductions import masked_mean, masked_sum
 from flowloss.strict import is_strict
 
@@ -151,8 +152,8 @@ def vargrad_log_z(
     mask: torch.Tensor,
     groups: Groups,
     *,
-    beta: float = 15.0,
-    length_normalization: bool = True,
+    beta: float = TB_DEFAULTS.beta,
+    length_normalization: bool = TB_DEFAULTS.length_normalization,
     strict: bool | None = None,
 ) -> torch.Tensor:
     """Parameter-free VarGrad estimate of ``log Z`` per group, broadcast to its members (detached).

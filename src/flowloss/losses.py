@@ -22,7 +22,7 @@ value checks run in strict mode only (see `flowloss.strict`).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 
@@ -35,38 +35,34 @@ from flowloss._validation import (
     check_finite_values,
     check_finite_where,
     describe,
+    require_choice,
     require_float_tensor,
     require_ndim,
     require_same_device,
     require_same_shape,
 )
 from flowloss.importance import clip_drop_mask, log_weights, masked_token_sum
-from flowloss.options import FlowRLOptions
+from flowloss.ops.dispatch import LOSS_IMPLS, choose
+from flowloss.options import (
+    REVERSE_KL_DEFAULTS,
+    TB_DEFAULTS,
+    FlowRLOptions,
+    ImportanceMode,
+    Penalty,
+    ReverseKLOptions,
+    SequenceReduction,
+)
 from flowloss.penalties import apply_penalty
 from flowloss.reductions import apply_reduction, check_normalizer
 from flowloss.strict import is_strict
 
-# FlowRL's reward temperature: `beta = 15` in the authors' code and the verl recipe ("as per paper").
-DEFAULT_BETA = 15.0
-
-_OPTIONS_CACHE: dict[tuple, FlowRLOptions] = {}
-
-
-def resolve_options(**options: Any) -> FlowRLOptions:
-    """Validated `FlowRLOptions` for these keyword values; validation runs once per distinct set of values.
-
-    The cache key holds each value's type, so ``1`` never passes for ``True`` (nor ``True`` for ``1.0``).
-    """
-    try:
-        key = tuple((type(v), v) for v in options.values())
-        cached = _OPTIONS_CACHE.get(key)
-    except TypeError:  # an unhashable value: let the dataclass refuse it
-        return FlowRLOptions(**options)
-    if cached is None:
-        cached = FlowRLOptions(**options)
-        if len(_OPTIONS_CACHE) < 1024:
-            _OPTIONS_CACHE[key] = cached
-    return cached
+Stats = dict[str, torch.Tensor]
+LossImpl = Literal["auto", "triton", "pytorch"]
+# Signature defaults are read from the options types (each default is written once, in flowloss.options).
+_TB = TB_DEFAULTS
+_RKL = REVERSE_KL_DEFAULTS
+# The reverse-KL surrogate has no fused kernel (a few element-wise passes): "triton" is not among its impls.
+REVERSE_KL_IMPLS: tuple[str, ...] = tuple(i for i in LOSS_IMPLS if i != "triton")
 
 
 class _SequenceTerms(NamedTuple):
@@ -143,14 +139,16 @@ def _sequence_terms(
     old_logprobs: torch.Tensor | None,
     rollout_logprobs: torch.Tensor | None,
     *,
-    opts: FlowRLOptions,
+    opts: FlowRLOptions | ReverseKLOptions,
     mode: str,
+    token_clip_mask: bool,
     dtype: torch.dtype,
     difference: bool,
 ) -> _SequenceTerms:
     """Masked sums over tokens, lengths, weights: the few element-wise passes both losses need.
 
-    ``opts``: the validated options (``mode``, the weight mode in effect, resolved from them).
+    ``opts``: the validated options (``mode``, the weight mode in effect, resolved from them;
+    ``token_clip_mask``: whether the CISPO token mask applies, a TB option).
 
     ``difference=True`` folds the reference into one reduction, ``seq_logprobs = l_i - l_ref_i`` (what the
     TB residual needs; one pass fewer), and leaves ``seq_ref_logprobs`` None.
@@ -162,7 +160,7 @@ def _sequence_terms(
     if old_logprobs is not None:
         old = constant(old_logprobs, dtype)
         log_ratio = constant(logprobs, dtype) - old
-        if opts.token_clip_mask:
+        if token_clip_mask:
             kept = m & ~clip_drop_mask(log_ratio, r, eps_low=eps_low, eps_high=eps_high)
     lengths = kept.sum(dim=-1).to(dtype)
     lp = as_dtype(logprobs, dtype)
@@ -271,6 +269,7 @@ def _as_sequence_vector(name: str, t: object, batch: int) -> torch.Tensor:
     return t
 
 
+@overload
 def trajectory_balance_loss(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -278,31 +277,90 @@ def trajectory_balance_loss(
     log_z: torch.Tensor,
     mask: torch.Tensor,
     *,
-    beta: float = 15.0,
+    beta: float = ...,
+    old_logprobs: torch.Tensor | None = ...,
+    rollout_logprobs: torch.Tensor | None = ...,
+    importance_weights: ImportanceMode | None = ...,
+    eps_low: float = ...,
+    eps_high: float = ...,
+    max_weight: float = ...,
+    tis_cap: float = ...,
+    token_clip_mask: bool = ...,
+    length_normalization: bool = ...,
+    penalty: Penalty = ...,
+    linex_alpha: float = ...,
+    huber_delta: float = ...,
+    reduction: SequenceReduction = ...,
+    normalizer: float | torch.Tensor | None = ...,
+    return_stats: Literal[False] = ...,
+    strict: bool | None = ...,
+    impl: LossImpl = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def trajectory_balance_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    log_z: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = ...,
+    old_logprobs: torch.Tensor | None = ...,
+    rollout_logprobs: torch.Tensor | None = ...,
+    importance_weights: ImportanceMode | None = ...,
+    eps_low: float = ...,
+    eps_high: float = ...,
+    max_weight: float = ...,
+    tis_cap: float = ...,
+    token_clip_mask: bool = ...,
+    length_normalization: bool = ...,
+    penalty: Penalty = ...,
+    linex_alpha: float = ...,
+    huber_delta: float = ...,
+    reduction: SequenceReduction = ...,
+    normalizer: float | torch.Tensor | None = ...,
+    return_stats: Literal[True],
+    strict: bool | None = ...,
+    impl: LossImpl = ...,
+) -> tuple[torch.Tensor, Stats]: ...
+
+
+def trajectory_balance_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    log_z: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = _TB.beta,
     old_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
-    importance_weights: str | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    max_weight: float = 10.0,
-    tis_cap: float = 2.0,
-    token_clip_mask: bool = False,
-    length_normalization: bool = True,
-    penalty: str = "squared",
-    linex_alpha: float = 1.0,
-    huber_delta: float = 1.0,
-    reduction: str = "mean",
+    importance_weights: ImportanceMode | None = _TB.importance_weights,
+    eps_low: float = _TB.eps_low,
+    eps_high: float = _TB.eps_high,
+    max_weight: float = _TB.max_weight,
+    tis_cap: float = _TB.tis_cap,
+    token_clip_mask: bool = _TB.token_clip_mask,
+    length_normalization: bool = _TB.length_normalization,
+    penalty: Penalty = _TB.penalty,
+    linex_alpha: float = _TB.linex_alpha,
+    huber_delta: float = _TB.huber_delta,
+    reduction: SequenceReduction = _TB.reduction,
     normalizer: float | torch.Tensor | None = None,
     return_stats: bool = False,
     strict: bool | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    impl: LossImpl = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, Stats]:
     """FlowRL's trajectory-balance loss ``mean_i w_i * g(delta_i)``.
 
     ``delta_i = log Z(x_i) + l_i - beta * r_hat_i - l_ref_i`` with ``l`` the length-normalized (token-mean)
     log-likelihood by default, ``g(d) = d^2``, ``w_i`` detached importance weights (1 when ``old_logprobs`` is
     None). Gradients flow into ``logprobs`` and ``log_z``; ``ref_logprobs``, ``rewards`` and ``w`` are constants.
-    The keyword options are the fields of [`FlowRLOptions`][flowloss.FlowRLOptions]: pass one as
-    ``**options.to_dict()``.
+    The keyword options are the fields of [`FlowRLOptions`][flowloss.FlowRLOptions] (their defaults are its
+    defaults): pass one as ``**options.to_dict()``, or hold a
+    [`TrajectoryBalanceLoss`][flowloss.TrajectoryBalanceLoss] built from it.
 
     Args:
         logprobs: ``[B, T]`` token log-probs ``log pi_theta(y_t | x, y_<t)`` (with gradient).
@@ -312,7 +370,7 @@ def trajectory_balance_loss(
         log_z: ``[B]`` or ``[B, 1]`` log-partition estimates ``log Z(x_i)`` (e.g. from
             [`LogZHead`][flowloss.LogZHead]).
         mask: ``[B, T]`` response mask, bool (numbers are read as ``mask != 0``). All-masked rows contribute 0
-            and are not counted.
+            with a zero gradient (whatever their reward and log Z hold) and are not counted.
         beta: reward temperature ``beta`` (15, the authors' value).
         old_logprobs: ``[B, T]`` log-probs of the sampling policy; enables importance weights.
         rollout_logprobs: ``[B, T]`` inference-engine log-probs; multiplies ``w`` by a truncated IS factor.
@@ -334,18 +392,24 @@ def trajectory_balance_loss(
             rows).
         normalizer: divide the sum (or, for ``"none"``, each term) by this instead of the local valid count;
             pass the number of valid sequences in the whole optimizer step to make micro-batches/ranks add up
-            to the full-batch gradient. A number, or a 1-element tensor (never read on the host).
+            to the full-batch gradient. A number, or a 1-element tensor (never read on the host: a tensor that
+            is not finite and > 0 makes the loss NaN; strict mode raises instead).
         return_stats: also return a dict of detached diagnostics (mean log-probs, log Z, residual, weights before
             and after clipping, clip fractions).
         strict: value checks (finite inputs at unmasked positions, finite rewards/log Z, 0/1 mask, positive
             normalizer tensor) that read device memory; default: the global setting (`flowloss.strict`).
+        impl: ``"auto"`` (default: the PyTorch ops, until the fused kernel has run on a GPU, see
+            ``docs/hardware.md``), ``"triton"`` (the fused Triton kernels: one launch forward, one backward;
+            CUDA fp16/bf16/fp32 inputs, or CPU under ``TRITON_INTERPRET=1``) or ``"pytorch"``. Both give the
+            same loss, stats and gradients up to float32 rounding.
 
     Returns:
         The loss (0-dim, or ``[B]`` for ``reduction="none"``) in float32 (float64 for float64 inputs), and the
-        stats dict when ``return_stats``. Outside strict mode a non-finite input at an unmasked position gives
-        a non-finite loss (never a silently finite one).
+        stats dict when ``return_stats``. Outside strict mode a non-finite input at an unmasked position (a
+        log-prob, an old or rollout log-prob, or the reward or log Z of a row with a kept token) gives a
+        non-finite loss, never a silently finite one.
     """
-    opts = resolve_options(
+    options = FlowRLOptions(
         beta=beta,
         importance_weights=importance_weights,
         eps_low=eps_low,
@@ -359,6 +423,29 @@ def trajectory_balance_loss(
         huber_delta=huber_delta,
         reduction=reduction,
     )
+    return _trajectory_balance(
+        options, logprobs, ref_logprobs, rewards, log_z, mask, old_logprobs=old_logprobs,
+        rollout_logprobs=rollout_logprobs, normalizer=normalizer, return_stats=return_stats, strict=strict, impl=impl,
+    )
+
+
+def _trajectory_balance(
+    options: FlowRLOptions,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    log_z: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_logprobs: torch.Tensor | None,
+    rollout_logprobs: torch.Tensor | None,
+    normalizer: float | torch.Tensor | None,
+    return_stats: bool,
+    strict: bool | None,
+    impl: str,
+) -> torch.Tensor | tuple[torch.Tensor, Stats]:
+    """The one core of `trajectory_balance_loss` and `TrajectoryBalanceLoss`: the loss for validated ``options``."""
+    opts = options
     return_stats = as_flag("return_stats", return_stats)
     strict = is_strict(strict)
     require_float_tensor("logprobs", logprobs)
@@ -373,14 +460,18 @@ def trajectory_balance_loss(
     if opts.token_clip_mask and old_logprobs is None:
         raise ValueError("`token_clip_mask=True` needs `old_logprobs` (got None)")
     norm = check_normalizer(normalizer, strict=strict)
-
-    dtype = accumulation_dtype(logprobs, ref_logprobs, rewards, log_z_vec)
-    if dtype == torch.float32 and _fused_path(logprobs, ref_logprobs, rewards, log_z_vec, m, old_logprobs,
-                                              rollout_logprobs):
+    chosen = choose(
+        "tb_loss",
+        impl,
+        [("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("rewards", rewards), ("log_z", log_z_vec),
+         ("mask", m), ("old_logprobs", old_logprobs), ("rollout_logprobs", rollout_logprobs)],
+    )
+    if chosen == "triton":
         return _fused_trajectory_balance(
             logprobs, ref_logprobs, rewards, log_z_vec, m, old_logprobs, rollout_logprobs, opts, mode, norm,
             return_stats,
         )
+    dtype = accumulation_dtype(logprobs, ref_logprobs, rewards, log_z_vec)
     terms = _sequence_terms(
         logprobs,
         ref_logprobs,
@@ -390,11 +481,15 @@ def trajectory_balance_loss(
         rollout_logprobs,
         opts=opts,
         mode=mode,
+        token_clip_mask=opts.token_clip_mask,
         dtype=dtype,
         difference=not return_stats,
     )
     diff = terms.seq_logprobs if terms.seq_ref_logprobs is None else terms.seq_logprobs - terms.seq_ref_logprobs
     delta = as_dtype(log_z_vec, dtype) + diff - opts.beta * terms.rewards
+    # Rows without a kept token take no part: their residual is 0 before the penalty, so a NaN reward or log Z
+    # there cannot reach a gradient (0 * NaN) while the loss stays finite.
+    delta = torch.where(terms.contributes, delta, 0.0)
     per_sequence = apply_penalty(delta, opts.penalty, linex_alpha=opts.linex_alpha, huber_delta=opts.huber_delta)
     if terms.weights is not None:
         per_sequence = terms.weights * per_sequence
@@ -407,30 +502,12 @@ def trajectory_balance_loss(
     return loss, stats
 
 
-# The fused Triton loss (flowloss.ops.fused_tb) runs for CUDA float inputs: two launches instead of ~80 ops.
-# Tests switch it off to compare it with the PyTorch path in one process.
-FUSED_LOSS = True
-
-
-def _fused_path(*tensors: torch.Tensor | None) -> bool:
-    if not FUSED_LOSS:
-        return False
-    from flowloss.ops.fused_tb import fused_tb_supported  # checks the device first; imports triton only then
-
-    return fused_tb_supported(*tensors)
-
-
 def _fused_trajectory_balance(logprobs, ref_logprobs, rewards, log_z, m, old, rollout, opts, mode, norm,
                               return_stats):
     """The loss (and its stats) from the fused op; the same math and the same stats as the PyTorch path."""
     from flowloss.ops.fused_tb import fused_tb_sequence_terms, reduce_per_sequence
 
-    t = fused_tb_sequence_terms(
-        logprobs, ref_logprobs, rewards, log_z, m, old, rollout, mode=mode, eps_low=opts.eps_low,
-        eps_high=opts.eps_high, max_weight=opts.max_weight, tis_cap=opts.tis_cap,
-        token_clip_mask=opts.token_clip_mask, length_normalization=opts.length_normalization,
-        penalty=opts.penalty, linex_alpha=opts.linex_alpha, huber_delta=opts.huber_delta, beta=opts.beta,
-    )
+    t = fused_tb_sequence_terms(logprobs, ref_logprobs, rewards, log_z, m, old, rollout, options=opts, mode=mode)
     loss = reduce_per_sequence(t.per_sequence, t.counted, opts.reduction, norm)
     if not return_stats:
         return loss
@@ -450,27 +527,78 @@ def _fused_trajectory_balance(logprobs, ref_logprobs, rewards, log_z, m, old, ro
     return loss, stats
 
 
+@overload
 def reverse_kl_surrogate(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     rewards: torch.Tensor,
     mask: torch.Tensor,
     *,
-    beta: float = 15.0,
+    beta: float = ...,
+    baseline: torch.Tensor | float | None = ...,
+    old_logprobs: torch.Tensor | None = ...,
+    rollout_logprobs: torch.Tensor | None = ...,
+    importance_weights: ImportanceMode | None = ...,
+    eps_low: float = ...,
+    eps_high: float = ...,
+    max_weight: float = ...,
+    tis_cap: float = ...,
+    length_normalization: bool = ...,
+    reduction: SequenceReduction = ...,
+    normalizer: float | torch.Tensor | None = ...,
+    return_stats: Literal[False] = ...,
+    strict: bool | None = ...,
+    impl: Literal["auto", "pytorch"] = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def reverse_kl_surrogate(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = ...,
+    baseline: torch.Tensor | float | None = ...,
+    old_logprobs: torch.Tensor | None = ...,
+    rollout_logprobs: torch.Tensor | None = ...,
+    importance_weights: ImportanceMode | None = ...,
+    eps_low: float = ...,
+    eps_high: float = ...,
+    max_weight: float = ...,
+    tis_cap: float = ...,
+    length_normalization: bool = ...,
+    reduction: SequenceReduction = ...,
+    normalizer: float | torch.Tensor | None = ...,
+    return_stats: Literal[True],
+    strict: bool | None = ...,
+    impl: Literal["auto", "pytorch"] = ...,
+) -> tuple[torch.Tensor, Stats]: ...
+
+
+def reverse_kl_surrogate(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = _RKL.beta,
     baseline: torch.Tensor | float | None = None,
     old_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
-    importance_weights: str | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    max_weight: float = 10.0,
-    tis_cap: float = 2.0,
-    length_normalization: bool = False,
-    reduction: str = "mean",
+    importance_weights: ImportanceMode | None = _RKL.importance_weights,
+    eps_low: float = _RKL.eps_low,
+    eps_high: float = _RKL.eps_high,
+    max_weight: float = _RKL.max_weight,
+    tis_cap: float = _RKL.tis_cap,
+    length_normalization: bool = _RKL.length_normalization,
+    reduction: SequenceReduction = _RKL.reduction,
     normalizer: float | torch.Tensor | None = None,
     return_stats: bool = False,
     strict: bool | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    impl: Literal["auto", "pytorch"] = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, Stats]:
     """Score-function surrogate whose gradient estimates ``grad KL(pi_theta || pi_ref exp(beta r) / Z)``.
 
     ``loss = (1/N) sum_i w_i * sg(l_i - l_ref_i - beta * r_i - b_i) * l_i`` with ``sg`` stop-gradient, so
@@ -480,10 +608,12 @@ def reverse_kl_surrogate(
     is not the KL; ``return_stats`` reports the KL estimate ``mean_i (l_i - l_ref_i - beta r_i)`` (up to
     ``log Z``) as ``"kl_estimate"``.
 
-    Args mirror [`trajectory_balance_loss`][flowloss.trajectory_balance_loss]; ``baseline`` is a float or a
-    ``[B]``/``[B, 1]`` tensor (detached), and ``length_normalization`` defaults to False here, the exact KL.
+    Args mirror [`trajectory_balance_loss`][flowloss.trajectory_balance_loss]; the keyword options are the fields
+    of [`ReverseKLOptions`][flowloss.ReverseKLOptions] (``length_normalization`` defaults to False here, the
+    exact KL); ``baseline`` is a float or a ``[B]``/``[B, 1]`` tensor (detached); ``impl`` is ``"auto"`` or
+    ``"pytorch"`` (the surrogate has no fused kernel: its cost is a few element-wise passes).
     """
-    opts = resolve_options(
+    options = ReverseKLOptions(
         beta=beta,
         importance_weights=importance_weights,
         eps_low=eps_low,
@@ -493,6 +623,32 @@ def reverse_kl_surrogate(
         length_normalization=length_normalization,
         reduction=reduction,
     )
+    return _reverse_kl(
+        options, logprobs, ref_logprobs, rewards, mask, baseline=baseline, old_logprobs=old_logprobs,
+        rollout_logprobs=rollout_logprobs, normalizer=normalizer, return_stats=return_stats, strict=strict, impl=impl,
+    )
+
+
+def _reverse_kl(
+    options: ReverseKLOptions,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    baseline: torch.Tensor | float | None,
+    old_logprobs: torch.Tensor | None,
+    rollout_logprobs: torch.Tensor | None,
+    normalizer: float | torch.Tensor | None,
+    return_stats: bool,
+    strict: bool | None,
+    impl: str,
+) -> torch.Tensor | tuple[torch.Tensor, Stats]:
+    """The one core of `reverse_kl_surrogate` and `ReverseKLSurrogate`: the surrogate for validated ``options``."""
+    opts = options
+    if impl == "triton":
+        raise ValueError("`impl='triton'`: reverse_kl_surrogate has no Triton kernel; use impl='auto' or 'pytorch'")
+    require_choice("impl", impl, REVERSE_KL_IMPLS)
     return_stats = as_flag("return_stats", return_stats)
     strict = is_strict(strict)
     require_float_tensor("logprobs", logprobs)
@@ -518,6 +674,7 @@ def reverse_kl_surrogate(
         rollout_logprobs,
         opts=opts,
         mode=mode,
+        token_clip_mask=False,
         dtype=dtype,
         difference=False,
     )
@@ -535,3 +692,4 @@ def reverse_kl_surrogate(
     stats["kl_estimate"] = _mean_over(weighted, terms.contributes)
     stats["loss"] = loss.detach() if opts.reduction != "none" else _mean_over(per_sequence, terms.contributes)
     return loss, stats
+

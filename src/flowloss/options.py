@@ -1,10 +1,14 @@
-"""`FlowRLOptions`: the options of FlowRL's trajectory-balance loss, validated once, carried as one object.
+"""The losses' options, validated once, carried as one object: `FlowRLOptions` and `ReverseKLOptions`.
 
-The fields are exactly the keyword options of [`trajectory_balance_loss`][flowloss.trajectory_balance_loss]
-(same names, same defaults), so ``trajectory_balance_loss(..., **options.to_dict())`` and
+The fields of `FlowRLOptions` are exactly the keyword options of
+[`trajectory_balance_loss`][flowloss.trajectory_balance_loss] (same names; the function's defaults *are* these
+defaults, read from this module), so ``trajectory_balance_loss(..., **options.to_dict())`` and
 ``TrajectoryBalanceLoss(options)`` are the same loss, and every layer above (modules, adapters, the CLI) holds
-one object instead of re-listing the keywords. Per-call tensors (``old_logprobs``, ``rollout_logprobs``,
-``normalizer``) are not options.
+one object instead of re-listing the keywords. `ReverseKLOptions` does the same for
+[`reverse_kl_surrogate`][flowloss.reverse_kl_surrogate]; both share the fields of the importance weights, with
+one default each. Each default is written once, here: changing it here changes every layer. Per-call tensors
+(``old_logprobs``, ``rollout_logprobs``, ``normalizer``, ``baseline``) and the implementation (``impl``) are not
+options.
 
 Defaults, with their sources (see ``docs/math.md``):
 
@@ -19,7 +23,8 @@ field                             default                     source
 ``max_weight``                    10.0                        verl PR #4397 ("pure" recipe)
 ``tis_cap``                       2.0                         verl ``tis_imp_ratio_cap``
 ``token_clip_mask``               False                       verl PR #3924 (CISPO-style mask)
-``length_normalization``          True                        the paper (token-mean log-likelihoods)
+``length_normalization``          True (reverse KL: False)    the paper (token-mean log-likelihoods); the exact
+                                                              KL for the reverse-KL surrogate
 ``penalty``                       ``"squared"``               trajectory balance
 ``linex_alpha`` / ``huber_delta`` 1.0 / 1.0                   torchgfn's alternatives
 ``reduction``                     ``"mean"``                  mean over valid sequences
@@ -29,23 +34,26 @@ field                             default                     source
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
 from flowloss._validation import as_flag, as_number, require_choice
 
 ImportanceMode = Literal["sequence_clipped", "sequence_capped", "sequence", "geometric_clipped", "none"]
-IMPORTANCE_MODES: tuple[str, ...] = ("sequence_clipped", "sequence_capped", "sequence", "geometric_clipped", "none")
+IMPORTANCE_MODES: tuple[str, ...] = typing.get_args(ImportanceMode)
 Penalty = Literal["squared", "shifted_cosh", "linex", "huber"]
-PENALTIES: tuple[str, ...] = ("squared", "shifted_cosh", "linex", "huber")
+PENALTIES: tuple[str, ...] = typing.get_args(Penalty)
 SequenceReduction = Literal["mean", "sum", "none"]
-REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+REDUCTIONS: tuple[str, ...] = typing.get_args(SequenceReduction)
 
 # Largest float32: beta * r and the weights are computed in float32, so beta must at least be representable.
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+_Options = TypeVar("_Options", bound="_WeightedOptions")
 
 
 def check_importance_bounds(eps_low: object, eps_high: object, max_weight: object, tis_cap: object) -> tuple:
@@ -68,14 +76,9 @@ def check_beta(beta: object) -> float:
 
 
 @dataclass(frozen=True)
-class FlowRLOptions:
-    """Options of FlowRL's trajectory-balance loss (see the module docstring for defaults and sources).
-
-    Built from keyword arguments (``FlowRLOptions(beta=10.0)``), a mapping or a namespace
-    (``FlowRLOptions.from_any(cfg)``, unknown keys refused); validated when built: numbers must be finite
-    and in range (numpy scalars are accepted and stored as float), flags must be bools (``"false"`` is
-    refused, not read as True), choices must be one of the listed strings.
-    """
+class _WeightedOptions:
+    """The fields both losses share (reward temperature, importance weights, reduction) and the methods of both
+    options types. Not public: build a `FlowRLOptions` or a `ReverseKLOptions`."""
 
     beta: float = 15.0
     importance_weights: ImportanceMode | None = None
@@ -83,40 +86,26 @@ class FlowRLOptions:
     eps_high: float = 0.28
     max_weight: float = 10.0
     tis_cap: float = 2.0
-    token_clip_mask: bool = False
-    length_normalization: bool = True
-    penalty: Penalty = "squared"
-    linex_alpha: float = 1.0
-    huber_delta: float = 1.0
     reduction: SequenceReduction = "mean"
 
     def __post_init__(self) -> None:
         if self.importance_weights is not None:
             require_choice("importance_weights", self.importance_weights, IMPORTANCE_MODES)
-        require_choice("penalty", self.penalty, PENALTIES)
         require_choice("reduction", self.reduction, REDUCTIONS)
         eps_low, eps_high, max_weight, tis_cap = check_importance_bounds(
             self.eps_low, self.eps_high, self.max_weight, self.tis_cap
         )
-        linex_alpha = as_number("linex_alpha", self.linex_alpha)
-        if linex_alpha == 0:
-            raise ValueError("`linex_alpha` must be non-zero (linex with a = 0 is the squared penalty)")
-        normalized = {
-            "beta": check_beta(self.beta),
-            "eps_low": eps_low,
-            "eps_high": eps_high,
-            "max_weight": max_weight,
-            "tis_cap": tis_cap,
-            "token_clip_mask": as_flag("token_clip_mask", self.token_clip_mask),
-            "length_normalization": as_flag("length_normalization", self.length_normalization),
-            "linex_alpha": linex_alpha,
-            "huber_delta": as_number("huber_delta", self.huber_delta, low=0.0, low_inclusive=False),
-        }
-        for name, value in normalized.items():
+        self._store(beta=check_beta(self.beta), eps_low=eps_low, eps_high=eps_high, max_weight=max_weight,
+                    tis_cap=tis_cap)
+
+    def _store(self, **values: Any) -> None:
+        for name, value in values.items():
             object.__setattr__(self, name, value)
 
     @classmethod
-    def from_any(cls, value: FlowRLOptions | Mapping[str, Any] | Any | None = None, **overrides: Any) -> FlowRLOptions:
+    def from_any(
+        cls: type[_Options], value: _WeightedOptions | Mapping[str, Any] | Any | None = None, **overrides: Any
+    ) -> _Options:
         """Options from an instance, a mapping (dict, OmegaConf node), a namespace or None, then ``overrides``.
 
         Unknown keys raise ``TypeError`` listing the known ones (a typo never passes silently).
@@ -125,17 +114,19 @@ class FlowRLOptions:
             items: dict[str, Any] = {}
         elif isinstance(value, cls):
             items = value.to_dict()
+        elif isinstance(value, _WeightedOptions):
+            raise TypeError(f"expected {cls.__name__} or a mapping of its fields, got a {type(value).__name__}")
         elif isinstance(value, Mapping):
             items = dict(value)
         elif hasattr(value, "__dict__"):
             items = dict(vars(value))
         else:
-            raise TypeError(f"FlowRL options must be a FlowRLOptions, a mapping or a namespace, got {value!r}")
+            raise TypeError(f"{cls.__name__} must be built from itself, a mapping or a namespace, got {value!r}")
         items.update(overrides)
         known = cls.field_names()
         unknown = sorted(set(items) - set(known))
         if unknown:
-            raise TypeError(f"unknown option(s) {unknown} for FlowRLOptions; known: {sorted(known)}")
+            raise TypeError(f"unknown option(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
         return cls(**items)
 
     @classmethod
@@ -146,15 +137,60 @@ class FlowRLOptions:
         """``{name: value}`` of every field: ``trajectory_balance_loss(..., **options.to_dict())``."""
         return {name: getattr(self, name) for name in self.field_names()}
 
-    def replace(self, **changes: Any) -> FlowRLOptions:
+    def replace(self: _Options, **changes: Any) -> _Options:
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
-    def resolved_importance_weights(self, has_old_logprobs: bool) -> str:
+    def resolved_importance_weights(self, has_old_logprobs: bool) -> ImportanceMode:
         """The weight mode in effect: ``importance_weights``, or its default given whether ``old_logprobs`` exist."""
         if self.importance_weights is not None:
             return self.importance_weights
         return "sequence_clipped" if has_old_logprobs else "none"
 
 
-DEFAULT_OPTIONS = FlowRLOptions()
+@dataclass(frozen=True)
+class FlowRLOptions(_WeightedOptions):
+    """Options of FlowRL's trajectory-balance loss (see the module docstring for defaults and sources).
+
+    Built from keyword arguments (``FlowRLOptions(beta=10.0)``), a mapping or a namespace
+    (``FlowRLOptions.from_any(cfg)``, unknown keys refused); validated when built: numbers must be finite
+    and in range (numpy scalars are accepted and stored as float), flags must be bools (``"false"`` is
+    refused, not read as True), choices must be one of the listed strings.
+    """
+
+    token_clip_mask: bool = False
+    length_normalization: bool = True
+    penalty: Penalty = "squared"
+    linex_alpha: float = 1.0
+    huber_delta: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_choice("penalty", self.penalty, PENALTIES)
+        linex_alpha = as_number("linex_alpha", self.linex_alpha)
+        if linex_alpha == 0:
+            raise ValueError("`linex_alpha` must be non-zero (linex with a = 0 is the squared penalty)")
+        self._store(
+            token_clip_mask=as_flag("token_clip_mask", self.token_clip_mask),
+            length_normalization=as_flag("length_normalization", self.length_normalization),
+            linex_alpha=linex_alpha,
+            huber_delta=as_number("huber_delta", self.huber_delta, low=0.0, low_inclusive=False),
+        )
+
+
+@dataclass(frozen=True)
+class ReverseKLOptions(_WeightedOptions):
+    """Options of [`reverse_kl_surrogate`][flowloss.reverse_kl_surrogate]: the importance-weight and reduction
+    fields of `FlowRLOptions` (same names, same defaults), and ``length_normalization`` off by default (the
+    exact KL). Built and validated like `FlowRLOptions`."""
+
+    length_normalization: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._store(length_normalization=as_flag("length_normalization", self.length_normalization))
+
+
+# The defaults, read by every function that takes these options as keywords (signature defaults come from here).
+TB_DEFAULTS = FlowRLOptions()
+REVERSE_KL_DEFAULTS = ReverseKLOptions()

@@ -20,9 +20,7 @@ import torch
 from flowloss.options import PENALTIES, Penalty
 
 
-def apply_penalty(
-    delta: torch.Tensor, penalty: Penalty = "squared", *, linex_alpha: float = 1.0, huber_delta: float = 1.0
-) -> torch.Tensor:
+def apply_penalty(delta: torch.Tensor, penalty: Penalty, *, linex_alpha: float, huber_delta: float) -> torch.Tensor:
     """Elementwise ``g(delta)`` (see the module docstring)."""
     if penalty == "squared":
         return delta * delta

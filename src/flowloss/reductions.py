@@ -15,16 +15,17 @@ Sequence level: [`reduce_sequences`][flowloss.reduce_sequences] turns per-sequen
 loss ``sum_i l_i / N`` where ``N`` defaults to the number of valid sequences in *this* batch. Pass ``normalizer=``
 the global count to make micro-batches and data-parallel ranks add up to the full-batch gradient.
 
-``sequence_logprobs`` and ``length_normalize`` are deprecated aliases kept for 0.1 code (one name per reduction).
+``sequence_logprobs`` and ``length_normalize`` are deprecated aliases (since 0.2.0, removed in 0.3.0) kept for 0.1
+code (one name per reduction).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import torch
 
+from flowloss._deprecation import warn_deprecated
 from flowloss._validation import (
     accumulation_dtype,
     as_bool_mask,
@@ -35,7 +36,7 @@ from flowloss._validation import (
     require_ndim,
     require_tensor,
 )
-from flowloss.options import REDUCTIONS, SequenceReduction
+from flowloss.options import REDUCTIONS, TB_DEFAULTS, SequenceReduction
 from flowloss.strict import is_strict
 
 TokenReduction = Literal["mean", "sum", "none"]
@@ -76,7 +77,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, *, strict: bool | None
 
 def length_normalize(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Deprecated alias of [`masked_mean`][flowloss.masked_mean] (FlowRL's length-normalized log-likelihood)."""
-    warnings.warn("`length_normalize` is deprecated: use `masked_mean`", DeprecationWarning, stacklevel=2)
+    warn_deprecated("`length_normalize`", "use `masked_mean`")
     return masked_mean(logprobs, mask)
 
 
@@ -85,11 +86,7 @@ def sequence_logprobs(
 ) -> torch.Tensor:
     """Deprecated: ``reduction="mean"`` is [`masked_mean`][flowloss.masked_mean], ``"sum"`` is
     [`masked_sum`][flowloss.masked_sum], ``"none"`` is ``torch.where(mask, logprobs, 0)``."""
-    warnings.warn(
-        "`sequence_logprobs` is deprecated: use `masked_mean` (reduction='mean') or `masked_sum` ('sum')",
-        DeprecationWarning,
-        stacklevel=2,
-    )
+    warn_deprecated("`sequence_logprobs`", "use `masked_mean` (reduction='mean') or `masked_sum` ('sum')")
     require_choice("reduction", reduction, ("mean", "sum", "none"))
     m = _checked(logprobs, mask, "logprobs", None)
     dtype = accumulation_dtype(logprobs)
@@ -138,6 +135,19 @@ def check_normalizer(normalizer: float | torch.Tensor | None, *, strict: bool) -
         ) from None
 
 
+def normalizer_value(normalizer: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """The divisor for ``normalizer`` (checked by `check_normalizer`), on ``like``'s device and dtype.
+
+    A tensor's value is never read on the host: one that is not finite and > 0 becomes NaN, so a bad count
+    (negative, zero, inf, NaN) shows up as a NaN loss instead of a finite wrong one (a sign-flipped or zero
+    gradient). Strict mode refuses such a tensor before this point.
+    """
+    if not isinstance(normalizer, torch.Tensor):
+        return normalizer
+    n = normalizer.detach().to(device=like.device, dtype=like.dtype).reshape(())
+    return torch.where((n > 0) & (n < float("inf")), n, float("nan"))
+
+
 def apply_reduction(
     per_sequence: torch.Tensor,
     valid: torch.Tensor,
@@ -151,8 +161,7 @@ def apply_reduction(
     """
     kept = torch.where(valid, per_sequence, 0.0)
     if normalizer is not None:
-        if isinstance(normalizer, torch.Tensor):
-            normalizer = normalizer.detach().to(device=kept.device, dtype=kept.dtype).reshape(())
+        normalizer = normalizer_value(normalizer, kept)
         if reduction == "none":
             return kept / normalizer
         return kept.sum() / normalizer
@@ -168,7 +177,7 @@ def reduce_sequences(
     per_sequence: torch.Tensor,
     valid: torch.Tensor,
     *,
-    reduction: SequenceReduction = "mean",
+    reduction: SequenceReduction = TB_DEFAULTS.reduction,
     normalizer: float | torch.Tensor | None = None,
     strict: bool | None = None,
 ) -> torch.Tensor:
@@ -180,7 +189,7 @@ def reduce_sequences(
 
     With ``normalizer`` equal to the number of valid sequences in the whole optimizer step, the gradients of
     the micro-batch losses add up to the gradient of the full-batch loss. A tensor ``normalizer`` is used
-    as is (no host synchronisation); strict mode also checks that it is finite and positive.
+    as is (no host synchronisation): one that is not finite and > 0 gives NaN; strict mode raises instead.
     """
     require_choice("reduction", reduction, REDUCTIONS)
     require_float_tensor("per_sequence", per_sequence)

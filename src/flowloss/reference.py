@@ -11,6 +11,9 @@ import math
 
 import torch
 
+from flowloss.options import REVERSE_KL_DEFAULTS as _RKL
+from flowloss.options import TB_DEFAULTS as _D  # the defaults of the functions checked against this oracle
+
 F64 = torch.float64
 
 
@@ -54,11 +57,11 @@ def importance_weights(
     mask: torch.Tensor,
     *,
     mode: str,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    max_weight: float = 10.0,
+    eps_low: float = _D.eps_low,
+    eps_high: float = _D.eps_high,
+    max_weight: float = _D.max_weight,
     rollout_logprobs: torch.Tensor | None = None,
-    tis_cap: float = 2.0,
+    tis_cap: float = _D.tis_cap,
 ) -> torch.Tensor:
     """Per-sequence weights, one mode at a time, straight from the formulas (see ``flowloss.importance``)."""
     out = []
@@ -93,11 +96,12 @@ def ratio_clip_token_mask(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
+    eps_low: float = _D.eps_low,
+    eps_high: float = _D.eps_high,
 ) -> torch.Tensor:
     """Keep token ``t`` of row ``i`` unless ``A_i > 0`` and ``log(pi/pi_old) > log(1 + eps_high)``, or ``A_i < 0``
-    and ``log(pi/pi_old) < log(1 - eps_low)`` (a ratio exactly on a bound is kept); masked tokens stay out."""
+    and ``log(pi/pi_old) < log(1 - eps_low)`` (a ratio exactly on a bound is kept; a non-finite one is kept);
+    masked tokens stay out."""
     kept = torch.zeros(mask.shape, dtype=torch.bool)
     for i in range(mask.shape[0]):
         a = float(advantages[i])
@@ -105,11 +109,11 @@ def ratio_clip_token_mask(
             log_ratio = float(logprobs[i, t]) - float(old_logprobs[i, t])
             too_high = a > 0 and log_ratio > math.log1p(eps_high)
             too_low = a < 0 and log_ratio < math.log1p(-eps_low)
-            kept[i, t] = not (too_high or too_low)
+            kept[i, t] = not (too_high or too_low) or not math.isfinite(log_ratio)
     return kept
 
 
-def penalty(delta: torch.Tensor, name: str, *, linex_alpha: float = 1.0, huber_delta: float = 1.0):
+def penalty(delta: torch.Tensor, name: str, *, linex_alpha: float, huber_delta: float):
     if name == "squared":
         return delta**2
     if name == "shifted_cosh":
@@ -130,11 +134,11 @@ def trajectory_balance_loss(
     log_z: torch.Tensor,
     mask: torch.Tensor,
     *,
-    beta: float = 15.0,
+    beta: float = _D.beta,
     weights: torch.Tensor | None = None,
-    length_normalization: bool = True,
-    penalty_name: str = "squared",
-    reduction: str = "mean",
+    length_normalization: bool = _D.length_normalization,
+    penalty_name: str = _D.penalty,
+    reduction: str = _D.reduction,
     normalizer: float | None = None,
     kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -156,7 +160,8 @@ def trajectory_balance_loss(
             lp, ref = lp / len(tokens), ref / len(tokens)
         delta = log_z[i].to(F64) + lp - beta * rewards[i].to(F64) - ref
         w = 1.0 if weights is None else weights[i].to(F64)
-        per_seq.append(w * penalty(delta, penalty_name) if tokens else torch.zeros((), dtype=F64))
+        g = penalty(delta, penalty_name, linex_alpha=_D.linex_alpha, huber_delta=_D.huber_delta)
+        per_seq.append(w * g if tokens else torch.zeros((), dtype=F64))
     stacked = torch.stack(per_seq)
     if reduction == "none":
         return stacked if normalizer is None else stacked / normalizer
@@ -174,10 +179,10 @@ def reverse_kl_surrogate(
     rewards: torch.Tensor,
     mask: torch.Tensor,
     *,
-    beta: float = 15.0,
+    beta: float = _RKL.beta,
     baseline: float = 0.0,
     weights: torch.Tensor | None = None,
-    length_normalization: bool = False,
+    length_normalization: bool = _RKL.length_normalization,
 ) -> torch.Tensor:
     """``(1/N) sum_i w_i sg(l_i - l_ref_i - beta r_i - b) l_i`` over rows with at least one kept token."""
     terms = []

@@ -11,7 +11,9 @@ output (a label outside ``[0, V)`` gives a NaN log-prob; a NaN or inf input at a
 NaN or inf loss) and in ``return_stats``. Strict mode raises instead, with a message that names the argument
 and the offending position. Turn it on
 
-* globally for a debugging run: ``FLOWLOSS_STRICT=1`` in the environment, or ``flowloss.set_strict(True)``;
+* globally for a debugging run: ``FLOWLOSS_STRICT=1`` in the environment (on: ``1``, ``true``, ``yes``, ``on``;
+  off: unset, empty, ``0``, ``false``, ``no``, ``off``; any other value is ignored with a warning naming the
+  variable), or ``flowloss.set_strict(True)``;
 * for a block: ``with flowloss.strict_mode(): ...``;
 * for one call: ``strict=True`` on the functions that take it (``strict=False`` turns it off for that call).
 
@@ -23,11 +25,35 @@ is what every trainer already watches for; strict mode tells you where it came f
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 _ENV = "FLOWLOSS_STRICT"
-_enabled = os.environ.get(_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+ON_VALUES = ("1", "true", "yes", "on")
+OFF_VALUES = ("", "0", "false", "no", "off")
+
+
+def strict_from_environment(value: str | None) -> bool:
+    """Whether ``FLOWLOSS_STRICT=value`` turns strict mode on (case and surrounding spaces ignored).
+
+    A value in neither list (``"none"``, ``"disable"``, a typo such as ``"flase"``) leaves strict mode off, with
+    a warning that names the variable and the accepted values: it is never read as "on" by accident.
+    """
+    text = (value or "").strip().lower()
+    if text in ON_VALUES:
+        return True
+    if text not in OFF_VALUES:
+        warnings.warn(
+            f"{_ENV}={value!r} is not a known setting; strict mode stays off. Use one of {ON_VALUES} to turn it "
+            f"on, or one of {tuple(v for v in OFF_VALUES if v)} (or leave it unset) for off.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return False
+
+
+_enabled = strict_from_environment(os.environ.get(_ENV))
 
 
 def set_strict(enabled: bool) -> None:

@@ -38,7 +38,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from flowloss import ratio_clip_token_mask, reference, trajectory_balance_loss  # noqa: E402
+from flowloss import FlowRLOptions, ratio_clip_token_mask, reference, trajectory_balance_loss  # noqa: E402
 from flowloss.importance import importance_weights_with_stats  # noqa: E402
 from flowloss.ops import fused_tb  # noqa: E402
 from flowloss.ops.fused_tb import fused_tb_sequence_terms, fused_tb_supported, reduce_per_sequence  # noqa: E402
@@ -100,6 +100,11 @@ class Case:
         names = ("mode", "token_clip_mask", "length_normalization", "penalty", *OPTION_DEFAULTS)
         return {n: getattr(self, n) for n in names}
 
+    def fused_kwargs(self) -> dict:
+        """The fused op's keywords: the options object and the weight mode."""
+        fields = {k: v for k, v in self.options().items() if k != "mode"}
+        return {"options": FlowRLOptions(**fields), "mode": self.mode}
+
 
 def make_case(b, t, dtype, *, seed=0, mask=None, poison=float("nan"), scale=3.0, old_noise=0.3, **options):
     gen = torch.Generator().manual_seed(seed)
@@ -126,7 +131,6 @@ def run_fused(case: Case, device, upstream: torch.Tensor):
     """Fused forward + backward on ``device``; returns the terms, d logprobs and d log_z on CPU."""
     lp = case.lp.to(device, copy=True).requires_grad_(True)
     lz = case.log_z.to(device, copy=True).requires_grad_(True)
-    opts = case.options()
     terms = fused_tb_sequence_terms(
         lp,
         case.ref.to(device),
@@ -136,7 +140,7 @@ def run_fused(case: Case, device, upstream: torch.Tensor):
         None if case.old is None else case.old.to(device),
         None if case.ro is None else case.ro.to(device),
         block_t=case.block_t,
-        **opts,
+        **case.fused_kwargs(),
     )
     dlp, dlz = torch.autograd.grad(terms.per_sequence, [lp, lz], upstream.to(device))
     assert terms.per_sequence.dtype == torch.float32 and terms.per_sequence.device == lp.device
@@ -216,6 +220,7 @@ def run_pytorch_path(case: Case, upstream: torch.Tensor):
     per_seq = trajectory_balance_loss(
         lp, case.ref, case.rewards, lz, case.mask, old_logprobs=case.old, rollout_logprobs=case.ro,
         importance_weights=case.mode, token_clip_mask=case.token_clip_mask, reduction="none", strict=False,
+        impl="pytorch",
         **{k: getattr(case, k) for k in ("length_normalization", "penalty", *OPTION_DEFAULTS)},
     )
     dlp, dlz = torch.autograd.grad(per_seq, [lp, lz], upstream.to(per_seq.dtype), allow_unused=True)
@@ -489,6 +494,34 @@ def test_nan_at_an_unmasked_position_gives_nan_and_leaves_other_rows_bitwise_equ
     assert bool(torch_path[:3].isnan().all()), "the PyTorch path agrees: NaN"
 
 
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_an_infinite_old_or_rollout_log_prob_at_a_kept_token_gives_nan(mode, device):
+    """A clip or cap must not hide an infinite ratio: old = +-inf at a kept token makes the row's weight NaN
+    (it was clipped to a finite weight); rollout = +inf makes it NaN (it was a weight of exactly 0); rollout
+    = -inf (pi_rollout = 0) truncates the TIS factor to exactly tis_cap. Both paths agree."""
+    clean = make_case(4, 6, torch.float32, seed=5, mode=mode, mask=torch.ones(4, 6, dtype=torch.bool))
+    bad = replace(clean, old=clean.old.clone(), ro=clean.ro.clone())
+    bad.old[0, 2] = float("-inf")
+    bad.old[1, 4] = float("inf")
+    bad.ro[2, 1] = float("inf")
+    bad.ro[3, 0] = float("-inf")
+    terms, _, _ = run_fused(bad, device, torch.ones(4))
+    assert bool(terms.weights[:3].isnan().all()) and bool(terms.per_sequence[:3].isnan().all()), terms.weights
+    assert bool(terms.weights[3].isfinite()), "pi_rollout = 0: the factor is exactly tis_cap"
+    torch_path, _, _, _ = run_pytorch_path(bad, torch.ones(4))
+    assert bool(torch_path[:3].isnan().all()) and bool(torch_path[3].isfinite())
+    torch.testing.assert_close(terms.per_sequence[3], torch_path[3].float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [-4.0, 0.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_bad_tensor_normalizer_gives_nan_on_the_fused_path(value, reduction, device):
+    case = make_case(3, 5, torch.float32, seed=1, mode="sequence_clipped")
+    terms, _, _ = run_fused(case, device, torch.ones(3))
+    loss = reduce_per_sequence(terms.per_sequence, terms.counted, reduction, torch.tensor(value))
+    assert bool(loss.isnan().all()), loss
+
+
 def test_a_row_does_not_depend_on_its_batch(device):
     """Bitwise: row i of a batch equals the same row computed alone (one program per row, no atomics)."""
     case = make_case(5, 40, torch.bfloat16, seed=9, mode="geometric_clipped", token_clip_mask=True, penalty="huber")
@@ -519,7 +552,7 @@ def test_strided_inputs_are_read_in_place_or_copied(device):
     opts = case.options()
     terms = fused_tb_sequence_terms(
         lp, ref_t, case.rewards.to(device), lz, case.mask.to(device), case.old.to(device), case.ro.to(device),
-        **opts,
+        **case.fused_kwargs(),
     )
     dlp, dlz = torch.autograd.grad(terms.per_sequence, [lp, lz], up.to(device))
     assert torch.equal(terms.per_sequence.cpu(), expected.per_sequence)
@@ -530,7 +563,7 @@ def test_strided_inputs_are_read_in_place_or_copied(device):
     e_full, _, _ = run_fused(c_full, device, up)
     terms = fused_tb_sequence_terms(
         c_full.lp.to(device), c_full.ref.to(device), c_full.rewards.to(device), c_full.log_z.to(device),
-        full.to(device), c_full.old.to(device), c_full.ro.to(device), **opts,
+        full.to(device), c_full.old.to(device), c_full.ro.to(device), **c_full.fused_kwargs(),
     )
     assert bool(terms.per_sequence.isfinite().all())
     assert torch.equal(terms.per_sequence.cpu(), e_full.per_sequence)
@@ -539,7 +572,7 @@ def test_strided_inputs_are_read_in_place_or_copied(device):
 def test_empty_batch_and_empty_rows(device):
     lp = torch.zeros(0, 5, device=device, requires_grad=True)
     lz = torch.zeros(0, device=device, requires_grad=True)
-    opts = make_case(1, 1, torch.float32).options()
+    opts = make_case(1, 1, torch.float32).fused_kwargs()
     terms = fused_tb_sequence_terms(lp, lp.detach(), lz.detach(), lz, torch.zeros(0, 5, dtype=torch.bool,
                                     device=device), **opts)
     assert terms.per_sequence.shape == (0,) and terms.delta.shape == (0,)
@@ -554,7 +587,7 @@ def test_only_log_z_requires_grad(device):
     lz = case.log_z.to(device, copy=True).requires_grad_(True)
     terms = fused_tb_sequence_terms(
         case.lp.to(device), case.ref.to(device), case.rewards.to(device), lz, case.mask.to(device),
-        case.old.to(device), None, **case.options(),
+        case.old.to(device), None, **case.fused_kwargs(),
     )
     (dlz,) = torch.autograd.grad(terms.per_sequence.sum(), [lz])
     _, _, expected = run_fused(case, device, torch.ones(3))
@@ -565,7 +598,7 @@ def test_double_backward_is_refused(device):
     case = make_case(2, 5, torch.float32)
     lp = case.lp.to(device, copy=True).requires_grad_(True)
     terms = fused_tb_sequence_terms(lp, case.ref.to(device), case.rewards.to(device), case.log_z.to(device),
-                                    case.mask.to(device), **case.options())
+                                    case.mask.to(device), **case.fused_kwargs())
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(terms.per_sequence.sum(), [lp], create_graph=True)
 
@@ -623,7 +656,7 @@ def test_no_host_synchronisation(monkeypatch, device):
     calls = _count_flowloss_syncs(monkeypatch)
     for reduction, normalizer in [("mean", None), ("sum", torch.tensor(3.0, device=device)), ("none", 2.0)]:
         terms = fused_tb_sequence_terms(lp, tensors["ref"], tensors["rewards"], lz, tensors["mask"], tensors["old"],
-                                        tensors["ro"], **case.options())
+                                        tensors["ro"], **case.fused_kwargs())
         loss = reduce_per_sequence(terms.per_sequence, terms.counted, reduction, normalizer)
         loss.sum().backward()
     assert calls == [], f"host synchronisations in flowloss: {calls}"
@@ -640,7 +673,7 @@ def test_torch_compile_fullgraph_matches_eager(device):
     args = [getattr(case, k).to(device) for k in ("lp", "ref", "rewards", "log_z", "mask", "old")]
 
     def loss_fn(lp, ref, rewards, log_z, mask, old):
-        terms = fused_tb_sequence_terms(lp, ref, rewards, log_z, mask, old, **case.options())
+        terms = fused_tb_sequence_terms(lp, ref, rewards, log_z, mask, old, **case.fused_kwargs())
         return reduce_per_sequence(terms.per_sequence, terms.counted, "mean", None)
 
     torch._dynamo.reset()
@@ -733,3 +766,17 @@ def test_kernels_compile_for_sm90_with_vector_memory_access():
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_token_clip_mask_keeps_an_infinite_ratio_so_it_reaches_the_loss(device):
+    """An old log-prob of +-inf (rho = -+inf) at a kept token is outside any trust region; dropping it would turn
+    the bad value into a finite loss. Both paths keep it: the row's weight and loss are NaN."""
+    clean = make_case(2, 6, torch.float32, seed=4, mode="sequence_clipped", token_clip_mask=True, old_noise=0.01,
+                      mask=torch.ones(2, 6, dtype=torch.bool))
+    bad = replace(clean, old=clean.old.clone(), rewards=torch.tensor([1.0, -1.0]))
+    bad.old[0, 1] = float("-inf")  # rho = +inf with r > 0: above 1 + eps_high
+    bad.old[1, 2] = float("inf")  # rho = -inf with r < 0: below 1 - eps_low
+    terms, _, _ = run_fused(bad, device, torch.ones(2))
+    assert terms.lengths.tolist() == [6.0, 6.0] and bool(terms.per_sequence.isnan().all())
+    torch_path, _, _, _ = run_pytorch_path(bad, torch.ones(2))
+    assert bool(torch_path.isnan().all())

@@ -11,7 +11,8 @@ The public API::
     AdapterConfig.add_arguments(parser, prefix="--flowrl.")                    # argparse: --help lists them
     AdapterConfig.parse_flags(argv, prefix="--flowrl.", prog=...)             # (config, the other args)
     # the log-Z head on a Hugging Face model
-    LOG_Z_HEAD_NAME   LOG_Z_HEAD_FILE   attach_log_z_head   find_log_z_head   decoder_of
+    LOG_Z_HEAD_NAME   LOG_Z_HEAD_FILE   attach_log_z_head   find_log_z_head   decoder_of   log_z_param_groups
+    unwrap_model
     save_log_z_head   load_log_z_head   split_log_z_head_state   log_z_head_detached   without_log_z_head
     # the decoder's last hidden states during a forward
     HiddenStateCapture   last_hidden_state
@@ -20,7 +21,8 @@ The public API::
 
 Flat names, one per concept, in every adapter: the loss options are the fields of `flowloss.FlowRLOptions`
 (``beta``, ``importance_weights``, ``eps_low``, ...), the head options are ``log_z_num_layers``,
-``log_z_dropout``, ``log_z_init``, ``log_z_drop_last_prompt_token``, ``log_z_dtype``. TRL's ``GRPOConfig``
+``log_z_dropout``, ``log_z_init``, ``log_z_zero_init``, ``log_z_drop_last_prompt_token``, ``log_z_dtype``,
+``log_z_lr``. TRL's ``GRPOConfig``
 prefixes them with ``flowrl_`` and names the clip range ``epsilon``/``epsilon_high`` (TRL's own fields): the
 TRL adapter translates those in one place.
 """
@@ -32,7 +34,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from flowloss import FlowRLOptions, LogZHead
+from flowloss._deprecation import warn_deprecated
 
 __all__ = [
     "LOG_Z_HEAD_FILE",
@@ -58,8 +60,10 @@ __all__ = [
     "last_hidden_state",
     "load_log_z_head",
     "log_z_head_detached",
+    "log_z_param_groups",
     "save_log_z_head",
     "split_log_z_head_state",
+    "unwrap_model",
     "without_log_z_head",
 ]
 
@@ -88,10 +92,14 @@ OPTION_HELP: dict[str, str] = {
     "reduction": "only mean: an adapter divides the micro-batch sum by the step's sequence count",
     "log_z_num_layers": "layers of the log-Z MLP head, >= 1 (3, the authors)",
     "log_z_dropout": "dropout in the log-Z head, in [0, 1) (0.1, the authors)",
-    "log_z_init": "initial output bias of the log-Z head (0.0)",
+    "log_z_init": "initial output bias of the log-Z head (0.0); the starting log Z exactly with log_z_zero_init",
+    "log_z_zero_init": "start the head's output weight at 0, so log Z starts at exactly log_z_init (false)",
+    "log_z_lr": "learning rate of the log-Z head's own optimizer group, > 0 (none: the policy's)",
     "log_z_drop_last_prompt_token": "leave each prompt's last token out of the pooled state (false)",
     "log_z_dtype": "parameter dtype of the head: float32, float64, bfloat16, float16 or none (the policy's)",
 }
+# Options whose default is None and whose value is a number (a command line writes None as "none").
+_OPTIONAL_NUMBERS = ("log_z_lr",)
 _CHOICES: dict[str, tuple[str, ...]] = {
     "importance_weights": _IMPORTANCE_MODES,
     "penalty": ("squared", "shifted_cosh", "linex", "huber"),
@@ -104,9 +112,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 class LogZHeadOptions:
     """Options of the `flowloss.LogZHead` an adapter attaches (flat names: ``log_z_<field>``).
 
-    ``num_layers`` (3) and ``dropout`` (0.1) are the authors'; ``init`` is the output bias (the starting
-    ``log Z``); ``drop_last_prompt_token`` reproduces the authors' slicing of the pooled prompt; ``dtype`` is the
-    head's parameter dtype (``"float32"``; None: the policy's dtype, e.g. to keep one dtype per FSDP unit).
+    ``num_layers`` (3) and ``dropout`` (0.1) are the authors'; ``init`` is the output layer's bias: with
+    ``zero_init`` (the output weight starts at 0) the starting ``log Z`` is exactly ``init``, without it (the
+    authors' random output weight) it starts at ``init`` plus a random term of the pooled state (about +-0.6 at
+    hidden size 64, up to +-1 at 4096); ``drop_last_prompt_token`` reproduces the authors' slicing of the pooled
+    prompt; ``dtype`` is the head's parameter dtype (``"float32"``; None: the policy's dtype, e.g. to keep one
+    dtype per FSDP unit); ``lr`` is the learning rate of the head's own optimizer group (None: the policy's, as
+    the authors train it; see `log_z_param_groups`).
     """
 
     num_layers: int = 3
@@ -114,6 +126,8 @@ class LogZHeadOptions:
     init: float = 0.0
     drop_last_prompt_token: bool = False
     dtype: str | None = "float32"
+    zero_init: bool = False
+    lr: float | None = None
 
     def __post_init__(self) -> None:
         n = self.num_layers
@@ -126,6 +140,15 @@ class LogZHeadOptions:
             raise ValueError(f"`log_z_init` must be a finite number, got {self.init!r}")
         if not isinstance(self.drop_last_prompt_token, bool):
             raise TypeError(f"`log_z_drop_last_prompt_token` must be a bool, got {self.drop_last_prompt_token!r}")
+        if not isinstance(self.zero_init, bool):
+            raise TypeError(f"`log_z_zero_init` must be a bool, got {self.zero_init!r}")
+        lr = self.lr
+        if lr is not None and (
+            isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0
+        ):
+            raise ValueError(f"`log_z_lr` must be None or a finite number > 0, got {lr!r}")
+        if lr is not None:
+            object.__setattr__(self, "lr", float(lr))
         if self.dtype is not None and self.dtype not in _HEAD_DTYPES:
             raise ValueError(f"`log_z_dtype` must be None or one of {tuple(_HEAD_DTYPES)}, got {self.dtype!r}")
         object.__setattr__(self, "dropout", float(d))
@@ -199,7 +222,7 @@ class AdapterConfig:
                 raise TypeError(f"`{old}` is no longer a {type(self).__name__} option: {why}")
         for old, new in self.RENAMED.items():
             if old in flat:
-                warnings.warn(f"`{old}` is deprecated: use `{new}`", DeprecationWarning, stacklevel=3)
+                warn_deprecated(f"the option `{old}`", f"use `{new}`", stacklevel=4)
                 if new in flat:
                     raise TypeError(f"both `{old}` and its new name `{new}` were given")
                 flat[new] = flat.pop(old)
@@ -209,8 +232,9 @@ class AdapterConfig:
             raise TypeError(f"unknown FlowRL option(s) {unknown} for {type(self).__name__}; known: {sorted(known)}")
         loss_values = {k: v for k, v in flat.items() if k in _LOSS_FIELDS}
         head_values = {_HEAD_FIELDS[k]: v for k, v in flat.items() if k in _HEAD_FIELDS}
-        if isinstance(head_values.get("dtype"), str) and head_values["dtype"].lower() == "none":
-            head_values["dtype"] = None  # from a command line or a YAML string
+        for key in ("dtype", "lr"):  # None from a command line or a YAML string
+            if isinstance(head_values.get(key), str) and head_values[key].strip().lower() == "none":
+                head_values[key] = None
         if isinstance(log_z_head, LogZHeadOptions):
             head = dataclasses.replace(log_z_head, **head_values)
         else:
@@ -298,6 +322,8 @@ class AdapterConfig:
                                       "help": help_line + suffix}
             if isinstance(default, bool):
                 kwargs.update(type=_parse_bool(prefix + name), metavar="{true,false}")
+            elif name in _OPTIONAL_NUMBERS:
+                kwargs.update(type=_parse_optional_float(prefix + name), metavar="{FLOAT,none}")
             elif choices is not None:
                 kwargs.update(choices=choices)
             elif isinstance(default, int):
@@ -354,6 +380,18 @@ def _flag_message(message: str, prefix: str) -> str:
     return re.sub(r"`([a-z_]+)`", lambda m: prefix + m.group(1), message)
 
 
+def _parse_optional_float(flag: str) -> Callable[[str], float | None]:
+    def parse(raw: str) -> float | None:
+        if raw.strip().lower() == "none":
+            return None
+        try:
+            return float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a number or none, got {raw!r}") from None
+
+    return parse
+
+
 def _parse_bool(flag: str) -> Callable[[str], bool]:
     def parse(raw: str) -> bool:
         value = raw.strip().lower()
@@ -384,6 +422,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
         elif not hasattr(model, "config") and isinstance(getattr(model, "model", None), nn.Module):
             model = model.model
     return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside ``model``'s wrappers (OpenRLHF's ``Actor``, DeepSpeed/DDP, PEFT)."""
+    return _unwrap(model)
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -421,13 +464,45 @@ def attach_log_z_head(model: nn.Module, options: LogZHeadOptions | AdapterConfig
     hidden = getattr(text_config, "hidden_size", None)
     if not isinstance(hidden, int):
         raise ValueError(f"cannot read the hidden size of {type(hf).__name__} (config.hidden_size)")
-    head = LogZHead(hidden, num_layers=options.num_layers, dropout=options.dropout, init_log_z=options.init)
+    head = LogZHead(
+        hidden,
+        num_layers=options.num_layers,
+        dropout=options.dropout,
+        init_log_z=options.init,
+        zero_init=options.zero_init,
+    )
     ref = next(hf.parameters(), None)
     like = ref.dtype if ref is not None and ref.dtype.is_floating_point else torch.float32
     device = ref.device if ref is not None and ref.device.type != "meta" else None
     head = head.to(device=device, dtype=options.torch_dtype(like))
     hf.add_module(LOG_Z_HEAD_NAME, head)
     return head
+
+
+def log_z_param_groups(
+    model: nn.Module, log_z_lr: float | None, **group_options: Any
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups with the attached log-Z head in a group of its own at ``log_z_lr``.
+
+    ``[{"params": the model's other trainable parameters, **group_options},
+    {"params": the head's trainable parameters, **group_options, "lr": log_z_lr}]``; with ``log_z_lr=None``
+    one group holding everything (the authors' set-up: the head shares the policy's optimizer and learning
+    rate). For custom trainers: ``torch.optim.AdamW(log_z_param_groups(model, 1e-3), lr=1e-6)``. A separate,
+    larger rate helps when log Z must travel far (raw rewards: the optimum is near ``beta * E[r]``); see
+    ``docs/math.md``.
+    """
+    head_ids = {id(p) for p in find_log_z_head(model).parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if log_z_lr is None:
+        return [{"params": trainable, **group_options}]
+    if isinstance(log_z_lr, bool) or not isinstance(log_z_lr, (int, float)) or not math.isfinite(log_z_lr) \
+            or log_z_lr <= 0:
+        raise ValueError(f"`log_z_lr` must be None or a finite number > 0, got {log_z_lr!r}")
+    rest = [p for p in trainable if id(p) not in head_ids]
+    head = [p for p in trainable if id(p) in head_ids]
+    if not head:
+        raise ValueError("the log-Z head has no trainable parameter: nothing to put in its own group")
+    return [{"params": rest, **group_options}, {"params": head, **group_options, "lr": float(log_z_lr)}]
 
 
 def find_log_z_head(model: nn.Module) -> LogZHead:

@@ -192,24 +192,12 @@ def _flowloss_plan(**tuning: Any) -> Callable[[torch.device], Fn]:
 
 
 def tb_loss(impl: str) -> Fn:
-    """``trajectory_balance_loss(lp, ref, rewards, log_z, mask, old_logprobs=old)`` on the path ``impl``
-    (``"pytorch"`` or ``"triton"``), with the loss's defaults.
-
-    The one place that selects the loss's implementation: through ``impl=`` where the loss has it, else (flowloss
-    0.1) through the module global ``flowloss.losses.FUSED_LOSS``, set around the call. When ``impl=`` is in every
-    supported version, the second branch goes."""
-    from flowloss import losses
-
-    if accepts(losses.trajectory_balance_loss, "impl"):
-        return lambda lp, ref, r, z, m, old: losses.trajectory_balance_loss(lp, ref, r, z, m, old_logprobs=old,
-                                                                            impl=impl)
+    """``trajectory_balance_loss(lp, ref, rewards, log_z, mask, old_logprobs=old, impl=impl)`` with the loss's
+    defaults: ``"pytorch"`` (its PyTorch ops) or ``"triton"`` (the fused kernels)."""
+    from flowloss.losses import trajectory_balance_loss
 
     def call(lp, ref, r, z, m, old):
-        saved, losses.FUSED_LOSS = losses.FUSED_LOSS, impl == "triton"
-        try:
-            return losses.trajectory_balance_loss(lp, ref, r, z, m, old_logprobs=old)
-        finally:
-            losses.FUSED_LOSS = saved
+        return trajectory_balance_loss(lp, ref, r, z, m, old_logprobs=old, impl=impl)
 
     return call
 
@@ -380,7 +368,8 @@ IMPLS: tuple[Impl, ...] = (
          needs=("cut_cross_entropy",), cuda=NEEDS_CUDA),
     Impl("flowloss", "loss", 'flowloss.trajectory_balance_loss, PyTorch path (impl="pytorch")',
          lambda d: tb_loss("pytorch"), always=True),
-    Impl("flowloss-fused-loss", "loss", 'flowloss.trajectory_balance_loss, fused Triton kernels (impl="triton")',
+    Impl("flowloss-fused-loss", "loss",
+         'flowloss.trajectory_balance_loss, fused Triton kernels (impl="triton": 2 launches + 1-4 ops)',
          lambda d: tb_loss("triton"), needs=("flowloss.ops.fused_tb",), cuda=TRITON_ON_CPU,
          check=lambda d: importable("triton")),
 )  # fmt: skip

@@ -33,11 +33,9 @@ from flowloss._validation import (
     require_tensor,
 )
 from flowloss.ops.chunked import default_fused_chunk_rows
-from flowloss.ops.dispatch import resolve_impl
+from flowloss.ops.dispatch import LINEAR_IMPLS, resolve_impl
 from flowloss.ops.token_logprobs import resolve_labels
 from flowloss.strict import is_strict
-
-LINEAR_IMPLS = ("auto", "triton", "chunked")
 
 
 def _check(hidden, weight, bias, labels, mask, impl, chunk_size, strict) -> torch.Tensor | None:

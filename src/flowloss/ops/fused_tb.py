@@ -28,7 +28,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from flowloss.ops.dispatch import TRITON_DTYPES, interpreter_on
+from flowloss.ops.dispatch import interpreter_on, triton_available, unsupported_reason
+from flowloss.options import FlowRLOptions
+from flowloss.reductions import normalizer_value
 
 # The rows of the op's `stats` output (kept equal to flowloss.kernels.tb_loss.STAT_ROWS, checked in the tests;
 # repeated here so that importing this module needs no triton).
@@ -67,20 +69,8 @@ class TBSequenceTerms(NamedTuple):
 def fused_tb_supported(*tensors: Tensor | None) -> bool:
     """Whether the fused op can take these tensors: all on CUDA (or CPU under Triton's interpreter), the float
     ones fp16/bf16/fp32 (float64 stays on the PyTorch path), and the Triton kernel importable."""
-    present = [t for t in tensors if t is not None]
-    if not all(t.is_cuda or interpreter_on() for t in present):
-        return False
-    if any(t.is_floating_point() and t.dtype not in TRITON_DTYPES for t in present):
-        return False
-    return _kernel_module() is not None
-
-
-def _kernel_module():
-    try:
-        from flowloss.kernels import tb_loss
-    except ImportError:
-        return None
-    return tb_loss
+    named = [(f"tensor {i}", t) for i, t in enumerate(tensors)]
+    return unsupported_reason(named, cpu_ok=interpreter_on()) is None and triton_available("tb_loss")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -238,17 +228,8 @@ def fused_tb_sequence_terms(
     old_logprobs: Tensor | None = None,
     rollout_logprobs: Tensor | None = None,
     *,
+    options: FlowRLOptions,
     mode: str,
-    eps_low: float,
-    eps_high: float,
-    max_weight: float,
-    tis_cap: float,
-    token_clip_mask: bool,
-    length_normalization: bool,
-    penalty: str,
-    linex_alpha: float,
-    huber_delta: float,
-    beta: float,
     block_t: int = 0,
 ) -> TBSequenceTerms:
     """The per-sequence terms of the TB loss in two launches (see the module docstring); inputs already checked.
@@ -259,18 +240,19 @@ def fused_tb_sequence_terms(
             ``"none"``, the token clip mask and TIS; ``rollout`` only with ``old``).
         rewards: ``[B]`` (``r_hat``); log_z: ``[B]`` (differentiable; squeeze a ``[B, 1]`` first).
         mask: ``[B, T]`` bool response mask; masked entries of the log-probs may hold anything (never read).
-        mode: the resolved weight mode (``FlowRLOptions.resolved_importance_weights``); the other keywords are
-            the fields of `flowloss.FlowRLOptions`, already validated.
+        options: the loss's validated `flowloss.FlowRLOptions` (its ``reduction`` is applied by the caller).
+        mode: the resolved weight mode (``options.resolved_importance_weights(old_logprobs is not None)``).
         block_t: tokens per block (a power of two >= 16), 0 for the default.
 
     Returns:
         `TBSequenceTerms`: ``per_sequence [B]`` fp32 (gradient to ``logprobs`` and ``log_z``) and detached
         ``[B]`` diagnostics, all computed by the same forward launch.
     """
+    o = options  # a custom op takes plain values: the options are unpacked here, once
     per_sequence, stats = tb_sequence_terms_op(
-        logprobs, ref_logprobs, rewards, log_z, mask, old_logprobs, rollout_logprobs, mode, float(eps_low),
-        float(eps_high), float(max_weight), float(tis_cap), bool(token_clip_mask), bool(length_normalization),
-        penalty, float(linex_alpha), float(huber_delta), float(beta), int(block_t),
+        logprobs, ref_logprobs, rewards, log_z, mask, old_logprobs, rollout_logprobs, mode, o.eps_low, o.eps_high,
+        o.max_weight, o.tis_cap, o.token_clip_mask, o.length_normalization, o.penalty, o.linex_alpha, o.huber_delta,
+        o.beta, int(block_t),
     )
     return TBSequenceTerms(per_sequence, *stats.unbind(0)[: len(TBSequenceTerms._fields) - 1])
 
@@ -285,8 +267,7 @@ def reduce_per_sequence(
     or over ``sum(counted)`` clamped to >= 1 (``counted`` the 0.0/1.0 row flags).
     """
     if normalizer is not None:
-        if isinstance(normalizer, Tensor):
-            normalizer = normalizer.detach().to(device=per_sequence.device, dtype=per_sequence.dtype).reshape(())
+        normalizer = normalizer_value(normalizer, per_sequence)
         return (per_sequence if reduction == "none" else per_sequence.sum()) / normalizer
     if reduction == "none":
         return per_sequence

@@ -38,3 +38,15 @@ def adapter(process_group):
     """``flowloss.adapters.openrlhf`` (OpenRLHF's CUDA calls on CPU: see ``cpu_compat`` in the example)."""
     require_framework("openrlhf.trainer.ray.ppo_actor")
     return require_framework("flowloss.adapters.openrlhf")
+
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "openrlhf_flowrl.py"
+
+
+@pytest.fixture()
+def example(adapter):
+    """``examples/openrlhf_flowrl.py`` as a module: the tiny policy, OpenRLHF's args, the trainer, the batches."""
+    spec = importlib.util.spec_from_file_location("openrlhf_flowrl_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

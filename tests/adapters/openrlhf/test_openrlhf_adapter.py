@@ -15,16 +15,6 @@ import flowloss
 from flowloss import reference
 from tests.conftest import assert_close
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "openrlhf_flowrl.py"
-
-
-@pytest.fixture()
-def example(adapter):
-    spec = importlib.util.spec_from_file_location("openrlhf_flowrl_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def _batch(seed: int, b: int = 6, a: int = 5, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
@@ -385,6 +375,62 @@ def test_launcher_prints_no_k1_advice_for_a_kl_loss_flowrl_drops(launch, kl_loss
     assert ("[FlowRL] OpenRLHF's KL loss is dropped" in out) != kl_loss, out
 
 
+def _run_without_gpu_packages(*argv: str):
+    """``python -m flowloss.adapters.openrlhf ARGV`` in a fresh process without the test stand-ins (so without
+    flash-attn and vllm, as on any machine without a GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    for name in ("flash_attn", "vllm"):
+        if importlib.util.find_spec(name) is not None and "standins" not in str(importlib.util.find_spec(name).origin):
+            pytest.skip(f"{name} is installed here: nothing to test")
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and "standins" not in p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    proc = subprocess.run([sys.executable, "-m", "flowloss.adapters.openrlhf", *argv], capture_output=True,
+                          text=True, env=env, cwd=Path(__file__).resolve().parents[3], timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_launcher_help_works_without_the_gpu_only_packages():
+    """Issue 20: ``--help`` imported flash_attn and printed a traceback telling the user to install OpenRLHF."""
+    code, out, err = _run_without_gpu_packages("--help")
+    assert code == 0, err
+    assert "Traceback" not in err, err
+    assert "--flowrl.logprobs" in out and "--ds.packing_samples" in out and "--algo.kl.use_loss" in out
+
+
+def test_launcher_without_the_gpu_only_packages_names_them_and_still_checks_flags(launch, monkeypatch):
+    """A run needs flash-attn and vllm: the message names both (and how to install them), before Ray starts;
+    the flag checks still run first. (In this process: the stand-ins play the installed packages, so the
+    missing ones are declared; the subprocess test above imports with none.)"""
+    from flowloss.adapters.openrlhf import _compat
+
+    monkeypatch.setattr(_compat, "missing_gpu_packages", lambda: ("flash_attn", "vllm"))
+    code, _, err = launch(*FLOWRL_FLAGS)
+    assert code == 1, err
+    assert "flash_attn (pip install flash-attn)" in err and "vllm (pip install vllm)" in err, err
+    assert "Traceback" not in err and "install OpenRLHF" not in err, err
+    code, _, err = launch(*FLOWRL_FLAGS, "--flowrl.logprobs", "fused")
+    assert code == 2 and "--flowrl.logprobs" in err and "hidden" in err, err
+
+
+def test_names_needing_the_gpu_only_packages_say_which_are_missing(adapter):
+    from flowloss.adapters.openrlhf import _compat
+
+    message = _compat.missing_package_message("flash_attn.bert_padding", "flowloss.adapters.openrlhf.X")
+    assert "`flash_attn`" in message and "pip install flash-attn" in message and "openrlhf" not in message.split()
+    assert "pip install -e '.[openrlhf]'" in _compat.missing_package_message("openrlhf")
+
+
+def test_launcher_accepts_packed_samples_and_refuses_ring_attention_with_the_reason(launch):
+    """Issue 20: --ds.packing_samples was refused; it is supported now (ring attention stays refused)."""
+    code, _, err = launch(*FLOWRL_FLAGS, "--ds.packing_samples", "--vllm.num_engines", "1")
+    assert code == "ray", err
+    code, _, err = launch(*FLOWRL_FLAGS, "--ds.ring_attn_size", "2", "--vllm.num_engines", "1")
+    assert code == 2 and "ring attention" in err and "log-Z head pools" in err, err
+
+
 def test_launcher_modules_import():
     """Defect 4: ``train()`` imports OpenRLHF's PPO trainer (and with it ``datasets``) once Ray is up; the
     install must provide what it imports."""
@@ -396,16 +442,24 @@ def test_launcher_modules_import():
 
 
 def test_launcher_options_reach_the_workers(launch, adapter, monkeypatch):
-    """The parsed options land on ``strategy.args.flowrl``, where FlowRLPolicyModelActor reads them."""
+    """The parsed options land on ``strategy.args.flowrl``, where the FlowRL workers read them; OpenRLHF's
+    ``train()`` creates FlowRL's policy and reference workers."""
+    import sys
+
+    import openrlhf.trainer.ray.launcher as ray_launcher
     import openrlhf.trainer.ray.ppo_actor as ppo_actor
     import openrlhf.utils as orl_utils
     import ray
 
-    original_actor = ppo_actor.PolicyModelActor
+    original_actor, original_reference = ppo_actor.PolicyModelActor, ray_launcher.ReferenceModelActor
     seen = {}
 
     def get_strategy(args):
         seen["flowrl"] = args.flowrl
+        frame = sys._getframe(1)
+        while frame.f_code.co_name != "train":  # OpenRLHF's train(), in the launcher's module globals
+            frame = frame.f_back
+        seen["workers"] = frame.f_globals["PolicyModelActor"], frame.f_globals["ReferenceModelActor"]
         raise _RayStarted
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: None)
@@ -414,8 +468,10 @@ def test_launcher_options_reach_the_workers(launch, adapter, monkeypatch):
                           "--flowrl.log_z_dropout", "0")
     assert code == "ray", err
     assert seen["flowrl"] == adapter.FlowRLConfig(beta=10.0, token_clip_mask=True, log_z_dropout=0.0)
+    assert seen["workers"] == (adapter.FlowRLPolicyModelActor, adapter.FlowRLReferenceModelActor)
     assert orl_utils.get_strategy is get_strategy  # main() restored what it patched
     assert ppo_actor.PolicyModelActor is original_actor
+    assert ray_launcher.ReferenceModelActor is original_reference
 
 
 def test_example_runs(example, capsys):
@@ -512,3 +568,81 @@ def test_config_keys_of_0_1_are_translated_or_refused_clearly(adapter):
     assert old == adapter.FlowRLConfig(log_z_drop_last_prompt_token=True)
     with pytest.raises(TypeError, match=r"`head_name` is no longer.*flowrl_log_z_head"):
         adapter.FlowRLConfig(head_name="my_head")
+
+
+# The names `flowloss.adapters.openrlhf` had as one module (0.1); the package keeps every one importable.
+NAMES_OF_0_1 = (
+    "FlowRLActorPPOTrainer", "FlowRLConfig", "FlowRLPolicyLoss", "FlowRLPolicyModelActor",
+    "FlowRLPolicyModelActorImpl", "attach_log_z_head", "enable_flowrl", "find_log_z_head", "log_z_head_detached",
+    "main", "RewardSource", "AdapterConfig", "Extra", "HiddenStateCapture", "global_normalizer",
+    "_check_openrlhf_args", "_head_attached_on_prepare", "_instance_override", "_hf_exports_without_head",
+    "_setup", "_MicroBatch", "_ENTROPY_ERROR", "_KL_ADVICE", "_KL_NOTE", "_FLAG_PREFIX",
+)
+
+
+def test_every_name_of_the_single_module_adapter_still_imports(adapter):
+    import importlib
+
+    module = importlib.import_module("flowloss.adapters.openrlhf")
+    for name in (*NAMES_OF_0_1, *module.__all__):
+        assert getattr(module, name) is not None, name
+    assert set(module.__all__) <= set(dir(module))
+    from flowloss.adapters.openrlhf import FlowRLReferenceModelActor, use_flowrl_logprobs  # noqa: F401
+
+
+def test_compat_names_the_installed_openrlhf_version(adapter):
+    """The workarounds in _compat.py were written against these versions: a new OpenRLHF must be checked
+    against its list (and added) before this passes."""
+    from flowloss.adapters.openrlhf import _compat
+
+    assert _compat.openrlhf_version() in _compat.OPENRLHF_TESTED, (
+        f"openrlhf {_compat.openrlhf_version()} is not among the versions _compat.py was checked against "
+        f"{_compat.OPENRLHF_TESTED}: re-check each patch listed in its docstring"
+    )
+
+
+def test_workers_set_up_flowrl_around_openrlhfs_own_initialisation(adapter, example, monkeypatch):
+    """The Ray workers' ``init_model_from_pretrained`` without Ray or a GPU: OpenRLHF's own method replaced by
+    what it does that matters here (``strategy.prepare((actor, cfg))``, the trainer / the reference actor)."""
+    from openrlhf.trainer.ray.launcher import ReferenceModelActor
+    from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
+
+    args = example.openrlhf_args()
+    args.flowrl = adapter.FlowRLConfig(logprobs="logits", log_z_lr=1e-3)
+    calls = []
+
+    class Strategy(example.MinimalStrategy):
+        def _get_model_parameters(self, model, *, optim=None, weight_decay=0.0):
+            return model.model, [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.0}]
+
+        def prepare(self, item):
+            actor, _ = item
+            _, groups = self._get_model_parameters(actor)
+            calls.append(groups)
+            optim = torch.optim.SGD(groups, lr=1e-6)
+            return actor, optim, torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
+
+    def policy_init(self, strategy, pretrain, max_steps=None, vllm_engines=None):
+        self.strategy = strategy
+        self.actor, self.actor_optim, self.actor_scheduler = strategy.prepare(
+            (example.make_actor(example.tiny_model(0)), {}))
+        with example.cpu_compat():
+            self.trainer = ActorPPOTrainer(strategy, self.actor, None, self.actor_optim, self.actor_scheduler)
+
+    def reference_init(self, strategy, pretrain):
+        self.strategy, self.model = strategy, example.make_actor(example.tiny_model(0))
+
+    monkeypatch.setattr(PolicyModelActor.__ray_metadata__.modified_class, "init_model_from_pretrained", policy_init)
+    monkeypatch.setattr(ReferenceModelActor.__ray_metadata__.modified_class, "init_model_from_pretrained",
+                        reference_init)
+    strategy = Strategy(args)
+    policy = object.__new__(adapter.FlowRLPolicyModelActorImpl)
+    policy.init_model_from_pretrained(strategy, "tiny")
+    assert isinstance(policy.trainer, adapter.FlowRLActorPPOTrainer) and policy.trainer.flowrl_logprobs == "logits"
+    head = {id(p) for p in adapter.find_log_z_head(policy.actor).parameters()}
+    assert [g["lr"] for g in policy.actor_optim.param_groups] == [1e-6, 1e-3]  # the head's group at log_z_lr
+    assert {id(p) for p in policy.actor_optim.param_groups[1]["params"]} == head
+    assert "prepare" not in vars(strategy) and "_get_model_parameters" not in vars(strategy)
+    reference = object.__new__(adapter.FlowRLReferenceModelActorImpl)
+    reference.init_model_from_pretrained(strategy, "tiny")
+    assert isinstance(reference.model, adapter.FlowRLActor) and reference.model.flowrl_logprobs == "logits"
