@@ -7,7 +7,7 @@ CONSTRAINTS ?= .ci/constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 export HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: setup bench test lint test-core test-kernels test-adapters test-gpu docs screenshots clean
+.PHONY: setup bench bench-wheels bench-gpu-sweep bench-gpu-step test lint test-core test-kernels test-adapters test-gpu docs screenshots clean
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,23 @@ setup: $(BIN)/.installed
 
 bench: setup
 	$(BIN)/flowloss bench $(ARGS)
+
+# GPU benchmarks (benchmarks/README.md). The one-call device run: `bash benchmarks/device_run.sh`; its peers come as
+# wheels in .whl/ (ignored), fetched here with network by `make bench-wheels`. Longer sweeps by hand, with
+# GPU_PYTHON a Python whose torch is a CUDA build: bench-gpu-sweep (log-prob op, ~6 min on an H200), bench-gpu-step.
+BENCH_WHEELS := liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 rich==15.0.0 markdown-it-py==4.3.0 \
+	mdurl==0.1.2 pygments==2.21.0 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 hypothesis==6.170.17 \
+	sortedcontainers==2.4.0
+bench-wheels: setup
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --dest .whl $(BENCH_WHEELS)
+
+bench-gpu-sweep:
+	$(GPU_PYTHON) benchmarks/sweep_vocab.py --device cuda --n 4096 16384 --v 32000 151936 262144 --dtype bf16 fp32 \
+		--impl naive compile flowloss-triton liger --name gpu-logprobs --keep-json
+
+bench-gpu-step:
+	$(GPU_PYTHON) -m flowloss bench --device cuda --op step --preset qwen2-0.5b --sequences 8 --group-size 4 \
+		--seq-len 2048 --json benchmarks/results/gpu-step-qwen2-0.5b.json
 
 lint: setup
 	$(BIN)/ruff check .

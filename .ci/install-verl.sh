@@ -31,6 +31,8 @@ import torch
 import verl
 from verl.trainer.ppo.core_algos import get_policy_loss_fn, register_policy_loss  # noqa: F401
 import transfer_queue, verl.trainer.main_ppo, verl.trainer.main_ppo_v0, verl.checkpoint_engine  # noqa: F401,E401
+# verl's LoRA step (get_peft_model) and Ray's pickling of the FlowRL worker class, both used by the tests.
+import peft, cloudpickle  # noqa: F401,E401
 
 import flowloss
 

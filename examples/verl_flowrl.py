@@ -61,7 +61,7 @@ def main() -> float:
     loss, metrics = loss_fn(model_output={"log_probs": log_probs, "log_z": log_z}, data=micro_batch, dp_group=None)
     loss.backward()
     print(f"FlowRL loss {loss.item():.4f}  |dL/dlogZ| {log_z.grad.abs().sum().item():.4f}")
-    for name in ("flowrl/weight_mean", "flowrl/residual_abs_mean", "flowrl/clip_frac"):
+    for name in ("actor/flowrl/weight_mean", "actor/flowrl/residual_abs_mean", "actor/flowrl/clip_frac"):
         print(f"  {name} = {float(metrics[name].aggregate()):.4f}")
     return loss.item()
 

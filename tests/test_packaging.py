@@ -63,6 +63,9 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path: Path):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         assert "flowloss/py.typed" in names, "the wheel does not ship flowloss/py.typed (PEP 561)"
+        packages = sorted(p.parent.relative_to(ROOT / "src").as_posix() for p in (ROOT / "src").rglob("__init__.py"))
+        missing = [p for p in packages if f"{p}/__init__.py" not in names]
+        assert not missing, f"packages missing from the wheel (pyproject.toml [tool.setuptools] packages): {missing}"
         assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "the wheel lacks the LICENSE"
         (meta_path,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = Parser().parsestr(zf.read(meta_path).decode())

@@ -108,8 +108,11 @@ class _WeightedOptions:
     ) -> _Options:
         """Options from an instance, a mapping (dict, OmegaConf node), a namespace or None, then ``overrides``.
 
-        Unknown keys raise ``TypeError`` listing the known ones (a typo never passes silently).
+        Unknown keys raise ``TypeError`` listing the known ones (a typo never passes silently). An instance with no
+        overrides is returned as is (it is immutable and already validated).
         """
+        if isinstance(value, cls) and not overrides:
+            return value
         if value is None:
             items: dict[str, Any] = {}
         elif isinstance(value, cls):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,8 @@ def test_default_impls_end_to_end_json_table_png(tmp_path, capsys):
 
     fres = _results(fused)
     assert fused["flops"] == {"fwd": 2 * 24 * 8 * 40, "fwdbwd": 6 * 24 * 8 * 40}
+    assert fused["grads_bytes"] == (24 + 40) * 8 * 4  # dhidden + dW
+    assert fres["naive"]["mem_fwdbwd_vs_grads"] == fres["naive"]["peak_mem_fwdbwd_bytes"] / fused["grads_bytes"]
     for name in ("naive", "flowloss-fused"):
         assert fres[name]["status"] == "ok", fres[name]
         assert fres[name]["tflops_fwdbwd"] > 0
@@ -275,3 +278,25 @@ def test_step_is_not_in_the_default_ops_and_its_options_are_checked(capsys):
     assert "--sequences (6) must be a multiple of --group-size (4)" in capsys.readouterr().err
     assert main(["bench", "--op", "step", "--seq-len", "1"]) == 2
     assert "--seq-len must be an integer >= 2, got 1" in capsys.readouterr().err
+
+
+@pytest.mark.triton_interpreter
+def test_fused_linear_kernel_plans_run_under_the_interpreter(tmp_path):
+    """The fused lm_head launchers' two other plans (one-pass backward, tile filter), as rows of --op fused_linear
+    (they were a second harness, benchmarks/fused_linear_gpu.py): on CPU under TRITON_INTERPRET=1 they run and
+    match float64; Liger and Cut Cross-Entropy are listed with their reason."""
+    json_path = tmp_path / "fl.json"
+    argv = [*TINY, "--op", "fused_linear", "--h", "16", "--impl", "naive", "flowloss-fused-onepass",
+            "flowloss-fused-filter", "liger-fused", "cce-fused", "--reps", "1", "--json", str(json_path)]  # fmt: skip
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "flowloss", *argv], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (case,) = json.loads(json_path.read_text())["cases"]
+    res = _results(case)
+    for name in ("flowloss-fused-onepass", "flowloss-fused-filter"):
+        assert res[name]["status"] == "ok", res[name]
+        assert res[name]["max_abs_err"] < 1e-5 and res[name]["max_abs_err_grad"] < 1e-3, res[name]
+        assert res[name]["mem_fwdbwd_vs_grads"] > 0 and res[name]["fwdbwd_ms"]["median"] > 0
+    assert res["flowloss-fused-onepass"]["max_abs_err_grad"] < 1e-5  # exact: no gradient filter
+    assert res["liger-fused"]["status"] == res["cce-fused"]["status"] == "skipped"

@@ -29,11 +29,12 @@ pytest.importorskip("transformers")
 from flowloss import reference as flref
 from flowloss.bench import step as st
 from flowloss.bench import step_model as sm
+from flowloss.bench import step_paths as sp
 from flowloss.cli import main
 
 CPU = torch.device("cpu")
 B, G, L = 4, 2, 24
-SETTINGS = st.StepSettings(temperature=0.7)
+SETTINGS = sp.StepSettings(temperature=0.7)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -89,9 +90,9 @@ def _rel_l2(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
 
 
 PATHS = {
-    "grpo-logits": lambda: st.build_grpo_logits(CPU),
-    "flowloss-logits": lambda: st.flowloss_logits,
-    "flowloss-hidden": lambda: st.flowloss_hidden,
+    "grpo-logits": lambda: sp.build_grpo_logits(CPU),
+    "flowloss-logits": lambda: sp.flowloss_logits,
+    "flowloss-hidden": lambda: sp.flowloss_hidden,
 }
 
 
@@ -136,8 +137,8 @@ def test_presets_have_the_qwen2_shapes():
 
 def test_flowloss_paths_agree_loss_and_policy_gradients(models, batch):
     """From logits and from hidden states: the same loss, log-probs, log Z and gradients of every parameter."""
-    out_l, grads_l = _run(st.flowloss_logits, models, batch)
-    out_h, grads_h = _run(st.flowloss_hidden, models, batch)
+    out_l, grads_l = _run(sp.flowloss_logits, models, batch)
+    out_h, grads_h = _run(sp.flowloss_hidden, models, batch)
     assert float(out_l.loss) > 0 and math.isfinite(float(out_l.loss))
     assert float(out_h.loss) == pytest.approx(float(out_l.loss), rel=1e-6)
     torch.testing.assert_close(out_h.logprobs, out_l.logprobs, rtol=0, atol=1e-6)
@@ -171,7 +172,7 @@ def test_loss_and_its_gradients_match_the_float64_reference(name, models, batch)
     weights = flref.importance_weights(lp64.detach(), old64, mask, mode="sequence_clipped")
     r_hat = flref.group_normalize_rewards(batch.rewards, [i // G for i in range(B)], eps=1e-6)
     expected = flref.trajectory_balance_loss(
-        lp64, out.ref_logprobs.double(), r_hat, z64, mask, beta=st.FLOWRL_BETA, weights=weights
+        lp64, out.ref_logprobs.double(), r_hat, z64, mask, beta=sp.FLOWRL_BETA, weights=weights
     )
     expected.backward()
     assert float(out.loss) == pytest.approx(float(expected), rel=1e-6)
@@ -196,14 +197,14 @@ def test_grpo_loss_formula():
             d = float(ref_lp[i, t] - lp[i, t])
             terms.append(float(surrogate) + 0.04 * (math.exp(d) - d - 1))
         expected += sum(terms) / 2 / 2
-    assert float(st.grpo_loss(lp, old, ref_lp, adv, mask)) == pytest.approx(expected, rel=1e-6)
+    assert float(sp.grpo_loss(lp, old, ref_lp, adv, mask)) == pytest.approx(expected, rel=1e-6)
 
 
 def test_plain_selective_log_softmax_is_the_float64_log_softmax():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 50, generator=g) * 3
     index = torch.randint(0, 50, (3, 5), generator=g)
-    got = st.plain_selective_log_softmax(logits, index, 0.7)
+    got = sp.plain_selective_log_softmax(logits, index, 0.7)
     expected, _ = flref.token_logprobs(logits.reshape(15, 50), index.reshape(15), temperature=0.7)
     torch.testing.assert_close(got.reshape(15).double(), expected, rtol=0, atol=2e-6)
 
@@ -269,7 +270,7 @@ def test_step_cli_json_table_png(tmp_path, capsys):
     assert case["optimizer_peak_bytes"] > 0
 
     res = {r["impl"]: r for r in case["results"]}
-    assert list(res) == ["model", "grpo-logits", "flowloss-logits", "flowloss-hidden", "liger-grpo"]
+    assert list(res) == ["model", "grpo-logits", "flowloss-logits", "flowloss-hidden", "trl-fused-head", "liger-grpo"]
     for name in ("model", "grpo-logits", "flowloss-logits", "flowloss-hidden"):
         r = res[name]
         assert r["status"] == "ok", r
@@ -310,7 +311,7 @@ def test_batch_search_recovers_from_out_of_memory(models, monkeypatch):
 
     monkeypatch.setattr(st, "run_step", step_or_oom)
     case = {"sequences": 4, "group_size": 2, "seq_len": 16}
-    found = st._search_fit(st.model_only, models, SETTINGS, case, CPU, seed=0)
+    found = st.search_fit(sp.model_only, models, SETTINGS, case, CPU, seed=0)
     assert found["sequences"] == 12 and found["tokens"] == 12 * 16 and found["seq_len"] == 16
     assert found["probes"] == [[4, True], [8, True], [16, False], [12, True], [14, False]]
     assert all(float(p.grad.abs().max()) == 0 for p in models.policy.parameters())
@@ -320,7 +321,7 @@ def test_batch_search_recovers_from_out_of_memory(models, monkeypatch):
 
     monkeypatch.setattr(st, "run_step", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        st._search_fit(st.model_only, models, SETTINGS, case, CPU, seed=0)
+        st.search_fit(sp.model_only, models, SETTINGS, case, CPU, seed=0)
 
 
 def _liger_stand_in(monkeypatch):
@@ -333,7 +334,7 @@ def _liger_stand_in(monkeypatch):
         def __init__(self, beta=0.04, use_ref_model=True, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo",
                      temperature=1.0):  # fmt: skip
             super().__init__()
-            assert loss_type == "grpo" and use_ref_model and epsilon_low == epsilon_high == st.GRPO_EPSILON
+            assert loss_type == "grpo" and use_ref_model and epsilon_low == epsilon_high == sp.GRPO_EPSILON
             self.beta, self.temperature = beta, temperature
 
         def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
@@ -346,7 +347,7 @@ def _liger_stand_in(monkeypatch):
                 ref = logp(ref_input, ref_weight)
             lp = logp(_input, lin_weight)
             mask = attention_mask.bool()
-            return st.grpo_loss(lp, old_per_token_logps, ref, advantages, mask, kl_beta=self.beta), ()
+            return sp.grpo_loss(lp, old_per_token_logps, ref, advantages, mask, kl_beta=self.beta), ()
 
     module = types.ModuleType("liger_kernel.chunked_loss")
     module.LigerFusedLinearGRPOLoss = LigerFusedLinearGRPOLoss
@@ -366,8 +367,8 @@ def test_liger_grpo_is_the_grpo_of_grpo_logits(real, models, batch, monkeypatch)
     b.old_logprobs = batch.old_logprobs + 0.3 * torch.randn(
         batch.old_logprobs.shape, generator=torch.Generator().manual_seed(1)
     )
-    out_g, grads_g = _run(st.build_grpo_logits(CPU), models, b)
-    out_l, grads_l = _run(st.build_liger_grpo(CPU), models, b)
+    out_g, grads_g = _run(sp.build_grpo_logits(CPU), models, b)
+    out_l, grads_l = _run(sp.build_liger_grpo(CPU), models, b)
     assert float(out_g.loss) != 0.0  # the perturbed old log-probs make the surrogate non-zero
     assert float(out_l.loss) == pytest.approx(float(out_g.loss), rel=1e-4, abs=1e-6)
     assert _rel_l2(grads_l, grads_g) < 1e-5
@@ -380,10 +381,10 @@ def test_a_step_that_cannot_fit_is_skipped_with_the_bytes_it_needs(monkeypatch, 
     from flowloss.bench.config import BenchConfig
     from flowloss.bench.report import build_report, print_report
 
-    monkeypatch.setattr(runner, "_available_bytes", lambda device: 2**20)
+    monkeypatch.setattr(runner, "available_bytes", lambda device: 2**20)
     config = BenchConfig(ops=("step",), device="cpu", sequences=2, group_size=2, seq_len=8, warmup=0, reps=1)
     (case,) = runner.run_suite(config)
-    assert [r["impl"] for r in case["results"]] == ["model", *PATHS, "liger-grpo"]
+    assert [r["impl"] for r in case["results"]] == ["model", *PATHS, "trl-fused-head", "liger-grpo"]
     need = sm.state_bytes("tiny", torch.float32)  # 5 copies of the 4.47M parameters in fp32
     for r in case["results"]:
         assert r["status"] == "skipped" and r["reason"].startswith("shape needs about"), r
@@ -399,11 +400,37 @@ def test_grpo_logits_falls_back_to_the_plain_twin_and_says_why(monkeypatch):
     import types
 
     monkeypatch.setitem(sys.modules, "trl", None)
-    fn = st.build_grpo_logits(CPU)
+    fn = sp.build_grpo_logits(CPU)
     assert fn.note == "trl not installed: the plain PyTorch twin of TRL's helper ran"
     broken = types.ModuleType("trl")  # installed, but its helper is missing (a version this bench does not know)
     broken.__version__ = "0.0"
     for name in ("trl", "trl.trainer", "trl.trainer.utils"):
         monkeypatch.setitem(sys.modules, name, broken if name == "trl" else types.ModuleType(name))
-    fn = st.build_grpo_logits(CPU)
+    fn = sp.build_grpo_logits(CPU)
     assert fn.note.startswith("trl not importable (ImportError: cannot import name 'selective_log_softmax'")
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["stand-in", "trl"])
+def test_trl_fused_head_is_the_flowrl_of_flowloss_hidden(real, models, batch, monkeypatch):
+    """trl-fused-head (TRL's ChunkedLogProbFunction on the response hidden states) and flowloss-hidden: the same
+    FlowRL loss, log-probs and policy gradients. With the real trl (from .venv-trl) this checks TRL's arithmetic."""
+    if real:
+        pytest.importorskip("trl.kernels")
+    else:
+        from tests.bench.test_parts import trl_stand_in
+
+        trl_stand_in(monkeypatch, compact=True)
+    out_t, grads_t = _run(sp.build_trl_fused_head(CPU), models, batch)
+    out_h, grads_h = _run(sp.flowloss_hidden, models, batch)
+    assert float(out_t.loss) == pytest.approx(float(out_h.loss), rel=1e-5)
+    torch.testing.assert_close(out_t.logprobs, out_h.logprobs, rtol=0, atol=2e-6)
+    assert (out_t.logprobs[~batch.response_mask] == 0).all()
+    assert _rel_l2(grads_t, grads_h) < 1e-5
+
+
+def test_largest_fit_stops_when_told():
+    """The time budget reaches into the batch search: no probe starts once stop() is true; what was found stays."""
+    calls = []
+    found = st.largest_fit(lambda n: calls.append(n) or True, 8, 4, 10_000, stop=lambda: len(calls) >= 2)
+    assert calls == [8, 16] and found == {"sequences": 16, "probes": [[8, True], [16, True]], "bounded": True,
+                                          "stopped": True}  # fmt: skip

@@ -3,61 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from flowloss.bench.config import (
-    CPU_DEFAULTS,
-    CUDA_DEFAULTS,
-    DEFAULT_MASK_FRACTION,
-    DEFAULT_OPS,
-    DEFAULT_TEMPERATURE,
-    DEVICES,
-    DTYPES,
-    OPS,
-    STEP_CPU_DEFAULTS,
-    STEP_CUDA_DEFAULTS,
-    STEP_GROUP_SIZE,
-    STEP_SEQUENCES,
-)
-from flowloss.bench.impls import IMPL_NAMES, IMPLS
+from flowloss.bench import config as cfg
 from flowloss.bench.step_model import PRESETS
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+def _int_at_least(least: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {value}")
+        return value
 
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
+    return parse
 
 
 def _defaults(d: dict) -> str:
-    return f"N={','.join(map(str, d['n']))} V={','.join(map(str, d['v']))} H={','.join(map(str, d['h']))} " + (
-        f"{','.join(d['dtypes'])}, {d['warmup']} warm-up + {d['reps']} timed calls"
-    )
+    shape = " ".join(f"{k.upper()}={','.join(map(str, d[k]))}" for k in ("n", "v", "h"))
+    return f"{shape} {','.join(d['dtypes'])}, {d['warmup']} warm-up + {d['reps']} timed calls"
 
 
 def _step_defaults(d: dict) -> str:
-    return (
-        f"--preset {d['preset']}, {STEP_SEQUENCES} sequences in groups of {STEP_GROUP_SIZE} x {d['seq_len']} "
-        f"positions, {d['dtypes'][0]}, {d['warmup']} warm-up + {d['reps']} timed steps"
-    )
+    return (f"--preset {d['preset']}, {cfg.STEP_SEQUENCES} sequences in groups of {cfg.STEP_GROUP_SIZE} x "
+            f"{d['seq_len']} positions, {d['dtypes'][0]}, {d['warmup']} warm-up + {d['reps']} timed steps")  # fmt: skip
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to the ``flowloss`` parser (``set_defaults(run=run)``)."""
-    impl_help = "; ".join(f"{i.name} ({i.op}): {i.source}" for i in IMPLS)
+    from flowloss.bench.runner import all_impls, impl_names
+
+    names = impl_names()
     parser = subparsers.add_parser(
         "bench",
         help="microbenchmark the log-prob ops and the loss against naive PyTorch, torch.compile and frameworks",
@@ -65,70 +44,58 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Time (median, p20-p80), peak extra memory, effective bandwidth and float64-reference error of "
             "per-token log-prob implementations (logits -> log-probs, and hidden states -> log-probs through the "
             "lm_head), plus the trajectory-balance loss, with T=0.7, ~20% masked rows and a random upstream "
-            f"gradient. Defaults: CPU {_defaults(CPU_DEFAULTS)}; CUDA {_defaults(CUDA_DEFAULTS)}. "
+            f"gradient. Defaults: CPU {_defaults(cfg.CPU_DEFAULTS)}; CUDA {_defaults(cfg.CUDA_DEFAULTS)}. "
             "--op step (not in the default run; needs the step extra: pip install -e '.[step]') times one whole RL "
-            "update of a "
-            "transformer built from a config with random weights, per loss path, next to the backbone's own cost: "
-            f"CPU {_step_defaults(STEP_CPU_DEFAULTS)}; CUDA {_step_defaults(STEP_CUDA_DEFAULTS)}."
+            "update of a transformer built from a config with random weights, per loss path, next to the "
+            f"backbone's own cost: CPU {_step_defaults(cfg.STEP_CPU_DEFAULTS)}; CUDA "
+            f"{_step_defaults(cfg.STEP_CUDA_DEFAULTS)}."
         ),
-        epilog=f"Implementations: {impl_help}.",
+        epilog="Implementations: " + "; ".join(f"{i.name} ({i.op}): {i.source}" for i in all_impls()) + ".",
     )
-    default_ops = " ".join(DEFAULT_OPS)
-    parser.add_argument("--op", nargs="+", choices=OPS, default=list(DEFAULT_OPS), help=f"default: {default_ops}")
-    parser.add_argument("--n", nargs="+", type=_positive_int, metavar="N", help="token counts N (rows)")
-    parser.add_argument("--v", nargs="+", type=_positive_int, metavar="V", help="vocabulary sizes V")
-    parser.add_argument("--h", nargs="+", type=_positive_int, metavar="H", help="hidden sizes H (fused_linear)")
-    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), metavar="DTYPE", help=f"{tuple(DTYPES)}")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when available (default)")
-    parser.add_argument("--impl", nargs="+", choices=IMPL_NAMES, metavar="IMPL", help=f"subset of {IMPL_NAMES}")
-    parser.add_argument("--warmup", type=_non_negative_int, help="untimed calls before timing")
-    parser.add_argument("--reps", type=_positive_int, help="timed calls per measurement")
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="sampling temperature T")
-    parser.add_argument(
-        "--mask-fraction", type=float, default=DEFAULT_MASK_FRACTION, help="fraction of rows masked (ignored)"
-    )
+    add = parser.add_argument
+    add("--op", nargs="+", choices=cfg.OPS, default=list(cfg.DEFAULT_OPS), help=f"default: {' '.join(cfg.DEFAULT_OPS)}")
+    add("--n", nargs="+", type=_int_at_least(1), metavar="N", help="token counts N (rows)")
+    add("--v", nargs="+", type=_int_at_least(1), metavar="V", help="vocabulary sizes V")
+    add("--h", nargs="+", type=_int_at_least(1), metavar="H", help="hidden sizes H (fused_linear)")
+    add("--dtype", nargs="+", choices=tuple(cfg.DTYPES), metavar="DTYPE", help=f"{tuple(cfg.DTYPES)}")
+    add("--device", choices=cfg.DEVICES, default="auto", help="auto: cuda when available (default)")
+    add("--impl", nargs="+", choices=names, metavar="IMPL", help=f"subset of {names}")
+    add("--warmup", type=_int_at_least(0), help="untimed calls before timing")
+    add("--reps", type=_int_at_least(1), help="timed calls per measurement")
+    add("--temperature", type=float, default=cfg.DEFAULT_TEMPERATURE, help="sampling temperature T")
+    add("--mask-fraction", type=float, default=cfg.DEFAULT_MASK_FRACTION, help="fraction of rows masked (ignored)")
     step = parser.add_argument_group("--op step (one RL update of a transformer)")
+    one = _int_at_least(1)
     step.add_argument("--preset", choices=tuple(PRESETS), help="model shape (CPU: tiny; CUDA: qwen2-0.5b)")
-    step.add_argument("--sequences", type=_positive_int, metavar="B", help=f"sequences per step ({STEP_SEQUENCES})")
-    step.add_argument("--group-size", type=_positive_int, metavar="G", help=f"responses per prompt ({STEP_GROUP_SIZE})")
-    step.add_argument("--seq-len", type=_positive_int, metavar="L", help="positions per sequence (CPU 128, CUDA 2048)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", metavar="PATH", help="write every figure and the machine details here")
-    parser.add_argument("--plot", metavar="PATH", help="write a PNG of time and memory per implementation")
+    step.add_argument("--sequences", type=one, metavar="B", help=f"sequences per step ({cfg.STEP_SEQUENCES})")
+    step.add_argument("--group-size", type=one, metavar="G", help=f"responses per prompt ({cfg.STEP_GROUP_SIZE})")
+    step.add_argument("--seq-len", type=one, metavar="L", help="positions per sequence (CPU 128, CUDA 2048)")
+    add("--seed", type=int, default=0, help="seed of the random inputs (with each case's shape: nothing else)")
+    add("--time-budget", type=float, metavar="SECONDS",
+        help="start no measurement after this many seconds (the rest is listed as skipped)")  # fmt: skip
+    add("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    add("--no-progress", action="store_true", help="no progress bar")
+    add("--json", metavar="PATH", help="write every figure and the machine details here (rewritten after each case)")
+    add("--plot", metavar="PATH", help="write a PNG of time and memory per implementation")
     parser.set_defaults(run=run)
     return parser
 
 
-def config_from_args(args: argparse.Namespace):
-    from flowloss.bench.config import BenchConfig
+def config_from_args(args: argparse.Namespace) -> cfg.BenchConfig:
+    def tup(x):
+        return None if x is None else tuple(x)
 
-    return BenchConfig(
-        ops=tuple(args.op),
-        n=None if args.n is None else tuple(args.n),
-        v=None if args.v is None else tuple(args.v),
-        h=None if args.h is None else tuple(args.h),
-        dtypes=None if args.dtype is None else tuple(args.dtype),
-        device=args.device,
-        warmup=args.warmup,
-        reps=args.reps,
-        impls=None if args.impl is None else tuple(args.impl),
-        temperature=args.temperature,
-        mask_fraction=args.mask_fraction,
-        seed=args.seed,
-        measure_memory=not args.no_memory,
-        preset=args.preset,
-        sequences=args.sequences,
-        group_size=args.group_size,
+    return cfg.BenchConfig(
+        ops=tuple(args.op), n=tup(args.n), v=tup(args.v), h=tup(args.h), dtypes=tup(args.dtype), device=args.device,
+        warmup=args.warmup, reps=args.reps, impls=tup(args.impl), temperature=args.temperature,
+        mask_fraction=args.mask_fraction, seed=args.seed, measure_memory=not args.no_memory,
+        time_budget=args.time_budget, preset=args.preset, sequences=args.sequences, group_size=args.group_size,
         seq_len=args.seq_len,
-    )
+    )  # fmt: skip
 
 
 def _unwritable(path: str | None) -> str | None:
     """Why ``path`` cannot be written (a missing or read-only folder, a folder in its place), or None."""
-    import os
-
     if not path:
         return None
     folder = os.path.dirname(os.path.abspath(path))
@@ -136,9 +103,7 @@ def _unwritable(path: str | None) -> str | None:
         return f"folder {folder} does not exist"
     if os.path.isdir(path):
         return "is a folder"
-    if not os.access(folder, os.W_OK):
-        return f"folder {folder} is not writable"
-    return None
+    return None if os.access(folder, os.W_OK) else f"folder {folder} is not writable"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,46 +112,36 @@ def run(args: argparse.Namespace) -> int:
 
     if not require_cli_extra("bench", plot=bool(args.plot)):
         return 2
-    from flowloss.bench.report import build_report, print_report, write_json
+    from flowloss.bench.report import build_report, load_average, print_report, write_json
     from flowloss.bench.runner import count_units, run_suite
 
-    console = make_console()
-    errors = make_console(stderr=True)
-    config = config_from_args(args)
-    try:
-        resolved = config.resolved()
-    except ValueError as err:
-        errors.print(f"flowloss bench: error: {err}", style="red", markup=False, highlight=False)
+    console, errors = make_console(), make_console(stderr=True)
+
+    def error(text: str) -> int:
+        errors.print(f"flowloss bench: error: {text}", style="red", markup=False, highlight=False)
         return 2
+
+    try:
+        resolved = config_from_args(args).resolved()
+    except ValueError as err:
+        return error(str(err))
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        problem = _unwritable(path)
-        if problem:  # found before the run, not after minutes of measuring
-            errors.print(f"flowloss bench: error: {flag} {path}: {problem}", style="red", markup=False, highlight=False)
-            return 2
-    if args.no_progress:
-        cases = run_suite(resolved)
-    else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        if problem := _unwritable(path):  # found before the run, not after minutes of measuring
+            return error(f"{flag} {path}: {problem}")
+    load_at_start = load_average()
 
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=errors,
-            transient=True,
-        ) as bar:
-            task = bar.add_task("flowloss bench", total=count_units(resolved))
-            state = {"started": False}
+    def on_case(cases: list) -> None:
+        if args.json:
+            write_json(build_report(resolved, cases, load_at_start=load_at_start), args.json)
 
-            def progress(label: str) -> None:
-                if state["started"]:
-                    bar.advance(task)
-                state["started"] = True
-                bar.update(task, description=label)
-
-            cases = run_suite(resolved, progress)
-    report = build_report(resolved, cases)
+    try:
+        if args.no_progress:
+            cases = run_suite(resolved, on_case=on_case)
+        else:
+            cases = _with_progress(resolved, errors, count_units(resolved), run_suite, on_case)
+    except ValueError as err:  # e.g. an --impl name that no implementation has
+        return error(str(err))
+    report = build_report(resolved, cases, load_at_start=load_at_start)
     print_report(report, console)
     if args.json:
         write_json(report, args.json)
@@ -197,3 +152,21 @@ def run(args: argparse.Namespace) -> int:
         write_plot(report, args.plot)
         console.print(f"wrote {args.plot}")
     return 0
+
+
+def _with_progress(config, console, total: int, run_suite, on_case) -> list:
+    """``run_suite`` under a rich progress bar on stderr (erased when the run ends)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("flowloss bench", total=total)
+        started = []
+
+        def progress(label: str) -> None:
+            if started:
+                bar.advance(task)
+            started.append(True)
+            bar.update(task, description=label)
+
+        return run_suite(config, progress, on_case=on_case)

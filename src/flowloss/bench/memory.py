@@ -1,20 +1,18 @@
-"""Peak extra memory of one call: the most bytes held by tensors at any moment, minus what was held before.
+"""Peak extra memory of one call: the most bytes held by tensors at any moment, minus what was held before; and
+how a call that failed (out of memory or otherwise) is reported.
 
 - CUDA: ``torch.cuda.reset_peak_memory_stats`` then ``max_memory_allocated() - memory_allocated()``: tensor bytes
   from the caching allocator, the allocator's cache excluded.
-- CPU: the PyTorch profiler with ``profile_memory=True``. While it runs, c10's CPU allocator reports every
-  allocation and free with the running total of allocated bytes; the peak of that total minus its value before the
-  first event is the CPU twin of the CUDA figure (tensor bytes, including the temporaries inside an op and the
-  buffers of ``torch.compile``'d code). Tensors that existed before the call (the inputs) are not counted, and
-  their frees are ignored, so the figure is "what this call adds". Process RSS was tried and rejected: the
-  high-water mark cannot be reset per call without a fresh process (``fork`` after OpenMP work hangs in
-  libgomp; a spawned process re-imports torch and recompiles per implementation), and RSS mixes in the
-  interpreter, lazily loaded libraries and malloc's own caching.
+- CPU: the PyTorch profiler with ``profile_memory=True``: c10's CPU allocator reports every allocation and free
+  with the running total of allocated bytes; the peak of that total minus its value before the first event is the
+  CPU twin of the CUDA figure (temporaries inside an op and ``torch.compile``'d buffers included, the inputs not).
+  Why not process RSS: ``docs/benchmarks.md``, "How memory is measured".
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -82,3 +80,23 @@ def _cpu_peak(fn: Callable[[], object]) -> tuple[int | None, str]:
     base = first.total_allocated - first.alloc_size
     peak = max(n.extra_fields.total_allocated for n in allocations)
     return max(peak - base, 0), method
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def short_error(err: BaseException) -> str:
+    """``"Type: first line of the message"``, at most 300 characters: the ``reason`` of a row that failed."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def release(device: torch.device) -> None:
+    """After a measurement or a failed call, on CUDA: collect reference cycles and hand cached blocks back, so the
+    next implementation's peak and out-of-memory figures start from the same free memory. On CPU nothing: tensors
+    go with their last reference, and a full ``gc.collect()`` per implementation (0.3 s with torch loaded) cost
+    more than the short runs it served."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()

@@ -32,37 +32,15 @@ EXTRA_HINT = "pip install -e '.[step]' (the step extra, from a clone of flowloss
 # Qwen2 shapes from the released configs (config.json of Qwen/Qwen2-0.5B and Qwen/Qwen2-1.5B). "tiny" keeps the
 # architecture (GQA, tied embeddings, RMSNorm, SwiGLU, QKV bias) at the CPU default shapes of the other ops
 # (V = 32000, H = 128), small enough for a 2-core CPU to step through every path in about a minute.
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings")  # fmt: skip
 PRESETS: dict[str, dict] = {
-    "tiny": {
-        "vocab_size": 32000,
-        "hidden_size": 128,
-        "intermediate_size": 352,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 4096,
-    },
-    "qwen2-0.5b": {
-        "vocab_size": 151936,
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 131072,
-    },
-    "qwen2-1.5b": {
-        "vocab_size": 151936,
-        "hidden_size": 1536,
-        "intermediate_size": 8960,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 2,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 131072,
-    },
+    name: {**dict(zip(SHAPE_KEYS, shape)), "tie_word_embeddings": True}
+    for name, shape in (
+        ("tiny", (32000, 128, 352, 2, 4, 2, 4096)),
+        ("qwen2-0.5b", (151936, 896, 4864, 24, 14, 2, 131072)),
+        ("qwen2-1.5b", (151936, 1536, 8960, 28, 12, 2, 131072)),
+    )
 }
 COMMON_CONFIG = {"rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu", "use_cache": False}
 PAD_ID = 0

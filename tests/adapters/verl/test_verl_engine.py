@@ -64,6 +64,20 @@ def _engine(model, flowrl: fv.FlowRLConfig):
     return engine
 
 
+def _recording(loss_fn=None):
+    """A loss function that keeps each model_output it sees (log_z is for the loss only: the engine's returned
+    outputs leave it out, since verl concatenates them as nested tensors)."""
+    seen = []
+
+    def loss(model_output, data, dp_group=None):
+        seen.append(model_output)
+        if loss_fn is None:
+            return torch.zeros(()), {}
+        return loss_fn(model_output=model_output, data=data, dp_group=dp_group)
+
+    return loss, seen
+
+
 def _micro(seed: int = 0):
     data, *_ = _batch(seed)
     mb = _micro_batch(data, list(range(6)), dp_size=1, global_batch_size=6)
@@ -84,10 +98,11 @@ def test_forward_step_emits_log_z_and_loss_equals_trajectory_balance(cpu_device)
     flowrl = fv.FlowRLConfig(log_z_dropout=0.0)
     engine = _engine(model, flowrl)
     data, mb = _micro()
-    loss, out = engine.forward_step(mb, loss_function=fv.make_flowrl_loss_fn(_actor_config(), flowrl),
-                                    forward_only=False)
-    model_output = out["model_output"]
+    loss_fn, seen = _recording(fv.make_flowrl_loss_fn(_actor_config(), flowrl))
+    loss, out = engine.forward_step(mb, loss_function=loss_fn, forward_only=False)
+    model_output = seen[0]
     assert set(model_output.keys()) >= {"log_probs", "log_z"}
+    assert "log_z" not in out["model_output"]
 
     # log Z = head(mean of the prompt's last-layer hidden states), recomputed from the same packed forward.
     prompt_lens = mb["prompts"].offsets().diff() if mb["prompts"].is_nested else (
@@ -142,10 +157,12 @@ def test_optimizer_updates_head_and_checkpoint_round_trips(cpu_device, tmp_path)
     restored.load_state_dict(torch.load(tmp_path / "actor.pt"), strict=True)
     _, mb1 = _micro()
     _, mb2 = _micro()
+    record1, seen1 = _recording()
+    record2, seen2 = _recording()
     with torch.no_grad():
-        _, out1 = engine.forward_step(mb1, loss_function=None, forward_only=True)
-        _, out2 = restored_engine.forward_step(mb2, loss_function=None, forward_only=True)
-    torch.testing.assert_close(out1["model_output"]["log_z"], out2["model_output"]["log_z"])
+        engine.forward_step(mb1, loss_function=record1, forward_only=True)
+        restored_engine.forward_step(mb2, loss_function=record2, forward_only=True)
+    torch.testing.assert_close(seen1[0]["log_z"], seen2[0]["log_z"])
 
 
 def test_weight_sync_leaves_the_head_out():

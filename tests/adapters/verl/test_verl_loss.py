@@ -144,7 +144,7 @@ def test_loss_fn_equals_trajectory_balance_loss_on_verl_micro_batch():
     formula = _f64_formula(token_lp, data["ref_log_prob"], data["old_log_probs"], data["advantages"], mask,
                            log_z, 6)
     assert abs(loss.item() - formula.item()) <= 1e-5 * max(1.0, abs(formula.item()))
-    assert "actor/pg_loss" in metrics and "flowrl/weight_mean" in metrics
+    assert "actor/pg_loss" in metrics and "actor/flowrl/weight_mean" in metrics
 
 
 def test_sequence_rewards_recovers_grpo_group_zscore():
@@ -292,3 +292,97 @@ def test_config_keys_of_0_1_still_work_with_a_deprecation_warning():
         DeprecationWarning
     ):
         fv.FlowRLConfig(use_rollout_log_probs=True, rollout_tis=False)
+
+
+def _sequence_is_weights(data: dict, seed: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's rollout correction with rollout_is=sequence: one truncated weight per sequence on every token."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.rand(data["response_mask"].shape[0], generator=g) * 1.5 + 0.25
+    return c, c.unsqueeze(1) * data["response_mask"]
+
+
+def _per_sequence_terms(token_lp, ref, adv, log_z, mask, old, normalizer):
+    return flowloss.trajectory_balance_loss(token_lp, ref, adv, log_z, mask, old_logprobs=old,
+                                            normalizer=normalizer, reduction="none")
+
+
+def test_registered_policy_loss_uses_rollout_is_weights():
+    """Issue 19 item 7: flowrl_old_ref ignored verl's rollout_is_weights without a word. They multiply each
+    sequence's term: sum_i c_i w_i delta_i^2 / N, c_i their mean over the response (the sequence weight)."""
+    fv.register_flowrl_policy_loss()
+    data, token_lp, _, pl, rl = _batch(7)
+    c, weights = _sequence_is_weights(data)
+    rows = list(range(6))
+    config = _actor_config(use_kl_loss=False, policy_loss={"loss_mode": fv.REGISTERED_POLICY_LOSS})
+    lp = token_lp.clone().requires_grad_(True)
+    loss, metrics = ppo_loss(config, _model_output(lp, rows, pl, rl),
+                             _micro_batch({**data, "rollout_is_weights": weights}, rows, dp_size=1,
+                                          global_batch_size=6))
+    loss.backward()
+
+    lp2 = token_lp.clone().requires_grad_(True)
+    mask = data["response_mask"].bool()
+    adv = flowloss.masked_mean(data["advantages"].float(), mask)
+    old = data["old_log_probs"]
+    log_z = flowloss.vargrad_log_z(lp2, old, adv, mask, torch.zeros(6, dtype=torch.long), beta=BETA)
+    expected = (c * _per_sequence_terms(lp2, old, adv, log_z, mask, old, 6)).sum()
+    expected.backward()
+    unweighted = _per_sequence_terms(token_lp, old, adv, log_z.detach(), mask, old, 6).sum()
+    assert not torch.allclose(expected.detach(), unweighted)  # the weights matter on this input
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lp.grad, lp2.grad, rtol=1e-6, atol=1e-7)
+    assert abs(metrics["actor/flowrl/rollout_is_weight_mean"].aggregate() - float(c.mean())) < 1e-6
+
+
+def test_flowrl_loss_uses_rollout_is_weights_and_refuses_them_with_rollout_tis():
+    data, token_lp, log_z, pl, rl = _batch(8)
+    c, weights = _sequence_is_weights(data)
+    rows = list(range(6))
+    weighted = {**data, "rollout_is_weights": weights}
+    lp = token_lp.clone().requires_grad_(True)
+    loss, _ = fv.make_flowrl_loss_fn(_actor_config())(
+        model_output=_model_output(lp, rows, pl, rl, log_z), data=_micro_batch(weighted, rows, dp_size=1,
+                                                                               global_batch_size=6))
+    mask = data["response_mask"].bool()
+    adv = flowloss.masked_mean(data["advantages"].float(), mask)
+    expected = (c * _per_sequence_terms(token_lp, data["ref_log_prob"], adv, log_z, mask, data["old_log_probs"],
+                                        6)).sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    with_tis = {**weighted, "rollout_log_probs": data["old_log_probs"]}
+    with pytest.raises(ValueError, match="rollout_tis=True` both correct"):
+        fv.make_flowrl_loss_fn(_actor_config(), {"rollout_tis": True})(
+            model_output=_model_output(lp, rows, pl, rl, log_z), data=_micro_batch(with_tis, rows, dp_size=1,
+                                                                                   global_batch_size=6))
+
+
+def test_actor_settings_flowrl_would_ignore_are_refused_together():
+    """Issue 20: entropy_coeff, clip ratios and dual clip were ignored without a word; one error lists them."""
+    config = _actor_config(entropy_coeff=0.01, clip_ratio_high=0.3, clip_ratio_c=2.0)
+    with pytest.raises(ValueError, match="3 verl setting") as info:
+        fv.make_flowrl_loss_fn(config)
+    message = str(info.value)
+    for needle in ("entropy_coeff=0.01", "clip_ratio_high=0.3", "actor_rollout_ref.flowrl.eps_high",
+                   "clip_ratio_c=2.0"):
+        assert needle in message
+    # FlowRL's own clip range written in verl's names, and verl's defaults, are accepted.
+    fv.make_flowrl_loss_fn(_actor_config(clip_ratio_low=0.2, clip_ratio_high=0.28))
+    fv.make_flowrl_loss_fn(_actor_config(clip_ratio_high=0.3), {"eps_high": 0.3})
+
+
+# The public names of flowloss.adapters.verl when it was one module (0.1): the package keeps them all.
+_NAMES_OF_0_1 = ("REGISTERED_POLICY_LOSS", "FlowRLConfig", "FlowRLFSDPEngine", "LogZSource", "attach_log_z_head",
+                 "flowrl_loss", "install_flowrl_loss", "make_flowrl_loss_fn", "packed_prompt_log_z",
+                 "register_flowrl", "register_flowrl_engine", "register_flowrl_policy_loss",
+                 "register_flowrl_trainer", "sequence_rewards", "set_flowrl_loss_fn")
+
+
+def test_every_name_of_the_single_module_still_imports():
+    import importlib
+
+    module = importlib.import_module("flowloss.adapters.verl")
+    for name in _NAMES_OF_0_1:
+        assert getattr(module, name) is not None, name
+    assert set(_NAMES_OF_0_1) - {"LogZSource"} <= set(module.__all__)
+    assert module.FlowRLFSDPEngine is module.FlowRLFSDPEngine  # built once, on first access
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        module.nope  # noqa: B018

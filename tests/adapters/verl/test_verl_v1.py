@@ -132,3 +132,120 @@ def test_verl_use_external_modules_registers_flowrl_in_a_fresh_process(tmp_path)
                           timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-4:] == ["FlowRLPPOTrainerSync", "12.0", "FlowRLFSDPEngine", "12.0"], done.stdout
+
+
+# What a run sets besides the documented lines (verl's config checks need them).
+_MICRO_BATCHES = ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+                  "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2",
+                  "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2"]
+
+
+def _flowrl_trainer(overrides: list[str], flowrl: dict | None = None):
+    """A FlowRL V1 trainer object on main_ppo's composed config, without verl's constructor (no workers)."""
+    cls = fv.register_flowrl_trainer(flowrl or {})
+    trainer = object.__new__(cls)
+    trainer.config = _compose([*_documented_overrides(), *_MICRO_BATCHES, *overrides])
+    return trainer
+
+
+def test_flowrl_options_are_hydra_overrides(monkeypatch):
+    """Issue 20: options such as beta could only be set in Python. The node actor_rollout_ref.flowrl
+    (``+actor_rollout_ref.flowrl.beta=10``) reaches the loss in the actor workers and the engine in the workers;
+    verl's own config checks (which turn actor_rollout_ref.actor into a dataclass) still pass."""
+    from verl.trainer.ppo.v1 import PPOTrainerSync
+    from verl.utils.config import validate_config
+
+    overrides = ["+actor_rollout_ref.flowrl.beta=10", "+actor_rollout_ref.flowrl.log_z=vargrad",
+                 "+actor_rollout_ref.flowrl.logprobs=hidden", "+actor_rollout_ref.flowrl.log_z_lr=0.001",
+                 "actor_rollout_ref.actor.strategy=fsdp2"]
+    trainer = _flowrl_trainer(overrides, {"beta": 15.0, "log_z_num_layers": 2})
+    validate_config(trainer.config, use_reference_policy=True, use_critic=False)
+    flowrl = fv.flowrl_config_from(trainer.config, type(trainer).flowrl_config)
+    assert (flowrl.loss.beta, flowrl.log_z, flowrl.logprobs) == (10.0, "vargrad", "hidden")
+    assert flowrl.log_z_head.num_layers == 2 and flowrl.log_z_head.lr == 0.001  # Python options kept under them
+
+    monkeypatch.setattr(PPOTrainerSync, "_setup", lambda self: None)
+    trainer.actor_rollout_wg = _RecordingWorkerGroup()
+    trainer._setup()
+    installed = trainer.actor_rollout_wg.loss_fns[0]
+    assert installed.keywords["flowrl"] == flowrl
+    data, token_lp, _, pl, rl = _batch(3)
+    rows = list(range(6))
+    args = dict(model_output=_model_output(token_lp, rows, pl, rl), data=_micro_batch(data, rows, dp_size=1,
+                                                                                     global_batch_size=6))
+    expected, _ = fv.make_flowrl_loss_fn(_actor_config(), {"beta": 10.0, "log_z": "vargrad"})(**args)
+    torch.testing.assert_close(installed(**args)[0], expected)
+
+    # The actor workers get a class that registers the engine with these options before verl builds models.
+    trainer._init_resource_pool_mgr()
+    workers = [getattr(c, "__ray_actor_class__", c) for c in trainer.role_worker_mapping.values()]
+    assert workers and all(w.__name__ == "FlowRLActorRolloutRefWorker" for w in workers)
+    assert all(w.flowrl_config == flowrl for w in workers)
+
+
+def test_the_worker_class_registers_the_engine_before_verl_builds_models(monkeypatch):
+    import cloudpickle
+    from verl.single_controller.base.decorator import MAGIC_ATTR
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    from flowloss.adapters.verl.register import worker_class
+
+    flowrl = fv.FlowRLConfig(beta=7.0, logprobs="logits")
+    cls = worker_class(ActorRolloutRefWorker, flowrl)
+    assert getattr(cls.init_model, MAGIC_ATTR) == getattr(ActorRolloutRefWorker.init_model, MAGIC_ATTR)
+    assert cloudpickle.loads(cloudpickle.dumps(cls)).flowrl_config == flowrl  # Ray ships the class by value
+
+    seen = []
+    saved = {k: dict(v) for k, v in EngineRegistry._engines["language_model"].items()}
+    monkeypatch.setattr(ActorRolloutRefWorker, "init_model", lambda self: seen.append(
+        EngineRegistry._engines["language_model"]["fsdp"]["cuda"].flowrl_config))
+    try:
+        cls.init_model(object.__new__(cls))
+    finally:
+        EngineRegistry._engines["language_model"] = saved
+    assert seen == [flowrl]
+
+
+def test_conflicting_verl_settings_are_refused_in_one_error_before_workers_start():
+    """Issue 20: entropy_coeff, clip_ratio_*, rollout-correction weights (and more) were ignored without a word;
+    the FlowRL trainer now lists every conflict at once, when it is constructed."""
+    overrides = [
+        "actor_rollout_ref.actor.entropy_coeff=0.01",
+        "actor_rollout_ref.actor.clip_ratio_high=0.3",
+        "actor_rollout_ref.actor.policy_loss.loss_mode=flowrl_old_ref",
+        "algorithm.rollout_correction.rollout_is=token",
+        "actor_rollout_ref.model.use_fused_kernels=True",
+        "+actor_rollout_ref.flowrl.logprobs=hidden",
+    ]
+    trainer = _flowrl_trainer(overrides)
+    with pytest.raises(ValueError, match="5 verl setting") as info:
+        type(trainer)(trainer.config)
+    for needle in ("entropy_coeff=0.01", "clip_ratio_high=0.3", "loss_mode=flowrl_old_ref", "rollout_is=token",
+                   "use_fused_kernels=True"):
+        assert needle in str(info.value)
+    assert fv.verl_conflicts(fv.flowrl_config_from(_flowrl_trainer([]).config), **_parts(_flowrl_trainer([]))) == []
+
+
+def _parts(trainer):
+    c = trainer.config
+    return dict(actor=c.actor_rollout_ref.actor, algorithm=c.algorithm, model=c.actor_rollout_ref.model)
+
+
+def test_documented_metric_names_are_what_verl_logs():
+    """Issue 20: the docs said flowrl/...; verl logs the actor's metrics under actor/ (rename_dict)."""
+    from verl.utils.py_functional import rename_dict
+
+    data, token_lp, log_z, pl, rl = _batch(2)
+    rows = list(range(6))
+    logged = set()
+    for extra in ({}, {"rollout_is_weights": data["response_mask"] * 0.5}):  # with verl's rollout correction
+        _, metrics = fv.make_flowrl_loss_fn(_actor_config())(
+            model_output=_model_output(token_lp, rows, pl, rl, log_z),
+            data=_micro_batch({**data, **extra}, rows, dp_size=1, global_batch_size=6))
+        assert set(rename_dict(metrics, "actor/")) == set(metrics)  # the loss names them as verl logs them
+        logged |= set(metrics)
+    text = DOC.read_text()
+    documented = set(re.findall(r"actor/flowrl/\w+", text))
+    assert {"actor/flowrl/residual_abs_mean", "actor/flowrl/weight_mean"} <= documented <= logged
+    assert not re.search(r"(?<![\w/])flowrl/\w+", text.replace("actor/flowrl/", "")), "a metric without actor/"
