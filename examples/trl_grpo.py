@@ -1,7 +1,9 @@
 """A user's own GRPO script, as TRL's documentation writes one: the model is an object, not a path.
 
 ``examples/trl_grpo_flowrl.py`` is the same script switched to FlowRL; the two differ in 3 lines (the test
-suite checks that, and runs both). ``python examples/trl_grpo.py MODEL_DIR OUTPUT_DIR``.
+suite checks that, and runs both). ``python examples/trl_grpo.py MODEL_DIR OUTPUT_DIR``: ``MODEL_DIR`` is a
+causal LM and its tokenizer saved with ``save_pretrained`` (``python examples/trl_tiny_model.py MODEL_DIR`` builds
+a random 2-layer Qwen2 there, nothing downloaded).
 """
 
 import sys
@@ -42,4 +44,8 @@ def main(model_path, output_dir, **options):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    # 10 steps (the documented run). TRL trains in bf16 by default; without a bf16-capable GPU (e.g. on CPU), in
+    # float32.
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    main(sys.argv[1], sys.argv[2], max_steps=10, **({} if is_torch_bf16_gpu_available() else {"bf16": False}))

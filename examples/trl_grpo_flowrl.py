@@ -1,6 +1,6 @@
 """``examples/trl_grpo.py`` switched to FlowRL: the import, the config class and the trainer class changed.
 
-``python examples/trl_grpo_flowrl.py MODEL_DIR OUTPUT_DIR``.
+``python examples/trl_grpo_flowrl.py MODEL_DIR OUTPUT_DIR`` (``MODEL_DIR``: see ``examples/trl_grpo.py``).
 """
 
 import sys
@@ -42,4 +42,8 @@ def main(model_path, output_dir, **options):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    # 10 steps (the documented run). TRL trains in bf16 by default; without a bf16-capable GPU (e.g. on CPU), in
+    # float32.
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    main(sys.argv[1], sys.argv[2], max_steps=10, **({} if is_torch_bf16_gpu_available() else {"bf16": False}))

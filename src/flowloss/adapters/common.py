@@ -546,23 +546,46 @@ def split_log_z_head_state(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict
 
 
 def save_log_z_head(head: nn.Module | Mapping[str, torch.Tensor], output_dir: str) -> str:
-    """Write the head (or its state dict) to ``output_dir/flowrl_log_z_head.safetensors``; return the path."""
+    """Write the head (or its state dict) to ``output_dir/flowrl_log_z_head.safetensors``; return the path.
+
+    Written to a temporary file first and renamed, so an interrupted save never leaves a truncated head file.
+    """
     from safetensors.torch import save_file
 
     state = head.state_dict() if isinstance(head, nn.Module) else head
     path = os.path.join(output_dir, LOG_Z_HEAD_FILE)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, path)
+    partial = f"{path}.partial"
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, partial)
+    os.replace(partial, path)
     return path
 
 
-def load_log_z_head(head: nn.Module, checkpoint_dir: str) -> bool:
-    """Load ``checkpoint_dir/flowrl_log_z_head.safetensors`` into ``head`` (strict); False if absent."""
+def load_log_z_head(head: nn.Module, checkpoint_dir: str, *, required: bool = False) -> bool:
+    """Load ``checkpoint_dir/flowrl_log_z_head.safetensors`` into ``head``; False if absent (unless ``required``).
+
+    Strict: every key of the head and no other, each of the head's shape. ``required=True`` (resuming a run)
+    raises ``FileNotFoundError`` naming the file when it is absent; an unreadable file or one that does not hold
+    this head raises ``ValueError`` naming the file.
+    """
     from safetensors.torch import load_file
 
     path = os.path.join(checkpoint_dir, LOG_Z_HEAD_FILE)
     if not os.path.isfile(path):
+        if required:
+            raise FileNotFoundError(
+                f"{path} not found: the checkpoint has no log-Z head, and resuming with a fresh head but the saved "
+                "optimizer state would silently change the run. Restore the file (it is written beside the model "
+                "files of every checkpoint) or start a new run from the model files."
+            )
         return False
-    head.load_state_dict(load_file(path, device="cpu"), strict=True)
+    try:
+        state = load_file(path, device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+        raise ValueError(f"cannot read the log-Z head file {path}: {exc}") from exc
+    try:
+        head.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not hold this log-Z head: {exc}") from exc
     return True
 
 

@@ -24,31 +24,10 @@ from hypothesis import strategies as st
 import flowloss
 from flowloss import reference
 from flowloss.adapters.common import global_normalizer
-from tests.adapters.conftest import require_framework
+from tests.adapters.trl.helpers import manual_batch
 from tests.conftest import assert_close
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    require_framework("trl")
-    import flowloss.adapters.trl as module
-
-    return module
-
-
-@pytest.fixture(scope="module")
-def example(adapter):
-    spec = importlib.util.spec_from_file_location("trl_flowrl_example", ROOT / "examples" / "trl_flowrl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def policy_dir(example, tmp_path_factory):
-    return example.build_tiny_policy(str(tmp_path_factory.mktemp("tiny-policy")))
 
 
 def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -120,35 +99,15 @@ def test_end_to_end_training_moves_policy_and_head_and_checkpoint_roundtrips(ada
         assert torch.equal(reloaded.log_z_head.state_dict()[name], value), name
 
 
-def _manual_batch(tokenizer_vocab: int, *, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    b, p, t = 6, 5, 7
-    prompt_ids = torch.randint(3, tokenizer_vocab, (b, p), generator=g)
-    prompt_mask = torch.ones(b, p, dtype=torch.long)
-    prompt_mask[1, :2] = 0  # left padding
-    prompt_mask[4, :1] = 0
-    completion_ids = torch.randint(3, tokenizer_vocab, (b, t), generator=g)
-    completion_mask = torch.ones(b, t, dtype=torch.long)
-    completion_mask[0, 4:] = 0
-    completion_mask[3, :] = 0  # e.g. a truncated completion masked out: not counted, contributes 0
-    completion_mask[5, 1:] = 0
-    return {
-        "prompt_ids": prompt_ids,
-        "prompt_mask": prompt_mask,
-        "completion_ids": completion_ids,
-        "completion_mask": completion_mask,
-        "advantages": torch.randn(b, generator=g),
-        "ref_per_token_logps": -torch.rand(b, t, generator=g) * 6,
-    }
-
-
+@pytest.mark.parametrize("logprobs", ["framework", "logits", "hidden"])
 @pytest.mark.parametrize("off_policy", [False, True])
-def test_compute_loss_equals_trajectory_balance_loss(adapter, example, policy_dir, tmp_path, off_policy):
+def test_compute_loss_equals_trajectory_balance_loss(adapter, example, policy_dir, tmp_path, off_policy, logprobs):
     """The trainer's loss = sum_i w_i (log Z + mean lp - beta r_hat - mean lp_ref)^2 / (N G / (W S)),
-    recomputed from a plain HF forward and the float64 reference: values, policy and head gradients."""
+    recomputed from a plain HF forward and the float64 reference: values, policy and head gradients, for each
+    log-prob path."""
     args = example.make_config(
         str(tmp_path), flowrl_log_z_dropout=0.0, gradient_accumulation_steps=2, steps_per_generation=4,
-        per_device_train_batch_size=2,
+        per_device_train_batch_size=2, flowrl_logprobs=logprobs,
     )
     trainer = adapter.FlowRLTrainer(
         model=policy_dir, reward_funcs=example.reward_distinct_chars, args=args,
@@ -157,7 +116,7 @@ def test_compute_loss_equals_trajectory_balance_loss(adapter, example, policy_di
     trainer.current_gradient_accumulation_steps = 2
     model = trainer.model
     model.train()
-    inputs = _manual_batch(model.config.vocab_size, seed=3)
+    inputs = manual_batch(model.config.vocab_size, seed=3)
     inputs[adapter.NUM_SEQUENCES_KEY] = torch.tensor(40)  # the generation batch's count (all ranks)
     if off_policy:
         noise = torch.Generator().manual_seed(9)
@@ -464,3 +423,27 @@ def test_a_users_grpo_script_switches_to_flowrl_in_at_most_4_lines(adapter, poli
     first = logs["flowrl"][0]
     assert 0.8 * 15.0**2 * 7 / 8 <= first["loss"] <= 1.05 * 15.0**2 * 7 / 8, first
     assert first["grad_norm"] > 30 * logs["grpo"][0]["grad_norm"], (first, logs["grpo"][0])
+
+
+def _main_block(path: Path) -> str:
+    source = path.read_text()
+    return source[source.index('if __name__ == "__main__":'):]
+
+
+def test_the_documented_example_commands_run_on_cpu(adapter, tmp_path):
+    """Issue 20: ``python examples/trl_grpo.py MODEL_DIR OUT`` and its FlowRL twin stopped on CPU with TRL's
+    "doesn't support bf16/gpu" error, and nothing said where MODEL_DIR comes from. The documented commands:
+    ``examples/trl_tiny_model.py MODEL_DIR`` builds it; the FlowRL twin trains its 10 steps on CPU (the GRPO
+    script's ``__main__`` is the same code, and its ``main`` runs in the test above)."""
+    import subprocess
+    import sys
+
+    grpo, flowrl = ROOT / "examples" / "trl_grpo.py", ROOT / "examples" / "trl_grpo_flowrl.py"
+    assert _main_block(grpo) == _main_block(flowrl)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    for command in ([sys.executable, str(ROOT / "examples" / "trl_tiny_model.py"), str(model_dir)],
+                    [sys.executable, str(flowrl), str(model_dir), str(out)]):
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, f"{command}:\n{done.stderr[-3000:]}"
+    assert done.stdout.count("'loss'") == 10, done.stdout[-2000:]

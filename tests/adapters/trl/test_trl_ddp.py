@@ -1,7 +1,8 @@
 """A real two-process run (``torchrun``, gloo, CPU) against one process on the same global batch.
 
 Two ranks with ``per_device_train_batch_size = 8`` and one rank with 16 see the same 16 completions per
-optimizer step (4 prompts x 4, in 2 micro-batches each); FlowRL's normalizer (``N / W``, ``N`` gathered over
+optimizer step (4 prompts x 4, in 2 micro-batches each), the single process with TRL's fused log-prob head and the
+two ranks with ``flowrl_logprobs="hidden"``; FlowRL's normalizer (``N / W``, ``N`` gathered over
 the ranks) and DDP's gradient average must make them take the same steps: every rank logs the single process's
 losses and ends with its weights. The script also checks the exit: no rank may abort after training
 (``terminate called without an active exception``, defect 6 of issue 12).
@@ -54,9 +55,11 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(policy, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    _run([sys.executable, str(SCRIPT), policy, str(one), "16"], one)
+    # One process with TRL's own log-prob head, two ranks with flowloss's hidden-state path (called through DDP's
+    # forward, so DDP's gradient all-reduce sees it): the same steps.
+    _run([sys.executable, str(SCRIPT), policy, str(one), "16", "framework"], one)
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-          "--master_port", str(_free_port()), str(SCRIPT), policy, str(two), "8"], two)
+          "--master_port", str(_free_port()), str(SCRIPT), policy, str(two), "8", "hidden"], two)
 
     single = json.loads((one / "logs-rank0.json").read_text())
     assert len(single) == 3 and all(r["loss"] > 0 for r in single)

@@ -16,7 +16,6 @@ of the updated policy; checkpoints hold a plain PEFT adapter plus ``flowrl_log_z
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,25 +32,12 @@ LOGPS_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def adapter():
+def adapter():  # the shared fixture's, with peft required too
     require_framework("trl")
     require_framework("peft")
     import flowloss.adapters.trl as module
 
     return module
-
-
-@pytest.fixture(scope="module")
-def example(adapter):
-    spec = importlib.util.spec_from_file_location("trl_flowrl_example", ROOT / "examples" / "trl_flowrl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def policy_dir(example, tmp_path_factory):
-    return example.build_tiny_policy(str(tmp_path_factory.mktemp("tiny-policy")))
 
 
 def _lora_config():
