@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from flowloss import FlowRLOptions, trajectory_balance_loss
+from flowloss import FlowRLOptions, TrajectoryBalanceLoss
 from flowloss.adapters.trl.config import FlowRLConfig
 
 __all__ = ["NUM_SEQUENCES_KEY", "flowrl_loss_from_grpo_inputs"]
@@ -50,10 +50,9 @@ def flowrl_loss_from_grpo_inputs(
             f"{tuple(advantages.shape)}"
         )
     old = inputs.get("old_per_token_logps")
-    values = options.to_dict()
-    if old is None:  # on-policy: w = 1 exactly, nothing to clip or mask
-        values.update(importance_weights="none", token_clip_mask=False)
-    return trajectory_balance_loss(
+    # on-policy: w = 1 exactly, nothing to clip or mask
+    on_policy = {} if old is not None else {"importance_weights": "none", "token_clip_mask": False}
+    return TrajectoryBalanceLoss(options)(  # holds the validated options object as is
         per_token_logps,
         ref,
         advantages if advantages.is_floating_point() else advantages.float(),
@@ -63,5 +62,5 @@ def flowrl_loss_from_grpo_inputs(
         rollout_logprobs=rollout_logprobs if old is not None else None,
         normalizer=normalizer,
         return_stats=True,
-        **values,
+        **on_policy,
     )
