@@ -13,7 +13,7 @@ _SEQ = SequenceDemoConfig()
 TASKS = ("bandit", "sequences")
 # Options of one task only (dest names): refused with the other.
 _BANDIT_ONLY = ("groups", "grpo_kl_coef", "methods")
-_SEQUENCES_ONLY = ("trainer", "log_z", "length_normalization", "raw_rewards")
+_SEQUENCES_ONLY = ("trainer", "log_z", "length_normalization", "raw_rewards", "max_grad_norm")
 _FLAGS = {"length_normalization": "--no-length-normalization"}
 
 
@@ -137,6 +137,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "default): the target's temperature becomes beta instead of beta * L",
     )
     sequences.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help=f"clip the gradient norm of policy and log-Z head to this before each Adam step, 0 = off (default: "
+        f"{_SEQ.max_grad_norm:g}, the authors' value and TRL's default)",
+    )
+    sequences.add_argument(
         "--raw-rewards",
         action="store_const",
         const=True,
@@ -238,6 +245,7 @@ def _run_sequences(args: argparse.Namespace, console) -> int:
             length_normalization=_pick(args.length_normalization, _SEQ.length_normalization),
             raw_rewards=_pick(args.raw_rewards, _SEQ.raw_rewards),
             lr_log_z=args.lr_log_z,
+            max_grad_norm=_pick(args.max_grad_norm, _SEQ.max_grad_norm),
             trainer=trainer,
         )
         for seed in args.seed

@@ -70,6 +70,7 @@ class SequenceDemoConfig:
     length_normalization: bool = True  # flowloss's default (the paper's token-mean log-likelihoods)
     raw_rewards: bool = False  # FlowRL on the raw 0/1 rewards instead of their group z-score (GRPO keeps it)
     lr_log_z: float | None = None  # Adam learning rate of the log-Z head (None: the policy's `lr`)
+    max_grad_norm: float = 1.0  # clip the gradient norm (policy and head): the authors' value, TRL's default; 0: off
     trainer: str = "flowloss"  # "flowloss": the loop of this module; "trl": FlowRLTrainer vs TRL's GRPOTrainer
     sums: tuple[int, ...] = DEFAULT_SUMS
     answer_length: int = 3
@@ -94,6 +95,9 @@ class SequenceDemoConfig:
             raise ValueError(f"`group_size` must be >= 2 (z-scores need two answers), got {self.group_size!r}")
         if isinstance(self.warm_steps, bool) or not isinstance(self.warm_steps, int) or self.warm_steps < 0:
             raise ValueError(f"`warm_steps` must be an int >= 0, got {self.warm_steps!r}")
+        if not (isinstance(self.max_grad_norm, (int, float)) and math.isfinite(self.max_grad_norm)
+                and self.max_grad_norm >= 0):
+            raise ValueError(f"`max_grad_norm` must be a finite number >= 0 (0: off), got {self.max_grad_norm!r}")
         for name in ("beta", "lr", "warm_lr", "lr_log_z"):
             value = getattr(self, name)
             if value is None and name == "lr_log_z":
@@ -261,18 +265,28 @@ def grpo_step_loss(
 def train_method(
     method: str, setup: SequenceSetup, config: SequenceDemoConfig, on_step: StepCallback | None = None
 ) -> SequenceRun:
-    """Train a copy of the reference with ``method`` for ``config.steps`` steps; exact scores along the way."""
+    """Train a copy of the reference with ``method`` for ``config.steps`` steps; exact scores along the way.
+
+    Reproducible per seed: the sample stream has its own generator and the global RNG (the log-Z head's dropout)
+    is seeded inside a fork, so a run does not depend on what ran before it in the process.
+    """
     if method not in SEQUENCE_METHODS:
         raise ValueError(f"`method` must be one of {SEQUENCE_METHODS}, got {method!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 2)
+        return _train_method(method, setup, config, on_step)
+
+
+def _train_method(
+    method: str, setup: SequenceSetup, config: SequenceDemoConfig, on_step: StepCallback | None
+) -> SequenceRun:
     start = time.perf_counter()
     task = setup.task
     policy = copy.deepcopy(setup.reference).train().requires_grad_(True)
     head = None
     groups = [{"params": list(policy.parameters()), "lr": config.lr}]
     if method == "flowrl" and config.log_z == "head":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed + 3)
-            head = flowloss.LogZHead(policy.config.hidden_size).train()
+        head = flowloss.LogZHead(policy.config.hidden_size).train()
         lr = config.lr if config.lr_log_z is None else config.lr_log_z
         groups.append({"params": list(head.parameters()), "lr": lr})
     optimizer = torch.optim.Adam(groups)
@@ -299,6 +313,8 @@ def train_method(
             loss = grpo_step_loss(policy, setup.reference, sequences, rewards, config.group_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.max_grad_norm)
         optimizer.step()
         if step % config.eval_every == 0 or step == config.steps:
             final = record(step)

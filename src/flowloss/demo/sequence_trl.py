@@ -6,7 +6,7 @@ size, learning rate, steps and seed as the flowloss loop (`flowloss.demo.sequenc
 (``model.generate``, temperature 1, no top-k/top-p). Settings that would otherwise differ from the loop are pinned:
 
 * a constant learning rate (TRL's default schedule decays linearly), no warm-up, weight decay 0 (AdamW = Adam),
-  no gradient clipping (``max_grad_norm = 0``; the loop does not clip);
+  the loop's gradient clipping (``max_grad_norm``, over the policy and the head);
 * one generation batch of ``P x K`` completions per optimizer step (``per_device_train_batch_size = P K``,
   ``num_generations = K``), one update per batch (on policy);
 * GRPO: ``loss_type = "grpo"`` (sequence mean of token means, as the loop's baseline), TRL's KL ``beta = 0``;
@@ -98,7 +98,7 @@ def _common_args(config: SequenceDemoConfig, output_dir: str) -> dict[str, Any]:
         lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=0.0,
-        max_grad_norm=0.0,
+        max_grad_norm=config.max_grad_norm,
         per_device_train_batch_size=len(config.sums) * config.group_size,
         gradient_accumulation_steps=1,
         num_generations=config.group_size,
