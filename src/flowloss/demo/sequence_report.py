@@ -37,13 +37,19 @@ def method_means(results: list[SequenceDemoResult]) -> dict[str, SequenceScores]
     return {m: mean_scores([res.run(m).final for res in results]) for m in methods}
 
 
-def verdict(results: list[SequenceDemoResult]) -> str:
+def verdict(results: list[SequenceDemoResult], *, short: bool = False) -> str:
     """One line: FlowRL's distinct correct answers as a multiple of GRPO's, and the reward gap (seed means)."""
     means = method_means(results)
     if "flowrl" not in means or "grpo" not in means:
         return ""
     flow, grpo = means["flowrl"], means["grpo"]
     ratio = flow.distinct_correct / max(grpo.distinct_correct, 1e-12)
+    if short:
+        n = results[0].config.distinct_samples
+        return (
+            f"FlowRL {flow.distinct_correct:.1f} vs GRPO {grpo.distinct_correct:.1f} distinct correct answers in {n} "
+            f"samples ({ratio:.1f}x), reward {flow.reward:.3f} vs {grpo.reward:.3f}"
+        )
     return (
         f"FlowRL keeps {ratio:.2f}x GRPO's distinct correct answers ({flow.distinct_correct:.1f} vs "
         f"{grpo.distinct_correct:.1f}) at a mean reward {flow.reward - grpo.reward:+.3f} from GRPO's "
@@ -169,14 +175,15 @@ def write_plot(results: list[SequenceDemoResult], path: str | Path, *, dpi: int 
             if key == "kl_target":
                 ax.set_yscale("log")
             if key == "reward":
-                ax.set_ylim(min(0.5, reference - 0.05), 1.02)
+                ax.set_ylim(max(0.0, reference - 0.05), 1.01)
         for ax in axes[1]:
             ax.set_xlabel("training step")
         axes[0, 1].legend(fontsize=8.5, frameon=False, loc="center right")
         seeds = ", ".join(str(r.config.seed) for r in results)
+        mean_note = "seed means; " if several else ""
         fig.suptitle(
-            f"{verdict(results)}\nlr {config.lr:g}, beta {config.beta:g}, log Z {config.log_z}, "
-            f"{config.trainer} trainer, seed{'s' if several else ''} {seeds}",
+            f"{verdict(results, short=True)}\n{mean_note}{config.trainer} trainer, lr {config.lr:g}, "
+            f"beta {config.beta:g}, log Z {config.log_z}, {config.steps} steps, seed{'s' if several else ''} {seeds}",
             fontsize=9.5,
         )
         fig.savefig(path, dpi=dpi, metadata={"Software": None}, pil_kwargs={"optimize": True})

@@ -154,7 +154,8 @@ class SequenceRun:
     label: str
     seed: int
     final: SequenceScores
-    history: dict[str, list[float]] = field(default_factory=dict)  # "step" and every HISTORY_KEYS entry
+    # "step", every HISTORY_KEYS entry and, for FlowRL with a head, "log_z" (its mean log Z(x) over the prompts)
+    history: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -252,6 +253,22 @@ def flowrl_step_loss(
     )
 
 
+@torch.no_grad()
+def head_log_z(policy: torch.nn.Module, head: torch.nn.Module, task: DigitSumTask) -> torch.Tensor:
+    """The head's ``log Z(x)`` of every prompt, ``[P]`` (eval mode: no dropout). The pooled hidden states of a
+    prompt's tokens do not depend on the answer (causal model), so this is the value every batch sees."""
+    was_training = policy.training, head.training
+    policy.eval()
+    head.eval()
+    try:
+        prompts = task.prompt_ids()
+        hidden = policy(input_ids=prompts, output_hidden_states=True).hidden_states[-1]
+        return head(flowloss.pool_prompt_hidden_states(hidden, torch.ones(prompts.shape, dtype=torch.bool)))
+    finally:
+        policy.train(was_training[0])
+        head.train(was_training[1])
+
+
 def grpo_step_loss(
     policy: torch.nn.Module, reference: torch.nn.Module, sequences: torch.Tensor, rewards: torch.Tensor, k: int
 ) -> torch.Tensor:
@@ -295,12 +312,17 @@ def _train_method(
     sums = task.sum_of_prompt().repeat_interleave(config.group_size, dim=0)
     history: dict[str, list[float]] = {"step": [], **{key: [] for key in HISTORY_KEYS}}
 
+    if head is not None:
+        history["log_z"] = []
+
     def record(step: int) -> SequenceScores:
         scores = score(exact_answer_logprobs(policy, task), setup.correct, setup.log_target,
                        samples=config.distinct_samples)
         history["step"].append(step)
         for key, value in scores.to_dict().items():
             history[key].append(value)
+        if head is not None:
+            history["log_z"].append(float(head_log_z(policy, head, task).mean()))
         return scores
 
     final = record(0)
