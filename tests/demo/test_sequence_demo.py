@@ -93,6 +93,7 @@ def test_cli_writes_table_plot_and_json(tiny_cli, tmp_path, capsys):
     assert args.run(args) == 0
     printed = capsys.readouterr().out
     assert "FlowRL (TB)" in printed and "GRPO (baseline)" in printed and "distinct correct / 64" in printed
+    assert "E[r]" in printed and "KL(pi||p*)" in printed
     assert "FlowRL keeps" in printed, "the verdict line"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(out.read_text())

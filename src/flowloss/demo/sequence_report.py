@@ -59,15 +59,16 @@ def verdict(results: list[SequenceDemoResult], *, short: bool = False) -> str:
 
 def results_table(results: list[SequenceDemoResult]) -> Table:
     """One row per method and seed (with the seed mean when there are several), and the reference and target."""
+    from rich.markup import escape
     from rich.table import Table
 
     config = results[0].config
     seeds = [r.config.seed for r in results]
     n = config.distinct_samples
-    trainer = "flowloss loop" if config.trainer == "flowloss" else "TRL (FlowRLTrainer vs GRPOTrainer)"
+    trainer = "the flowloss loop" if config.trainer == "flowloss" else "TRL, FlowRLTrainer vs GRPOTrainer"
     table = Table(
         title=(
-            f"FlowRL vs GRPO on a tiny causal LM ({trainer}): {config.steps} steps x "
+            f"FlowRL vs GRPO on a tiny causal LM, {trainer}: {config.steps} steps x "
             f"{len(config.sums)} prompts x {config.group_size} answers, lr {config.lr:g}, beta {config.beta:g}, "
             f"log Z {config.log_z}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
         ),
@@ -79,7 +80,7 @@ def results_table(results: list[SequenceDemoResult]) -> Table:
     table.add_column("policy", no_wrap=True)
     table.add_column("seed", justify="right")
     for name in COLUMNS.values():
-        table.add_column(name.format(n=n), justify="right")
+        table.add_column(escape(name.format(n=n)), justify="right")  # "E[r]" is not a markup tag
 
     def row(label: str, seed: str, s: SequenceScores, *, style: str | None = None) -> None:
         table.add_row(label, seed, f"{s.reward:.3f}", f"{s.distinct_correct:.1f}", f"{s.top_share:.3f}",

@@ -5,8 +5,8 @@
    is ``pi_ref`` and the common start of both methods.
 2. **Training.** Each step samples ``K = 8`` answers for each of the ``P = 8`` prompts from the current policy (on
    policy, temperature 1, the same seeded sample stream for every method), z-scores the 0/1 rewards within each
-   prompt's group (`flowloss.group_normalize_rewards`) and takes one Adam step (same learning rate and steps for
-   both methods) on
+   prompt's group (`flowloss.group_normalize_rewards`) and takes one Adam step after clipping the gradient norm
+   to ``max_grad_norm = 1`` (the authors' value, TRL's default; same learning rate and steps for both methods) on
 
    * ``"flowrl"``: `flowloss.trajectory_balance_loss` with the library's defaults (``beta = 15``, length
      normalization, ``w = 1`` on policy), the answer log-probs from `flowloss.token_logprobs_from_hidden`, and
