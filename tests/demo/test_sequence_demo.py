@@ -151,3 +151,25 @@ def test_help_reads_per_task(capsys):
     assert "default: 400 for bandit, 1200 for sequences" in out
     assert "--task sequences only" in out and "--task bandit only" in out
     assert "default: None" not in out
+
+
+def test_the_default_task_is_the_bandit_with_its_own_defaults(monkeypatch, capsys):
+    """`flowloss demo` without --task runs the tabular bandit exactly as before --task existed."""
+    from flowloss.demo import train
+    from flowloss.demo.train import DemoConfig
+
+    seen = []
+
+    def fake_run_demo(config):
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train, "run_demo", fake_run_demo)
+    args = _parse([])
+    with pytest.raises(SystemExit):
+        args.run(args)
+    assert seen == [DemoConfig()]
+    args = _parse(["--steps", "7", "--seed", "3", "--beta", "8", "--lr", "0.1", "--lr-log-z", "0.2", "--groups", "2"])
+    with pytest.raises(SystemExit):
+        args.run(args)
+    assert seen[1] == DemoConfig(steps=7, seed=3, beta=8.0, lr=0.1, lr_log_z=0.2, groups=2)
