@@ -123,8 +123,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         help=(
             "FlowRL's log Z: head (default) = flowloss.LogZHead on the prompt's pooled hidden states, trained "
-            "with the policy at its learning rate (the authors' choice, and what the TRL adapter does); "
-            "vargrad = the parameter-free flowloss.vargrad_log_z of each group"
+            "with the policy, at its learning rate unless --lr-log-z (the authors' choice, and what the TRL "
+            "adapter does); vargrad = the parameter-free flowloss.vargrad_log_z of each group"
         ),
     )
     sequences.add_argument(
