@@ -115,10 +115,10 @@ class SequenceDemoConfig:
             )
         if self.lr_log_z is not None and self.log_z != "head":
             raise ValueError(f"`lr_log_z` is the log-Z head's learning rate: it needs log_z='head', got {self.log_z!r}")
-        if self.trainer == "trl" and (self.raw_rewards or self.lr_log_z is not None):
+        if self.trainer == "trl" and self.raw_rewards:
             raise ValueError(
-                "`raw_rewards` and `lr_log_z` are options of the flowloss loop: with trainer='trl' the rewards are "
-                "TRL's group z-scores and the log-Z head shares the policy's learning rate"
+                "`raw_rewards` is an option of the flowloss loop: with trainer='trl' the rewards are TRL's group "
+                "z-scores (its scale_rewards='none' still centres them)"
             )
         unknown = [m for m in self.methods if m not in SEQUENCE_METHODS]
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):

@@ -163,7 +163,8 @@ def train_method_trl(
             warnings.simplefilter("ignore")  # TRL/transformers warn about the CPU run and the custom model
             if method == "flowrl":
                 args = FlowRLConfig(
-                    **common, flowrl_beta=config.beta, flowrl_length_normalization=config.length_normalization
+                    **common, flowrl_beta=config.beta, flowrl_length_normalization=config.length_normalization,
+                    flowrl_log_z_lr=config.lr_log_z,  # None: the head shares the policy's learning rate
                 )
                 trainer = FlowRLTrainer(args=args, **kwargs)
             else:

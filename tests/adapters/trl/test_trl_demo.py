@@ -61,3 +61,25 @@ def test_both_trl_trainers_train_from_the_same_reference_and_are_scored(trl_demo
         assert history["reward"][0] == pytest.approx(seed["reference"]["reward"]), "both start at pi_ref"
         assert history["kl_target"][-1] != pytest.approx(history["kl_target"][0]), f"{method}: the policy moved"
 
+
+
+def test_lr_log_z_reaches_the_trl_trainer_as_the_heads_own_group(trl_demo, monkeypatch):
+    """`--lr-log-z` with `--trainer trl` becomes FlowRLConfig(flowrl_log_z_lr=...): the head trains in its own
+    optimizer group at that rate."""
+    from flowloss.adapters import trl as adapter
+    from flowloss.demo.sequence_train import SequenceDemoConfig, prepare
+
+    seen = {}
+    original = adapter.FlowRLTrainer.create_optimizer
+
+    def spy(self):
+        optimizer = original(self)
+        seen["lrs"] = sorted({group["lr"] for group in optimizer.param_groups})
+        return optimizer
+
+    monkeypatch.setattr(adapter.FlowRLTrainer, "create_optimizer", spy)
+    config = SequenceDemoConfig(trainer="trl", steps=1, lr=1e-3, lr_log_z=0.05, warm_steps=5, eval_every=1,
+                                sums=(12, 15), methods=("flowrl",))
+    config.validate()
+    trl_demo.train_method_trl("flowrl", prepare(config), config)
+    assert seen["lrs"] == [1e-3, 0.05]
