@@ -291,7 +291,7 @@ def flowrl_flags_on_parser(on_parser: Callable[[argparse.ArgumentParser, list[st
     try:
         yield
     finally:
-        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]  # restored
 
 
 _KL_ADVICE = "Recommend setting"  # OpenRLHF's advice on --algo.kl.estimator, about a KL loss FlowRL drops
