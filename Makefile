@@ -37,8 +37,10 @@ bench-gpu-step:
 	$(GPU_PYTHON) -m flowloss bench --device cuda --op step --preset qwen2-0.5b --sequences 8 --group-size 4 \
 		--seq-len 2048 --json benchmarks/results/gpu-step-qwen2-0.5b.json
 
+# mypy's settings are in pyproject.toml ([tool.mypy]): src/flowloss and kernels, frameworks ignored where absent.
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/python -m mypy src/flowloss kernels
 
 # tests/adapters/test_common.py (the framework-free adapter core) runs here; each framework's tests in its venv.
 FRAMEWORK_TESTS := --ignore=tests/adapters/trl --ignore=tests/adapters/verl --ignore=tests/adapters/openrlhf

@@ -36,7 +36,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -191,6 +191,7 @@ def check_adapter_options(options: FlowRLOptions, *, beta_name: str = "beta") ->
 
 _HEAD_FIELDS = {f"log_z_{f.name}": f.name for f in dataclasses.fields(LogZHeadOptions)}
 _LOSS_FIELDS = FlowRLOptions.field_names()
+_Config = TypeVar("_Config", bound="AdapterConfig")
 
 
 class AdapterConfig:
@@ -257,7 +258,7 @@ class AdapterConfig:
         return (*_LOSS_FIELDS, *_HEAD_FIELDS, *cls.EXTRAS)
 
     @classmethod
-    def from_any(cls, value: Any = None, **overrides: Any):
+    def from_any(cls: type[_Config], value: Any = None, **overrides: Any) -> _Config:
         """From an instance, a flat mapping (dict, OmegaConf node), a namespace (``args.flowrl``) or None."""
         if value is None:
             items: dict[str, Any] = {}
@@ -280,14 +281,14 @@ class AdapterConfig:
         out.update({name: getattr(self, name) for name in self.EXTRAS})
         return out
 
-    def replace(self, **changes: Any):
+    def replace(self: _Config, **changes: Any) -> _Config:
         return type(self)(**{**self.to_flat_dict(), **changes})
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}: {type(self).__name__} is frozen")
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self.to_flat_dict() == other.to_flat_dict()  # type: ignore[union-attr]
+        return type(other) is type(self) and self.to_flat_dict() == other.to_flat_dict()
 
     def __hash__(self) -> int:
         return hash(tuple(self.to_flat_dict().items()))
@@ -416,11 +417,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while id(model) not in seen:
         seen.add(id(model))
         if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        elif not hasattr(model, "config") and isinstance(getattr(model, "model", None), nn.Module):
-            model = model.model
+            peft_model: Any = model  # a PEFT PeftModel (peft is optional)
+            model = peft_model.get_base_model()
+            continue
+        inner = getattr(model, "module", None)  # DeepSpeed/DDP
+        if not isinstance(inner, nn.Module) and not hasattr(model, "config"):
+            inner = getattr(model, "model", None)  # OpenRLHF's Actor (a Hugging Face model has a config)
+        if isinstance(inner, nn.Module):
+            model = inner
     return model
 
 
@@ -431,7 +435,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder stack whose output is the last hidden state (``Qwen2ForCausalLM.model``, ...)."""
-    hf = _unwrap(model)
+    hf: Any = _unwrap(model)  # a transformers PreTrainedModel (nn.Module types its attributes as Tensor | Module)
     decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
     if not isinstance(decoder, nn.Module) or decoder is hf:
         prefix = getattr(hf, "base_model_prefix", None)
@@ -459,7 +463,7 @@ def attach_log_z_head(model: nn.Module, options: LogZHeadOptions | AdapterConfig
     existing = getattr(hf, LOG_Z_HEAD_NAME, None)
     if isinstance(existing, LogZHead):  # attaching twice (e.g. a retried set-up) keeps the first head
         return existing
-    config = getattr(hf, "config", None)
+    config: Any = getattr(hf, "config", None)  # a transformers PretrainedConfig, or None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text_config, "hidden_size", None)
     if not isinstance(hidden, int):

@@ -22,12 +22,12 @@ def _int_at_least(least: int):
     return parse
 
 
-def _defaults(d: dict) -> str:
+def _defaults(d: cfg.OpDefaults) -> str:
     shape = " ".join(f"{k.upper()}={','.join(map(str, d[k]))}" for k in ("n", "v", "h"))
     return f"{shape} {','.join(d['dtypes'])}, {d['warmup']} warm-up + {d['reps']} timed calls"
 
 
-def _step_defaults(d: dict) -> str:
+def _step_defaults(d: cfg.StepDefaults) -> str:
     return (f"--preset {d['preset']}, {cfg.STEP_SEQUENCES} sequences in groups of {cfg.STEP_GROUP_SIZE} x "
             f"{d['seq_len']} positions, {d['dtypes'][0]}, {d['warmup']} warm-up + {d['reps']} timed steps")  # fmt: skip
 
@@ -161,7 +161,7 @@ def _with_progress(config, console, total: int, run_suite, on_case) -> list:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("flowloss bench", total=total)
-        started = []
+        started: list[bool] = []
 
         def progress(label: str) -> None:
             if started:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
+from typing import Any, TypedDict, TypeVar
 
 import torch
 
@@ -34,11 +35,34 @@ DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_TEMPERATURE = 0.7  # where log-prob paths go wrong (TRL #3029, OpenRLHF #853)
 DEFAULT_MASK_FRACTION = 0.2  # prompt and padding tokens
 
-CPU_DEFAULTS = {"n": (1024,), "v": (32000,), "h": (128,), "dtypes": ("fp32",), "warmup": 1, "reps": 5}
-CUDA_DEFAULTS = {"n": (16384,), "v": (32000, 151936), "h": (4096,), "dtypes": ("bf16", "fp32"), "warmup": 10,
-                 "reps": 50}
-STEP_CPU_DEFAULTS = {"preset": "tiny", "seq_len": 128, "dtypes": ("fp32",), "warmup": 1, "reps": 5}
-STEP_CUDA_DEFAULTS = {"preset": "qwen2-0.5b", "seq_len": 2048, "dtypes": ("bf16",), "warmup": 3, "reps": 10}
+
+class OpDefaults(TypedDict):
+    """One device's defaults of the log-prob, fused-linear and loss ops."""
+
+    n: tuple[int, ...]
+    v: tuple[int, ...]
+    h: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    warmup: int
+    reps: int
+
+
+class StepDefaults(TypedDict):
+    """One device's defaults of ``--op step``."""
+
+    preset: str
+    seq_len: int
+    dtypes: tuple[str, ...]
+    warmup: int
+    reps: int
+
+
+CPU_DEFAULTS: OpDefaults = {"n": (1024,), "v": (32000,), "h": (128,), "dtypes": ("fp32",), "warmup": 1, "reps": 5}
+CUDA_DEFAULTS: OpDefaults = {"n": (16384,), "v": (32000, 151936), "h": (4096,), "dtypes": ("bf16", "fp32"),
+                             "warmup": 10, "reps": 50}  # fmt: skip
+STEP_CPU_DEFAULTS: StepDefaults = {"preset": "tiny", "seq_len": 128, "dtypes": ("fp32",), "warmup": 1, "reps": 5}
+STEP_CUDA_DEFAULTS: StepDefaults = {"preset": "qwen2-0.5b", "seq_len": 2048, "dtypes": ("bf16",), "warmup": 3,
+                                    "reps": 10}  # fmt: skip
 STEP_SEQUENCES = 8
 STEP_GROUP_SIZE = 4
 
@@ -74,27 +98,29 @@ class BenchConfig:
     step_dtypes: tuple[str, ...] | None = None
     step_warmup: int | None = None
     step_reps: int | None = None
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def resolved(self) -> BenchConfig:
+    def resolved(self) -> ResolvedConfig:
         """A copy with the device chosen and every ``None`` replaced by that device's default; validated.
         Idempotent: a resolved config resolves to itself."""
         self.validate()
         device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         defaults, step = (CUDA_DEFAULTS, STEP_CUDA_DEFAULTS) if device == "cuda" else (CPU_DEFAULTS, STEP_CPU_DEFAULTS)
-        out = replace(self, device=device)
+        out = ResolvedConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
+        out.device = device
         out.preset = self.preset or step["preset"]
         out.sequences = self.sequences or STEP_SEQUENCES
         out.group_size = self.group_size or STEP_GROUP_SIZE
         out.seq_len = self.seq_len or step["seq_len"]
-        for name, given in (("dtypes", self.dtypes), ("warmup", self.warmup), ("reps", self.reps)):
-            if getattr(out, f"step_{name}") is None:
-                setattr(out, f"step_{name}", given if given is not None else step[name])
-            if getattr(out, name) is None:
-                setattr(out, name, defaults[name])
-        for name in ("n", "v", "h"):
-            if getattr(out, name) is None:
-                setattr(out, name, defaults[name])
+        out.step_dtypes = self.step_dtypes if self.step_dtypes is not None else _given(self.dtypes, step["dtypes"])
+        out.step_warmup = self.step_warmup if self.step_warmup is not None else _given(self.warmup, step["warmup"])
+        out.step_reps = self.step_reps if self.step_reps is not None else _given(self.reps, step["reps"])
+        out.dtypes = _given(self.dtypes, defaults["dtypes"])
+        out.warmup = _given(self.warmup, defaults["warmup"])
+        out.reps = _given(self.reps, defaults["reps"])
+        out.n = _given(self.n, defaults["n"])
+        out.v = _given(self.v, defaults["v"])
+        out.h = _given(self.h, defaults["h"])
         if "step" in out.ops and out.sequences % out.group_size:
             raise ValueError(f"--sequences ({out.sequences}) must be a multiple of --group-size ({out.group_size})")
         return out
@@ -142,17 +168,45 @@ class BenchConfig:
                 raise ValueError(reason)
 
 
+class ResolvedConfig(BenchConfig):
+    """What `BenchConfig.resolved` returns (made nowhere else): the device chosen (``"cpu"`` or ``"cuda"``) and no
+    field ``None`` but ``impls`` (every implementation) and ``time_budget`` (none). The same dataclass fields, with
+    the narrower types that say so to a type checker."""
+
+    n: tuple[int, ...]
+    v: tuple[int, ...]
+    h: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    warmup: int
+    reps: int
+    preset: str
+    sequences: int
+    group_size: int
+    seq_len: int
+    step_dtypes: tuple[str, ...]
+    step_warmup: int
+    step_reps: int
+
+
+_T = TypeVar("_T")
+
+
+def _given(value: _T | None, default: _T) -> _T:
+    """``value`` unless it is ``None`` (an option not given), else the device's ``default``."""
+    return default if value is None else value
+
+
 @dataclass
 class Run:
     """A resolved config being run: its device, where progress goes, and when its time budget ends."""
 
-    config: BenchConfig
+    config: ResolvedConfig
     device: torch.device
     progress: Callable[[str], None]
     deadline: float | None = None  # time.monotonic() value
 
     @classmethod
-    def start(cls, config: BenchConfig, progress: Callable[[str], None] | None = None) -> Run:
+    def start(cls, config: ResolvedConfig, progress: Callable[[str], None] | None = None) -> Run:
         budget = config.time_budget
         deadline = None if budget is None else time.monotonic() + budget
         return cls(config, torch.device(config.device), progress or (lambda _label: None), deadline)

@@ -25,11 +25,12 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import torch
 
 Fn = Callable[..., Any]
+F = TypeVar("F", bound=Callable[..., Any])
 FILTER_EPS = 2.0**-10  # flowloss-fused-filter: the tile filter's bound on the dropped gradient per row
 TRL_CHUNK_COLUMNS = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in trl 1.16 (that module needs datasets)
 TRITON_ON_CPU = "the Triton kernel needs a CUDA device (its CPU check runs under TRITON_INTERPRET=1 in the tests)"
@@ -67,6 +68,12 @@ class Impl:
         if self.cuda and device.type != "cuda":
             return self.cuda
         return self.check(device) if self.check else None
+
+
+def noted(fn: F, note: str) -> F:
+    """``fn`` carrying ``note`` as its attribute ``note`` (copied into its results with ``getattr(fn, "note")``)."""
+    vars(fn)["note"] = note
+    return fn
 
 
 def _masked(out: torch.Tensor, case: Any) -> torch.Tensor:
@@ -185,13 +192,12 @@ def _flowloss_plan(**tuning: Any) -> Callable[[torch.device], Fn]:
             plan = {k: v(hidden, weight) if callable(v) else v for k, v in tuning.items()}
             return _LaunchedLinearLogprobs.apply(hidden, weight, case.labels, case.temperature, plan)
 
-        fn.note = ", ".join(f"{k}={'per shape' if callable(v) else v}" for k, v in tuning.items())  # type: ignore[attr-defined]
-        return fn
+        return noted(fn, ", ".join(f"{k}={'per shape' if callable(v) else v}" for k, v in tuning.items()))
 
     return build
 
 
-def tb_loss(impl: str) -> Fn:
+def tb_loss(impl: Literal["pytorch", "triton"]) -> Fn:
     """``trajectory_balance_loss(lp, ref, rewards, log_z, mask, old_logprobs=old, impl=impl)`` with the loss's
     defaults: ``"pytorch"`` (its PyTorch ops) or ``"triton"`` (the fused kernels)."""
     from flowloss.losses import trajectory_balance_loss
@@ -231,8 +237,7 @@ def _trl_chunked(device: torch.device) -> Fn:
             return logp[0].new_zeros(case.keep.shape).masked_scatter(case.keep, logp[0].float())
         return _masked(logp[0], case)
 
-    fn.note = "compact (kept rows only), as TRL on CUDA" if compact else "every row, as TRL off CUDA"  # type: ignore[attr-defined]
-    return fn
+    return noted(fn, "compact (kept rows only), as TRL on CUDA" if compact else "every row, as TRL off CUDA")
 
 
 def _verl(name: str) -> Callable[[torch.device], Fn]:
@@ -286,8 +291,7 @@ def _openrlhf(device: torch.device) -> Fn:
         # OpenRLHF divides by T in place (`logits.div_(temperature)`); pass T = 1 and divide out of place.
         return _masked(helper(logits / case.temperature, case.safe_labels), case)
 
-    fn.note = note  # type: ignore[attr-defined]
-    return fn
+    return noted(fn, note)
 
 
 def _liger(device: torch.device) -> Fn:

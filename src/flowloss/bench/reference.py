@@ -129,6 +129,13 @@ def fused_logprobs_and_grads(
     return logp, dhidden, dweight
 
 
+def grad_of(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t.grad`` after a backward that must have reached ``t`` (``what`` names it in the error otherwise)."""
+    if t.grad is None:
+        raise ValueError(f"the backward left no gradient on {what}")
+    return t.grad
+
+
 def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``max |actual - expected|`` in float64, computed in row blocks (no full float64 copy of ``actual``)."""
     if actual.shape != expected.shape:

@@ -21,7 +21,7 @@ import torch
 from flowloss.bench import impls as impls_mod
 from flowloss.bench import reference as ref
 from flowloss.bench import step, step_paths
-from flowloss.bench.config import DTYPES, BenchConfig, Run
+from flowloss.bench.config import DTYPES, BenchConfig, ResolvedConfig, Run
 from flowloss.bench.impls import Impl
 from flowloss.bench.memory import is_oom, peak_extra_bytes, release, short_error
 from flowloss.bench.step_model import PRESETS, split_length, state_bytes
@@ -75,7 +75,7 @@ def randn(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tens
     return torch.randn(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
 
 
-def count_units(config: BenchConfig) -> int:
+def count_units(config: ResolvedConfig) -> int:
     """How many progress steps `run_suite` reports (one per implementation per case; the step's phases)."""
     per_n = 0
     for op, shapes in (("logprobs", len(config.v)), ("fused_linear", len(config.v) * len(config.h))):
@@ -163,8 +163,8 @@ def _run_impls(impls: list[Impl], make_call: Callable, check: Callable, leaves: 
             out = call()
             out.backward(grad_out)
             record = {"impl": impl.name, "source": impl.source, "status": "ok", "reason": ""}
-            if getattr(fn, "note", ""):
-                record["note"] = fn.note
+            if note := getattr(fn, "note", ""):
+                record["note"] = note
             record.update(check(out))
             record.update(_measure(call, leaves, grad_out, run))
             results.append(record)
@@ -270,7 +270,8 @@ def _fused_case(n: int, vocab: int, hid: int, dtype_key: str, run: Run) -> dict[
     def check(out: torch.Tensor) -> dict[str, Any]:
         if out.shape != (n,):
             raise ValueError(f"returned shape {tuple(out.shape)}, expected ({n},)")
-        grad_err = max(ref.max_abs_error(hidden.grad, dh), ref.max_abs_error(weight.grad, dw))
+        grad_err = max(ref.max_abs_error(ref.grad_of(hidden, "the hidden states"), dh),
+                       ref.max_abs_error(ref.grad_of(weight, "the weight"), dw))  # fmt: skip
         return {"max_abs_err": ref.max_abs_error(out, lp), "max_abs_err_grad": grad_err}
 
     case["results"] = _run_impls(impls, lambda fn: lambda: fn(hidden, weight, inputs), check, [hidden, weight],
@@ -313,14 +314,15 @@ def _loss_case(n: int, run: Run) -> dict[str, Any]:
         weights = flref.importance_weights(lp64.detach(), old.cpu().double(), mask.cpu(), mode="sequence_clipped")
         loss64 = flref.trajectory_balance_loss(lp64, ref64, r64, z64, mask.cpu(), weights=weights)
         loss64.backward()
-        expected = [loss64.detach().reshape(1), lp64.grad, z64.grad]
+        expected = [loss64.detach().reshape(1), ref.grad_of(lp64, "the log-probs"), ref.grad_of(z64, "log Z")]
     else:
         case["reference"] = f"not run: N > {LOSS_REFERENCE_MAX_TOKENS} (the float64 loop reference is slow)"
 
     def check(out: torch.Tensor) -> dict[str, Any]:
         if not expected:
             return {"max_abs_err": None, "max_abs_err_grad": None}
-        grad_err = max(ref.max_abs_error(lp.grad.cpu(), expected[1]), ref.max_abs_error(log_z.grad.cpu(), expected[2]))
+        grad_err = max(ref.max_abs_error(ref.grad_of(lp, "the log-probs").cpu(), expected[1]),
+                       ref.max_abs_error(ref.grad_of(log_z, "log Z").cpu(), expected[2]))  # fmt: skip
         err = ref.max_abs_error(out.detach().cpu().reshape(1), expected[0])
         return {"max_abs_err": err, "max_abs_err_grad": grad_err}
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 
 from flowloss.bench import reference as ref
-from flowloss.bench.config import DTYPES, BenchConfig, Run
+from flowloss.bench.config import DTYPES, ResolvedConfig, Run
+from flowloss.bench.impls import Impl
 from flowloss.bench.memory import is_oom, peak_extra_bytes, release, short_error
 from flowloss.bench.step_model import (
     PRESETS,
@@ -53,7 +55,7 @@ MODEL_SOURCE = "ref.model and policy.model forward, backward from a random gradi
 CHECK_SEED = 1234  # the log-Z head's dropout mask is the same for every path in the check
 
 
-def count_units(impls: list, config: BenchConfig) -> int:
+def count_units(impls: list[Impl], config: ResolvedConfig) -> int:
     """Progress steps of one step case: build; the check of each row; its memory and warm-up; the rounds of
     timed steps; (CUDA, with memory) the batch searches."""
     device = torch.device(config.device)
@@ -67,6 +69,11 @@ def run_step(path: Path, m: StepModels, b: StepBatch, s: StepSettings) -> None:
     path(m, b, s).backward()
     m.optimizer.step()
     m.optimizer.zero_grad(set_to_none=False)
+
+
+def forward_backward(path: Path, m: StepModels, b: StepBatch, s: StepSettings) -> None:
+    """The path's forward and backward alone (what its memory is measured on)."""
+    path(m, b, s).backward()
 
 
 def fill_old_logprobs(m: StepModels, b: StepBatch, s: StepSettings) -> None:
@@ -114,8 +121,10 @@ def largest_fit(fits: Callable[[int], bool], start: int, unit: int, limit: int,
     `FIT_BISECTIONS` times; no probe starts once ``stop()`` is true. Returns ``{"sequences": best or None,
     "probes": [[sequences, fits], ...], "bounded": whether the search stopped without a failure (at ``limit``, or
     stopped)}``, plus ``"stopped": True`` when ``stop`` cut it short."""
-    probes: list[list] = []
-    best, bad, size = None, None, start
+    probes: list[list[Any]] = []  # [sequences, fits]
+    best: int | None = None
+    bad: int | None = None
+    size = start
     while size <= limit:
         if stop():
             return {"sequences": best, "probes": probes, "bounded": bad is None, "stopped": True}
@@ -125,15 +134,16 @@ def largest_fit(fits: Callable[[int], bool], start: int, unit: int, limit: int,
             bad = size
             break
         best, size = size, size * 2
-    for _ in range(FIT_BISECTIONS if best is not None and bad is not None else 0):
-        mid = (best + bad) // 2 // unit * unit
-        if mid <= best or mid >= bad:
-            break
-        if stop():
-            return {"sequences": best, "probes": probes, "bounded": False, "stopped": True}
-        ok = fits(mid)
-        probes.append([mid, ok])
-        best, bad = (mid, bad) if ok else (best, mid)
+    if best is not None and bad is not None:
+        for _ in range(FIT_BISECTIONS):
+            mid = (best + bad) // 2 // unit * unit
+            if mid <= best or mid >= bad:
+                break
+            if stop():
+                return {"sequences": best, "probes": probes, "bounded": False, "stopped": True}
+            ok = fits(mid)
+            probes.append([mid, ok])
+            best, bad = (mid, bad) if ok else (best, mid)
     return {"sequences": best, "probes": probes, "bounded": bad is None}
 
 
@@ -150,6 +160,7 @@ def search_fit(fn: Path, models: StepModels, settings: StepSettings, case: dict,
     seq_len, group = case["seq_len"], case["group_size"]
 
     def fits(sequences: int) -> bool:
+        batch: StepBatch | None = None
         try:
             batch = make_batch(sequences, group, seq_len, models.vocab_size, seed=seed + sequences, device=device)
             run_step(fn, models, batch, settings)
@@ -175,7 +186,7 @@ def _grad_rel_diff(m: StepModels, snapshot: list[torch.Tensor]) -> float:
     """``||g - g_ref|| / ||g_ref||`` over every policy parameter, in float32."""
     num = den = 0.0
     for p, g_ref in zip(m.policy.parameters(), snapshot):
-        num += float((p.grad.float() - g_ref.float()).pow(2).sum())
+        num += float((ref.grad_of(p, "a policy parameter").float() - g_ref.float()).pow(2).sum())
         den += float(g_ref.float().pow(2).sum())
     return math.sqrt(num) / math.sqrt(den) if den > 0 else float("nan")
 
@@ -200,7 +211,7 @@ def _baseline(m: StepModels, b: StepBatch, device: torch.device) -> dict[str, An
     return parts
 
 
-def _case_header(preset: str, dtype_key: str, c: BenchConfig, settings: StepSettings) -> dict[str, Any]:
+def _case_header(preset: str, dtype_key: str, c: ResolvedConfig, settings: StepSettings) -> dict[str, Any]:
     shape = PRESETS[preset]
     model = {"architecture": "transformers Qwen2ForCausalLM, random weights", "parameters": parameter_count(preset)}
     for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "num_attention_heads",
@@ -227,6 +238,8 @@ def _check(name: str, fn: Path, models: StepModels, batch: StepBatch, settings: 
     with seeded(CHECK_SEED, batch.input_ids.device):
         out = fn(models, batch, settings)
     out.backward()
+    if out.loss is None:
+        raise ValueError(f"step path {name} returned no loss")
     record["loss"] = float(out.loss.detach())
     expected = reference_loss(name, f64, batch, settings, out.log_z)
     record["max_abs_err_loss"] = None if expected is None else abs(record["loss"] - expected)
@@ -235,7 +248,7 @@ def _check(name: str, fn: Path, models: StepModels, batch: StepBatch, settings: 
         diff = (out.logprobs.detach().double() - f64["logprobs"]).abs()
         record["max_abs_err_logprobs"] = float(torch.where(batch.response_mask, diff, 0).max())
     if name in COMPARED_WITH.values():
-        snapshots[name] = [p.grad.detach().clone() for p in models.policy.parameters()]
+        snapshots[name] = [ref.grad_of(p, "a policy parameter").detach().clone() for p in models.policy.parameters()]
     other = COMPARED_WITH.get(name)
     if other in snapshots:
         record["compared_with"] = other
@@ -292,8 +305,8 @@ def step_case(impls: list, dtype_key: str, run: Run, *, skip_reason: str | None 
         record = results[impl.name] = {"impl": impl.name, "source": impl.source, "status": "ok", "reason": ""}
         try:
             fn = built[impl.name] = impl.build(device)
-            if getattr(fn, "note", ""):
-                record["note"] = fn.note
+            if note := getattr(fn, "note", ""):
+                record["note"] = note
             _check(impl.name, fn, models, batch, settings, f64, record, results, snapshots)
         except Exception as err:
             fail(impl.name, err)
@@ -315,7 +328,7 @@ def step_case(impls: list, dtype_key: str, run: Run, *, skip_reason: str | None 
         try:
             if c.measure_memory:
                 record["peak_mem_fwdbwd_bytes"], record["memory_method"] = peak_extra_bytes(
-                    lambda fn=fn: fn(models, batch, settings).backward(), device=device)  # fmt: skip
+                    partial(forward_backward, fn, models, batch, settings), device=device)  # fmt: skip
                 if record["peak_mem_fwdbwd_bytes"] is not None and case.get("optimizer_peak_bytes") is not None:
                     record["peak_mem_bytes"] = max(record["peak_mem_fwdbwd_bytes"], case["optimizer_peak_bytes"])
                 models.optimizer.zero_grad(set_to_none=False)
@@ -333,7 +346,7 @@ def step_case(impls: list, dtype_key: str, run: Run, *, skip_reason: str | None 
         run.progress(f"{label}: timed steps, round {rep + 1} of {c.step_reps}")
         for name, fn in list(built.items()):
             try:
-                samples[name].append(time_calls(lambda fn=fn: run_step(fn, models, batch, settings), device=device,
+                samples[name].append(time_calls(partial(run_step, fn, models, batch, settings), device=device,
                                                 warmup=0, reps=1).median)  # fmt: skip
             except Exception as err:
                 fail(name, err)

@@ -23,9 +23,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # transformers is the optional `step` extra: imported where a model is built
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from flowloss import LogZHead
 
 EXTRA_HINT = "pip install -e '.[step]' (the step extra, from a clone of flowloss)"
 
@@ -34,7 +41,7 @@ EXTRA_HINT = "pip install -e '.[step]' (the step extra, from a clone of flowloss
 # (V = 32000, H = 128), small enough for a 2-core CPU to step through every path in about a minute.
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "max_position_embeddings")  # fmt: skip
-PRESETS: dict[str, dict] = {
+PRESETS: dict[str, dict[str, Any]] = {
     name: {**dict(zip(SHAPE_KEYS, shape)), "tie_word_embeddings": True}
     for name, shape in (
         ("tiny", (32000, 128, 352, 2, 4, 2, 4096)),
@@ -42,7 +49,8 @@ PRESETS: dict[str, dict] = {
         ("qwen2-1.5b", (151936, 1536, 8960, 28, 12, 2, 131072)),
     )
 }
-COMMON_CONFIG = {"rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu", "use_cache": False}
+COMMON_CONFIG: dict[str, Any] = {"rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+                                 "use_cache": False}  # fmt: skip
 PAD_ID = 0
 
 
@@ -55,7 +63,7 @@ def transformers_missing() -> str | None:
     return None
 
 
-def model_config(preset: str):
+def model_config(preset: str) -> Qwen2Config:
     """The ``transformers.Qwen2Config`` of ``preset`` (raises ``ValueError`` naming ``--preset`` if unknown)."""
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of {tuple(PRESETS)}, got {preset!r}")
@@ -84,9 +92,9 @@ def state_bytes(preset: str, dtype: torch.dtype) -> int:
 class StepModels:
     """The trained policy, the frozen reference, the log-Z head and the optimizer over policy + head."""
 
-    policy: torch.nn.Module  # Qwen2ForCausalLM, train mode, requires grad
-    ref: torch.nn.Module  # a copy of the initial policy, eval mode, no grad
-    head: torch.nn.Module  # flowloss.LogZHead(H), float32
+    policy: Qwen2ForCausalLM  # train mode, requires grad
+    ref: Qwen2ForCausalLM  # a copy of the initial policy, eval mode, no grad
+    head: LogZHead  # LogZHead(H), float32
     optimizer: torch.optim.Optimizer
     preset: str
     dtype: torch.dtype
@@ -99,7 +107,8 @@ class StepModels:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
 
-def build_models(preset: str, dtype: torch.dtype, device: torch.device, *, seed: int, lr: float = 1e-6):
+def build_models(preset: str, dtype: torch.dtype, device: torch.device, *, seed: int, lr: float = 1e-6
+                 ) -> StepModels:  # fmt: skip
     """Random-weight policy (in ``dtype``), its frozen copy as reference, a float32 `flowloss.LogZHead` and
     ``torch.optim.AdamW(lr)`` over policy and head. Every trainable parameter gets a zero gradient buffer and one
     optimizer step is taken with it, so the optimizer states exist before anything is measured."""
@@ -114,7 +123,9 @@ def build_models(preset: str, dtype: torch.dtype, device: torch.device, *, seed:
         with torch.device(device):
             policy = Qwen2ForCausalLM(config)
             head = LogZHead(config.hidden_size)
-    policy = policy.to(dtype).train()
+    # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which typeshed types as a plain
+    # callable (no method binding): mypy then takes the dtype for `self`
+    policy = policy.to(dtype).train()  # type: ignore[arg-type]
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW([*policy.parameters(), *head.parameters()], lr=lr)
     models = StepModels(policy, ref, head, optimizer, preset, dtype)
@@ -132,7 +143,7 @@ def prime_optimizer(models: StepModels) -> None:
     models.optimizer.zero_grad(set_to_none=False)
 
 
-def tensor_bytes(tensors) -> int:
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -232,7 +243,7 @@ def make_batch(
 
 
 @contextlib.contextmanager
-def seeded(seed: int, device: torch.device):
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Run a block with the global RNGs seeded (the log-Z head's dropout), restoring them afterwards."""
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

@@ -13,12 +13,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flowloss.bench.impls import TRL_CHUNK_COLUMNS, Impl
+from flowloss.bench.impls import TRL_CHUNK_COLUMNS, Impl, noted
 from flowloss.bench.step_model import StepBatch, StepModels
+
+if TYPE_CHECKING:  # transformers: the optional `step` extra
+    from transformers import Qwen2ForCausalLM
 
 FLOWRL_BETA = 15.0  # FlowRL's reward temperature (the authors' value; flowloss's default)
 GRPO_EPSILON = 0.2  # PPO/GRPO clip range (TRL's and Liger's default)
@@ -45,8 +48,10 @@ class PathOutput:
     def backward(self) -> None:
         if self.loss is not None:
             self.loss.backward()
-        else:
+        elif self.hidden is not None:
             torch.autograd.backward(self.hidden, self.hidden_grad)
+        else:
+            raise ValueError("PathOutput has neither a loss nor hidden states to backpropagate from")
 
 
 Path = Callable[[StepModels, StepBatch, StepSettings], PathOutput]
@@ -129,11 +134,11 @@ def build_grpo_logits(device: torch.device) -> Path:
         loss = grpo_loss(logprobs, b.old_logprobs, ref_logprobs, _advantages(b), b.response_mask)
         return PathOutput(loss=loss, logprobs=logprobs, ref_logprobs=ref_logprobs)
 
-    grpo_logits.note = note  # type: ignore[attr-defined]
-    return grpo_logits
+    return noted(grpo_logits, note)
 
 
-def _flowrl(m: StepModels, b: StepBatch, s: StepSettings, logprobs, ref_logprobs, hidden) -> PathOutput:
+def _flowrl(m: StepModels, b: StepBatch, s: StepSettings, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+            hidden: torch.Tensor) -> PathOutput:  # fmt: skip
     """log Z from the prompt's pooled last hidden states, then `flowloss.trajectory_balance_loss`."""
     from flowloss import group_normalize_rewards, pool_prompt_hidden_states, trajectory_balance_loss
 
@@ -154,16 +159,19 @@ def flowloss_logits(m: StepModels, b: StepBatch, s: StepSettings) -> PathOutput:
         del ref_logits
     out = m.policy(**model_inputs(b), logits_to_keep=keep, output_hidden_states=True)
     logprobs = token_logprobs(out.logits[:, :-1], b.labels, temperature=s.temperature, inplace_backward=True)
+    # without return_entropy a single tensor (token_logprobs has no overload on return_entropy to say so)
+    assert isinstance(logprobs, torch.Tensor) and isinstance(ref_logprobs, torch.Tensor)
     return _flowrl(m, b, s, logprobs, ref_logprobs, out.hidden_states[-1])
 
 
-def hidden_logprobs(model: torch.nn.Module, b: StepBatch, s: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def hidden_logprobs(model: Qwen2ForCausalLM, b: StepBatch, s: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """``(response log-probs [B, Lr], last hidden states [B, L, H])`` through `flowloss.token_logprobs_from_hidden`."""
     from flowloss import token_logprobs_from_hidden
 
     hidden = model.model(**model_inputs(b)).last_hidden_state
     weight = model.lm_head.weight
     lp = token_logprobs_from_hidden(response_hidden(hidden, b), weight, b.labels, temperature=s.temperature)
+    assert isinstance(lp, torch.Tensor)  # without return_entropy (no overload on it says so)
     return lp, hidden
 
 
@@ -180,7 +188,7 @@ def build_trl_fused_head(device: torch.device) -> Path:
     ``32768`` vocabulary columns a tile; log Z from the same forward's hidden states."""
     from trl.kernels import ChunkedLogProbFunction
 
-    def logprobs_of(model: torch.nn.Module, b: StepBatch, s: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    def logprobs_of(model: Qwen2ForCausalLM, b: StepBatch, s: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = model.model(**model_inputs(b)).last_hidden_state
         rows, labels = response_hidden(hidden, b)[b.response_mask], b.response_ids[b.response_mask]
         head = model.lm_head
@@ -196,8 +204,7 @@ def build_trl_fused_head(device: torch.device) -> Path:
 
     import trl
 
-    trl_fused_head.note = f"trl {trl.__version__} ChunkedLogProbFunction, log-probs only"  # type: ignore[attr-defined]
-    return trl_fused_head
+    return noted(trl_fused_head, f"trl {trl.__version__} ChunkedLogProbFunction, log-probs only")
 
 
 def build_liger_grpo(device: torch.device) -> Path:
@@ -227,7 +234,7 @@ def build_liger_grpo(device: torch.device) -> Path:
         return PathOutput(loss=out[0] if isinstance(out, (tuple, list)) else out)
 
     if not has_t:
-        liger_grpo.note = "this Liger has no temperature option: h / T passed"  # type: ignore[attr-defined]
+        noted(liger_grpo, "this Liger has no temperature option: h / T passed")
     return liger_grpo
 
 

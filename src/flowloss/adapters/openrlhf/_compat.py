@@ -280,17 +280,18 @@ def flowrl_flags_on_parser(on_parser: Callable[[argparse.ArgumentParser, list[st
     original = argparse.ArgumentParser.parse_args
 
     def parse_args(parser: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> Any:
-        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign,assignment]  # the launcher's
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]  # the launcher's, restored
         argv = on_parser(parser, list(sys.argv[1:] if args is None else args))
         parsed = original(parser, argv, namespace)
         on_parsed(parser, parsed)
         return parsed
 
-    argparse.ArgumentParser.parse_args = parse_args  # type: ignore[method-assign,assignment]
+    # patched on the class for the launcher's one call; ours has no overloads (and mypy refuses method assignment)
+    argparse.ArgumentParser.parse_args = parse_args  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
-        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign,assignment]
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]  # restored
 
 
 _KL_ADVICE = "Recommend setting"  # OpenRLHF's advice on --algo.kl.estimator, about a KL loss FlowRL drops

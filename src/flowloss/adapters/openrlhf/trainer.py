@@ -12,7 +12,7 @@ states are scattered back to ``[B, S, H]`` first. The actor's log-probs take the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
@@ -143,4 +143,4 @@ def enable_flowrl(
         raise TypeError(f"`trainer` must be an openrlhf ActorPPOTrainer, got {type(trainer).__name__}")
     trainer.__class__ = FlowRLActorPPOTrainer
     _setup(trainer, FlowRLConfig.from_any(config))
-    return trainer  # type: ignore[return-value]
+    return cast(FlowRLActorPPOTrainer, trainer)  # its class was swapped above

@@ -27,7 +27,7 @@ def _config(strategy: Any) -> FlowRLConfig:
     return FlowRLConfig.from_any(getattr(strategy.args, "flowrl", None))
 
 
-class FlowRLPolicyModelActorImpl(PolicyModelActor.__ray_metadata__.modified_class):  # type: ignore[misc]
+class FlowRLPolicyModelActorImpl(PolicyModelActor.__ray_metadata__.modified_class):
     """OpenRLHF's policy worker with the head attached before DeepSpeed (in its own optimizer groups with
     ``--flowrl.log_z_lr``) and the trainer swapped for FlowRL's.
 
@@ -53,7 +53,7 @@ class FlowRLPolicyModelActorImpl(PolicyModelActor.__ray_metadata__.modified_clas
             super().save_checkpoint(*args, **kwargs)
 
 
-class FlowRLReferenceModelActorImpl(ReferenceModelActor.__ray_metadata__.modified_class):  # type: ignore[misc]
+class FlowRLReferenceModelActorImpl(ReferenceModelActor.__ray_metadata__.modified_class):
     """OpenRLHF's reference worker whose log-probs take the path ``--flowrl.logprobs`` (no gradient)."""
 
     def init_model_from_pretrained(self, strategy: Any, pretrain: str) -> None:

@@ -26,10 +26,13 @@ import os
 import types
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # peft: optional (TRL's `peft` extra)
+    from peft import PeftModel
 
 from flowloss.adapters.common import LOG_Z_HEAD_NAME, log_z_head_detached
 
@@ -72,7 +75,7 @@ def maybe_gather_lm_head_ctx(*params: torch.nn.Parameter | None) -> contextlib.A
     return gather(*params)
 
 
-def is_peft_model(model: Any) -> bool:
+def is_peft_model(model: object) -> TypeGuard[PeftModel]:
     return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
 
 
@@ -138,7 +141,7 @@ def _lora_b_is_zero(model: nn.Module, adapter: str) -> bool:
     return found
 
 
-def copy_peft_adapter_as_reference(model: nn.Module) -> None:
+def copy_peft_adapter_as_reference(model: PeftModel) -> None:
     """A pretrained PEFT adapter: add a frozen copy named ``"ref"``, which TRL uses for ``ref_per_token_logps``.
 
     TRL 1.16 makes this copy only when ``args.beta != 0``, and FlowRL keeps ``args.beta = 0``: without it the
@@ -318,4 +321,5 @@ def wrap_fused_forward(model: nn.Module, handler: Callable[..., Any]) -> None:
         return handler(self, trl_forward, *args, **kwargs)
 
     model.forward = types.MethodType(forward, model)
-    model._flowrl_fused_forward = True
+    # torch types nn.Module.__setattr__'s value as Tensor | Module; a plain attribute is allowed (and meant) here
+    model._flowrl_fused_forward = True  # type: ignore[assignment]

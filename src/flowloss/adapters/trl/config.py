@@ -170,8 +170,9 @@ class FlowRLConfig(GRPOConfig):
     @property
     def flowrl_options(self) -> FlowRLOptions:
         """The loss options as one `flowloss.FlowRLOptions`: TRL's names translated, here only."""
-        try:
-            options = FlowRLOptions(
+        try:  # from_any: these fields hold the user's values as TRL parsed them (str, float | None), checked here
+            options = FlowRLOptions.from_any(
+                None,
                 beta=self.flowrl_beta,
                 importance_weights=self.flowrl_importance_weights,
                 eps_low=self.epsilon,

@@ -62,7 +62,7 @@ def resolve_logprob_path(path: str, device: torch.device | str) -> str:
 
 
 def _text_config(model: nn.Module) -> Any:
-    config = model.config
+    config: Any = model.config  # a transformers PretrainedConfig: attributes differ per model
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -93,7 +93,8 @@ def hidden_path_problem(model: nn.Module) -> str | None:
     scale = logit_scale_of(text_config)
     if not (math.isfinite(scale) and scale > 0):
         return f"{type(model).__name__}'s logit scale is {scale}, which cannot be folded into the temperature"
-    head = model.get_output_embeddings()
+    hf: Any = model  # a transformers PreTrainedModel (nn.Module types its attributes as Tensor | Module)
+    head = hf.get_output_embeddings()
     if head is None:
         return f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None)"
     if is_adapter_layer(head):
@@ -137,7 +138,8 @@ class FlowlossLMHead:
     def install(self, model: nn.Module) -> None:
         """Wrap ``model``'s (TRL-patched) forward; ``model`` is the Hugging Face causal LM itself."""
         takes_keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
-        model._flowrl_takes_logits_to_keep = takes_keep
+        # torch types nn.Module.__setattr__'s value as Tensor | Module; a plain attribute is allowed (and meant) here
+        model._flowrl_takes_logits_to_keep = takes_keep  # type: ignore[assignment]
         wrap_fused_forward(model, self._forward)
 
     @contextlib.contextmanager
@@ -207,8 +209,9 @@ class FlowlossLMHead:
         return logp, entropy, self._aux_loss(model, out, kwargs)
 
     @staticmethod
-    def _aux_loss(model: nn.Module, out: Any, kwargs: dict[str, Any]) -> torch.Tensor | None:
-        """An MoE model's load-balancing loss from the decoder's router logits, as its own forward computes it."""
+    def _aux_loss(model: nn.Module, out: Any, kwargs: dict[str, Any]) -> torch.Tensor | int | None:
+        """An MoE model's load-balancing loss from the decoder's router logits, as its own forward computes it
+        (transformers' ``load_balancing_loss_func`` returns the int 0 for router logits that are not a tuple)."""
         if not kwargs.get("output_router_logits") or getattr(out, "router_logits", None) is None:
             return None
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func

@@ -96,6 +96,10 @@ class FlowRLTrainer(GRPOTrainer):
 
     _name = "FlowRL"
     _tag_names: ClassVar[list[str]] = ["trl", "flowrl", "flowloss"]
+    # What TRL's Trainer declares more widely (TrainingArguments; a model or None): __init__ refuses other
+    # `args`, and GRPOTrainer always holds a model (it loads one given by name).
+    args: FlowRLConfig
+    model: nn.Module
 
     def __init__(
         self,
@@ -111,8 +115,8 @@ class FlowRLTrainer(GRPOTrainer):
 
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             # TRL's default is bf16=True, which TrainingArguments refuses without a bf16 GPU: float32 there.
-            args = FlowRLConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-FlowRL",
-                                **({} if is_torch_bf16_gpu_available() else {"bf16": False}))
+            bf16: dict[str, Any] = {} if is_torch_bf16_gpu_available() else {"bf16": False}
+            args = FlowRLConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-FlowRL", **bf16)
         if not isinstance(args, FlowRLConfig):
             raise TypeError(f"`args` must be a FlowRLConfig (FlowRL's options), got {type(args).__name__}")
         if ref_model is not None and (_compat.is_peft_model(model) or kwargs.get("peft_config") is not None):
@@ -133,7 +137,8 @@ class FlowRLTrainer(GRPOTrainer):
                 raise ValueError(f"flowrl_logprobs='hidden' cannot be used: {problem}. Use 'logits' or 'framework'.")
             # "auto": the exact path next in line -- the model's own lm_head forward for an adapter on lm_head
             # (TRL's head would drop it), TRL's head otherwise (softcapping, ZeRO-3).
-            path = "logits" if _compat.is_adapter_layer(models[0].get_output_embeddings()) else "framework"
+            policy_hf: Any = models[0]  # a transformers PreTrainedModel (nn.Module types attributes Tensor | Module)
+            path = "logits" if _compat.is_adapter_layer(policy_hf.get_output_embeddings()) else "framework"
         self.logprob_path = path
         self.logprob_head = FlowlossLMHead(path, temperature=self.temperature,
                                            cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)

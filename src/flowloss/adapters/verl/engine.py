@@ -37,15 +37,20 @@ from flowloss.adapters.verl.logprobs import (
 __all__ = ["FlowRLEngineMixin", "engine_class"]
 
 
-class FlowRLEngineMixin:
+# verl's engine class is chosen at run time (`engine_class`): to a type checker the mixin's base is Any, so that its
+# super() calls and verl's attributes (model_config, engine_config, ...) type-check; at run time it is object.
+_VerlEngine: Any = object
+
+
+class FlowRLEngineMixin(_VerlEngine):
     """Adds the log-Z head and flowloss's log-prob paths to verl's FSDP language-model engine (module docs)."""
 
     flowrl_config: FlowRLConfig = FlowRLConfig()
 
     # -- build ------------------------------------------------------------------------------------------------
 
-    def _build_module(self):  # type: ignore[no-untyped-def]
-        module = super()._build_module()  # type: ignore[misc]
+    def _build_module(self):
+        module = super()._build_module()
         flowrl = self.flowrl_config
         fused = bool(getattr(self.model_config, "use_fused_kernels", False))
         path = resolve_logprobs(flowrl.logprobs, _compat.device_type())
@@ -66,23 +71,23 @@ class FlowRLEngineMixin:
             self._flowrl_head, self._flowrl_ctx = attach_log_z_head(module, flowrl)
         return module
 
-    def _build_lora_module(self, module):  # type: ignore[no-untyped-def]
+    def _build_lora_module(self, module):
         # get_peft_model freezes every parameter that is not an adapter and, with target_modules="all-linear",
         # adds adapters to the head's Linear layers: build the PEFT model without the head, then put it back.
         if getattr(self, "_flowrl_head", None) is None:
-            return super()._build_lora_module(module)  # type: ignore[misc]
+            return super()._build_lora_module(module)
         with log_z_head_detached(module):
-            return super()._build_lora_module(module)  # type: ignore[misc]
+            return super()._build_lora_module(module)
 
-    def _build_fsdp_module(self, module):  # type: ignore[no-untyped-def]
+    def _build_fsdp_module(self, module):
         if getattr(self, "_flowrl_logprobs", "framework") == "hidden":
             self._flowrl_lm_head = LMHeadLogprobs(output_linear(module))
-        return super()._build_fsdp_module(module)  # type: ignore[misc]
+        return super()._build_fsdp_module(module)
 
-    def _build_optimizer(self, module):  # type: ignore[no-untyped-def]
+    def _build_optimizer(self, module):
         lr = self.flowrl_config.log_z_head.lr
         if lr is None or getattr(self, "_flowrl_head", None) is None:
-            return super()._build_optimizer(module)  # type: ignore[misc]
+            return super()._build_optimizer(module)
         if _compat.is_fsdp1(module) and not getattr(self.engine_config, "use_orig_params", False):
             raise ValueError(
                 f"{FLOWRL_NODE}.log_z_lr={lr}: FSDP1 flattens the head's parameters into the model's, so they "
@@ -93,7 +98,7 @@ class FlowRLEngineMixin:
 
     # -- forward ----------------------------------------------------------------------------------------------
 
-    def prepare_model_inputs(self, micro_batch):  # type: ignore[no-untyped-def]
+    def prepare_model_inputs(self, micro_batch):
         ctx = getattr(self, "_flowrl_ctx", None)
         path = getattr(self, "_flowrl_logprobs", "framework")
         if ctx is not None or path != "framework":
@@ -115,16 +120,16 @@ class FlowRLEngineMixin:
                     )
         if ctx is not None:
             ctx.set_layout(*prompt_and_sequence_lengths(micro_batch))
-        model_inputs, output_args = super().prepare_model_inputs(micro_batch)  # type: ignore[misc]
+        model_inputs, output_args = super().prepare_model_inputs(micro_batch)
         if path == "hidden":
             self._flowrl_lm_head.arm(output_args["input_ids_rmpad_rolled"], micro_batch["temperature"],
                                      _compat.non_tensor(micro_batch, "calculate_entropy", False))
         return model_inputs, output_args
 
-    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):  # type: ignore[no-untyped-def]
+    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
         path = getattr(self, "_flowrl_logprobs", "framework")
         if path == "framework":
-            model_output = super().prepare_model_outputs(  # type: ignore[misc]
+            model_output = super().prepare_model_outputs(
                 output, output_args, micro_batch, logits_processor_func
             )
         else:
@@ -137,8 +142,8 @@ class FlowRLEngineMixin:
                 model_output["log_z"] = log_z
         return model_output
 
-    def forward_step(self, micro_batch, loss_function, forward_only):  # type: ignore[no-untyped-def]
-        loss, output = super().forward_step(micro_batch, loss_function, forward_only)  # type: ignore[misc]
+    def forward_step(self, micro_batch, loss_function, forward_only):
+        loss, output = super().forward_step(micro_batch, loss_function, forward_only)
         # log_z [B] is for the loss only: verl's postprocess_batch_func concatenates every model output as a
         # nested [B, j] tensor (compute_log_prob, compute_ref_log_prob) and cannot take a [B] one.
         model_output = output.get("model_output") if isinstance(output, dict) else None
@@ -172,14 +177,14 @@ class FlowRLEngineMixin:
 
     # -- weight sync --------------------------------------------------------------------------------------------
 
-    def get_per_tensor_param(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        params, peft_config = super().get_per_tensor_param(*args, **kwargs)  # type: ignore[misc]
+    def get_per_tensor_param(self, *args, **kwargs):
+        params, peft_config = super().get_per_tensor_param(*args, **kwargs)
         return without_log_z_head(params), peft_config
 
-    def get_per_tensor_param_shard(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def get_per_tensor_param_shard(self, *args, **kwargs):
         # The delta checkpoint engine's export: verl's get_per_tensor_param_delta_shard and
         # prime_delta_snapshots both read their shards from this method, so filtering here covers them.
-        params, peft_config = super().get_per_tensor_param_shard(*args, **kwargs)  # type: ignore[misc]
+        params, peft_config = super().get_per_tensor_param_shard(*args, **kwargs)
         return without_log_z_head(params), peft_config
 
 

@@ -70,7 +70,8 @@ def logprobs_from_logits(
                          inplace_backward=inplace)
     if entropy:
         return out[0], out[1]
-    return out, None  # type: ignore[return-value]
+    assert isinstance(out, torch.Tensor)  # without return_entropy (token_logprobs has no overload saying so)
+    return out, None
 
 
 def logprobs_from_hidden(
@@ -82,7 +83,8 @@ def logprobs_from_hidden(
                                      temperature=_scalar_temperature(temperature), return_entropy=entropy)
     if entropy:
         return out[0], out[1]
-    return out, None  # type: ignore[return-value]
+    assert isinstance(out, torch.Tensor)  # without return_entropy (no overload saying so)
+    return out, None
 
 
 # Config fields of Hugging Face models that change the logits after the lm_head: the hidden path cannot see them.
@@ -99,7 +101,7 @@ def output_linear(model: nn.Module) -> nn.Linear:
             f"actor_rollout_ref.flowrl.logprobs=hidden needs the model's lm_head as a plain nn.Linear, got "
             f"{type(head).__name__} (e.g. a LoRA-adapted lm_head): use logprobs=logits or framework"
         )
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)  # a transformers PretrainedConfig, or None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name, neutral in _LOGIT_TRANSFORMS:
         value = getattr(text, name, None)
@@ -126,7 +128,9 @@ class LMHeadLogprobs:
         self.lm_head = lm_head
         self._request: tuple[torch.Tensor, Any, bool] | None = None
         self._served = False
-        lm_head.forward = self._forward  # type: ignore[method-assign]
+        # replacing this instance's forward is the point (mypy refuses method assignment; the parameter names
+        # differ: Linear's `input`, `hidden` here)
+        lm_head.forward = self._forward  # type: ignore[method-assign, assignment]
 
     def arm(self, labels: torch.Tensor, temperature: Any, entropy: bool) -> None:
         self._request, self._served = (labels, _scalar_temperature(temperature), bool(entropy)), False

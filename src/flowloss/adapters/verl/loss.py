@@ -206,7 +206,7 @@ def flowrl_loss(
 
     loss, stats = _weighted_tb_loss(log_prob, ref, rewards, log_z, mask, flowrl=flowrl, old=old, rollout=rollout,
                                     normalizer=normalizer, sequence_weights=factor)
-    global_info = {
+    global_info: dict[str, Any] = {  # verl's agg_loss keywords
         "dp_size": data["dp_size"] if _has(data, "dp_size") else 1,
         "batch_num_tokens": data["batch_num_tokens"] if _has(data, "batch_num_tokens") else None,
         "global_batch_size": data["global_batch_size"] if _has(data, "global_batch_size") else None,

@@ -87,12 +87,12 @@ def install_flowrl_loss(trainer: Any, flowrl: FlowRLConfig | dict[str, Any] | No
     return loss_fn
 
 
-def worker_class(base: type, flowrl: FlowRLConfig) -> type:
+def worker_class(base: type[Any], flowrl: FlowRLConfig) -> type:
     """``base`` (verl's ``ActorRolloutRefWorker`` or a subclass) whose ``init_model`` first registers
     `FlowRLFSDPEngine` with ``flowrl`` in the worker's process, so that the actor's (and reference's) engine
     gets these options. The class carries the options; Ray pickles it by value."""
 
-    def init_model(self):  # type: ignore[no-untyped-def]
+    def init_model(self: Any) -> Any:
         register_flowrl_engine(type(self).flowrl_config)
         return base.init_model(self)
 
@@ -104,7 +104,12 @@ def worker_class(base: type, flowrl: FlowRLConfig) -> type:
     })
 
 
-class _FlowRLTrainerMixin:
+# verl's trainer class is chosen at run time (`_compat.trainer_cls`): to a type checker the mixin's base is Any, so
+# that its super() calls and verl's attributes (config, ...) type-check; at run time it is object.
+_VerlTrainer: Any = object
+
+
+class _FlowRLTrainerMixin(_VerlTrainer):
     """A V1 ``PPOTrainer`` running FlowRL: options merged with ``actor_rollout_ref.flowrl``, conflicting verl
     settings refused up front, FlowRL's engine options in the actor workers, FlowRL's loss installed."""
 
@@ -115,15 +120,15 @@ class _FlowRLTrainerMixin:
         arr = config.actor_rollout_ref
         check_verl_settings(flowrl, actor=arr.actor, algorithm=config.get("algorithm"), model=arr.get("model"))
         self.flowrl_config = flowrl
-        super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(config, *args, **kwargs)
 
     def _init_resource_pool_mgr(self) -> None:
-        super()._init_resource_pool_mgr()  # type: ignore[misc]
-        flowrl = flowrl_config_from(self.config, self.flowrl_config)  # type: ignore[attr-defined]
+        super()._init_resource_pool_mgr()
+        flowrl = flowrl_config_from(self.config, self.flowrl_config)
         _compat.wrap_actor_workers(self, lambda cls: worker_class(cls, flowrl))
 
     def _setup(self) -> None:
-        super()._setup()  # type: ignore[misc]
+        super()._setup()
         install_flowrl_loss(self, self.flowrl_config)
 
 
