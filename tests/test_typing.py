@@ -82,8 +82,6 @@ def test_only_the_marked_lines_of_the_pending_script_fail(mypy_errors):
         strict=True, reason="token_logprobs has no typing.overload on return_entropy")),
     pytest.param("from_hidden", marks=pytest.mark.xfail(
         strict=True, reason="token_logprobs_from_hidden has no typing.overload on return_entropy")),
-    pytest.param("module_call", marks=pytest.mark.xfail(
-        strict=True, reason="torch types nn.Module.__call__ as returning Any; TrajectoryBalanceLoss keeps that")),
 ])  # fmt: skip
 def test_pending_items_type_check(mypy_errors, what):
     """Passes (an XPASS, which fails the run) once ``what`` is typed: then drop its xfail and its markers."""

@@ -10,7 +10,7 @@ core as is (nothing is rebuilt or re-validated per step).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import nn
@@ -109,6 +109,9 @@ class TrajectoryBalanceLoss(nn.Module):
             rollout_logprobs=rollout_logprobs, normalizer=normalizer, return_stats=return_stats, strict=strict,
             impl=self.impl,
         )
+
+    if TYPE_CHECKING:  # torch types nn.Module.__call__ as Callable[..., Any]: callers get forward's overloads
+        __call__ = forward
 
     def extra_repr(self) -> str:
         items = [f"{k}={v!r}" for k, v in self.options.to_dict().items()]

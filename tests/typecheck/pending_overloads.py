@@ -4,16 +4,13 @@ and the lines join public_api.py).
 
 - ``token_logprobs``, ``from_hidden`` (``token_logprobs_from_hidden``): no ``typing.overload`` on
   ``return_entropy``, so every call is typed ``Tensor | tuple[Tensor, Tensor]``;
-- ``module_call``: ``TrajectoryBalanceLoss(...)(...)`` is ``Any`` whatever its ``forward`` says, since torch types
-  ``nn.Module.__call__`` as ``Callable[..., Any]``.
 """
 
 from __future__ import annotations
 
 import torch
-from typing_extensions import assert_type
 
-from flowloss import TrajectoryBalanceLoss, token_logprobs, token_logprobs_from_hidden
+from flowloss import token_logprobs, token_logprobs_from_hidden
 
 Stats = dict[str, torch.Tensor]
 
@@ -33,9 +30,3 @@ def hidden_only(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 def hidden_with_entropy(hidden: torch.Tensor, weight: torch.Tensor,
                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     return token_logprobs_from_hidden(hidden, weight, labels, return_entropy=True)  # pending: from_hidden
-
-
-def module_call(lp: torch.Tensor, ref: torch.Tensor, r: torch.Tensor, z: torch.Tensor, m: torch.Tensor) -> None:
-    module = TrajectoryBalanceLoss()
-    assert_type(module(lp, ref, r, z, m), torch.Tensor)  # pending: module_call
-    assert_type(module(lp, ref, r, z, m, return_stats=True), tuple[torch.Tensor, Stats])  # pending: module_call

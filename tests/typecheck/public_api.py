@@ -55,7 +55,11 @@ def main() -> None:
     module_loss, module_stats = module.forward(logprobs, ref, rewards, log_z, mask, return_stats=True)
     assert_type(module_loss, torch.Tensor)
     assert_type(module_stats, Stats)
-    # module(...) is nn.Module.__call__, which torch types as returning Any: a Tensor at run time
+    # module(...) has forward's types (torch types nn.Module.__call__ as returning Any; flowloss's modules do not)
+    assert_type(module(logprobs, ref, rewards, log_z, mask), torch.Tensor)
+    call_loss, call_stats = module(logprobs, ref, rewards, log_z, mask, return_stats=True)
+    assert_type(call_loss, torch.Tensor)
+    assert_type(call_stats, Stats)
     assert isinstance(module(logprobs, ref, rewards, log_z, mask), torch.Tensor)
 
     head = LogZHead(H)

@@ -51,7 +51,7 @@ def flowrl_loss_from_grpo_inputs(
         )
     old = inputs.get("old_per_token_logps")
     # on-policy: w = 1 exactly, nothing to clip or mask
-    on_policy = {} if old is not None else {"importance_weights": "none", "token_clip_mask": False}
+    on_policy: dict[str, Any] = {} if old is not None else {"importance_weights": "none", "token_clip_mask": False}
     return TrajectoryBalanceLoss(options)(  # holds the validated options object as is
         per_token_logps,
         ref,
