@@ -133,13 +133,14 @@ def write_plot(result: DemoResult, path: str | Path, *, dpi: int = 100) -> Path:
             ax = fig.add_subplot(grid[k // cols, k % cols])
             color = METHOD_COLORS.get(row.method, f"C{k}")
             ax.bar(xs, row.mode_mass, width=0.6, color=color)
-            # The target: a black line across each bar's slot; the value goes above the bar and the line.
+            # The target: a black line across each bar's slot. Both values, named, go under the slot (a number
+            # printed above the bar and the line read as the target's).
             ax.hlines(target, [x - 0.4 for x in xs], [x + 0.4 for x in xs], color="black", linewidth=1.8)
             top = max(*target, *row.mode_mass)
-            for x, mass, goal in zip(xs, row.mode_mass, target):
-                ax.text(x, max(mass, goal) + 0.03 * top, f"{mass:.2f}", ha="center", va="bottom", fontsize=9)
-            ax.set_ylim(0, 1.25 * top)  # each panel on its own scale: the black lines mark the same p*
-            ax.set_xticks(list(xs), [f"mode {m}\nr={h:g}" for m, h in enumerate(config.heights)], fontsize=9)
+            ax.set_ylim(0, 1.12 * top)  # each panel on its own scale: the black lines mark the same p*
+            ticks = [f"r={h:g}\n\u03c0 {mass:.2f}\np* {goal:.2f}"
+                     for h, mass, goal in zip(config.heights, row.mode_mass, target)]
+            ax.set_xticks(list(xs), ticks, fontsize=8.5)
             ax.set_title(
                 f"{row.label}: KL {row.kl_pi_target:.2f}, {row.modes_covered}/{num_modes} modes\n"
                 f"{METHOD_NOTES.get(row.method, '')}",
