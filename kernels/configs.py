@@ -26,7 +26,8 @@ Per family:
   target and dtype (the configuration measured on an H200).
 - ``"linear"`` (the fused lm_head): 128 x 128 logit tiles on tensor cores. bf16/fp16: 64-deep K steps, 3 stages.
   fp32 only where the user allowed TF32 (``torch.backends.cuda.matmul.allow_tf32 = True``, or
-  ``torch.set_float32_matmul_precision("high")``): 32-deep K steps, 3 stages, TF32 tensor cores. fp32 without TF32
+  ``torch.set_float32_matmul_precision("high")``) and triton is 3.6 or newer: 32-deep K steps, 3 stages, TF32
+  tensor cores. fp32 without TF32
   would run the dot products on FMA units (and spill: 5.8-17 KiB per thread at these tiles), so there is none: the
   chunked path (cuBLAS) is the fp32 path. No configuration on ``sm_75``: Triton emits no tensor-core code there
   (FMA loops only), the chunked path's cuBLAS GEMMs are faster.
@@ -98,6 +99,22 @@ _GEMM_STAGES: dict[str, tuple[int, int | None]] = {
 }
 
 
+# The TF32 dW GEMM spills 432-640 B per thread with Triton 3.3.1 and 3.4.0 on sm_80/86/89/120; 3.6.0 and 3.9.0
+# compile it within MAX_SPILL_BYTES (the offline compile lane, run with each).
+TF32_MIN_TRITON = (3, 6)
+
+
+def _triton_version_str() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = _triton_version_str().split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 class NoConfig(ValueError):
     """No checked launch configuration for this target and dtype; the message says why."""
 
@@ -125,6 +142,11 @@ def linear_config(target: Target, dtype: torch.dtype, *, allow_tf32: bool) -> tu
         )
     if tf32_stages is None:
         raise NoConfig(f"the fused lm_head kernels have no TF32 configuration on {target.name}")
+    if _triton_version() < TF32_MIN_TRITON:
+        raise NoConfig(
+            f"the fused lm_head's TF32 configuration needs triton >= {'.'.join(map(str, TF32_MIN_TRITON))} (older "
+            f"versions spill 432-640 B per thread in its dW GEMM), this is {_triton_version_str()}"
+        )
     return dict(LINEAR_TF32), {**LINEAR_TF32, "block_h": 64, "gemm_num_warps": 8, "gemm_num_stages": tf32_stages}
 
 

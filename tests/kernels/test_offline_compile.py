@@ -43,6 +43,8 @@ def results():
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_every_launch_compiles_within_the_targets_limits(results, target):
     mine = [r for r in results if r.target == target]
+    if mine and all(r.skipped for r in mine):
+        pytest.skip(f"{target}: {mine[0].skipped}")
     kernels = {r.kernel for r in mine}
     expected = LOGITS | TB | (LINEAR if target in LINEAR_TENSOR_CORE_TARGETS else set())
     assert kernels == expected, f"{target}: compiled {sorted(kernels)}, expected {sorted(expected)}"

@@ -683,9 +683,11 @@ def _round_to_nearest(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor
     """``(x rounded to nearest-even in dtype, True where x is within a hair of a rounding midpoint)``: torch's
     fp32 -> bf16/fp16 conversion rounds to nearest-even, as the GPU's stores do."""
     near = x.to(dtype)
-    up, down = torch.nextafter(near, near + 1).float(), torch.nextafter(near, near - 1).float()
-    mid = torch.minimum((x - (near.float() + up) / 2).abs(), (x - (near.float() + down) / 2).abs())
-    return near, mid <= 4 * U * x.abs()
+    _, exponent = torch.frexp(x)  # |x| in [2^(e-1), 2^e)
+    bits, smallest = {torch.bfloat16: (8, 2.0**-133), torch.float16: (11, 2.0**-24)}[dtype]
+    ulp = torch.clamp(torch.ldexp(torch.ones_like(x), exponent - bits), min=smallest)
+    tie = ((x - near.float()).abs() - ulp / 2).abs() <= 4 * U * x.abs()
+    return near, tie
 
 
 @pytest.mark.gpu

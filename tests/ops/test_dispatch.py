@@ -172,3 +172,13 @@ def test_the_launchers_refuse_what_the_dispatcher_refuses():
         linear_logprob_forward(h, w, None, y)
     with configs.compiling_for(configs.TARGETS["sm_75"]), pytest.raises(configs.NoConfig, match="sm_75"):
         linear_logprob_forward(h.half(), w.half(), None, y)
+
+
+def test_tf32_on_the_fused_lm_head_needs_triton_3_6(monkeypatch, linear_verified):
+    """Older Triton spills 432-640 B per thread in the TF32 dW GEMM (offline lane with 3.3.1 and 3.4.0)."""
+    gpu(monkeypatch, "sm_89")
+    torch.backends.cuda.matmul.allow_tf32 = True  # (the fixture restores it)
+    monkeypatch.setattr(configs, "_triton_version", lambda: (3, 4))
+    got, caught = choose("linear", "auto", cuda(4, 8, dtype=torch.float32), "hidden")
+    assert got == "chunked" and "triton >= 3.6" in str(caught[0].message)
+    assert choose("linear", "auto", cuda(4, 8, dtype=torch.bfloat16), "hidden") == ("triton", [])
