@@ -9,9 +9,10 @@ For hidden states ``h [N, H]``, head ``W [V, H]``, optional bias ``b [V]``, labe
     logp_n   = z_n[y_n] - lse_n                                      [N] fp32
     H_n      = -sum_v p_nv log p_nv = lse_n - sum_v p_nv z_nv,  p_n = softmax(z_n)   [N] fp32 (optional)
 
-Work: ``2 N_kept H V`` FLOPs on tensor cores (``tl.dot`` on fp16/bf16 tiles, fp32 accumulation; fp32 inputs
-use ``input_precision="ieee"``, never TF32 unless asked). Bytes: the hidden rows and ``W`` are streamed through
-L2 like any GEMM's operands (``W`` once per row tile, ``N / BLOCK_N`` times from L2); HBM writes are O(N).
+Work: ``2 N_kept H V`` FLOPs on tensor cores (``tl.dot`` on fp16/bf16 tiles, fp32 accumulation; fp32 inputs as
+TF32, which a GPU target's configuration requires and only where the user allowed TF32, `configs`; IEEE fp32
+under the interpreter or with an explicit ``allow_tf32=False`` tuning). Bytes: the hidden rows and ``W`` are
+streamed through L2 like any GEMM's operands (``W`` once per row tile group); HBM writes are O(N).
 Nothing of size ``[N, V]`` exists, not even per tile outside registers.
 
 Schedule. ``partial`` kernel, grid ``(cdiv(N, BLOCK_N), cdiv(V, SPLIT_V))``: program ``(i, s)`` owns row tile

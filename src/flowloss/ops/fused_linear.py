@@ -35,6 +35,7 @@ from flowloss._validation import (
 )
 from flowloss.ops.chunked import default_fused_chunk_rows
 from flowloss.ops.dispatch import LINEAR_IMPLS, resolve_impl
+from flowloss.ops.library import linear_logprobs_op
 from flowloss.ops.token_logprobs import resolve_labels
 from flowloss.strict import is_strict
 
@@ -129,8 +130,6 @@ def token_logprobs_from_hidden(
         labels, bool_mask, ignore_index=ignore_index, vocab=lm_head_weight.shape[0], strict=strict
     )
     rows = chunk_size if chunk_size is not None else default_fused_chunk_rows(lm_head_weight.shape[0], hidden.device)
-    from flowloss.ops.library import linear_logprobs_op
-
     logp, entropy, _ = linear_logprobs_op(
         hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, bias, effective, temperature, return_entropy, chosen,
         rows,

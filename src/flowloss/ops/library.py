@@ -38,8 +38,6 @@ from torch import Tensor
 from flowloss.ops import chunked
 from flowloss.ops._block_math import compute_dtype_for
 
-_OUT_DTYPE_DOC = "fp32 (fp64 for fp64 inputs on the chunked path)"
-
 
 def triton_module(kind: str = "logits") -> ModuleType:
     """The module holding the Triton implementation of ``kind`` (imported on first use: it imports triton)."""

@@ -39,6 +39,7 @@ from flowloss._validation import (
 from flowloss.ops._rows import flat_view
 from flowloss.ops.chunked import default_chunk_rows
 from flowloss.ops.dispatch import IMPLS, resolve_impl
+from flowloss.ops.library import token_logprobs_op
 from flowloss.strict import is_strict
 
 
@@ -175,8 +176,6 @@ def run_token_logprobs(
         if chosen == "triton" and x.stride(-1) != 1:
             x = x.contiguous()
         rows = chunk_size if chunk_size is not None else default_chunk_rows(vocab)
-        from flowloss.ops.library import token_logprobs_op
-
         logp, entropy, _ = token_logprobs_op(
             x, effective, temperature, return_entropy, chosen, rows, vocab, block_v, inplace_backward
         )
