@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -160,7 +160,6 @@ class Device:
     """What the configuration choice needs to know of a device: its target (None when there is none) and why not."""
 
     target: Target | None
-    smem_per_block: int | None  # as the device reports it (None if this torch does not say)
     description: str  # "NVIDIA L4 (sm_89)"
     reason: str | None  # why there is no target
 
@@ -190,7 +189,7 @@ def _device_info(index: int) -> Device:
             f"{target.smem_per_block // KIB} KiB its configurations were checked against"
         )
         target = None
-    return Device(target, smem, desc, reason)
+    return Device(target, desc, reason)
 
 
 def device_info(device: torch.device) -> Device:
@@ -232,13 +231,17 @@ def launch_target(tensor: torch.Tensor) -> Target | None:
     return None
 
 
-def production_tuning(tensor: torch.Tensor, choose: Callable[[Target], dict], tuning: dict) -> dict:
-    """``choose(target)`` for the target of a launch on ``tensor``'s device (`launch_target`), ``{}`` on CPU.
-    `NoConfig` (no target, or none for this dtype) propagates, unless the caller gave a ``tuning`` of its own: then
-    the launcher's defaults and that tuning are used, and the caller answers for them."""
+def linear_tuning(hidden: torch.Tensor, tuning: dict, *, backward: bool) -> dict:
+    """The fused lm_head's configuration (forward, or ``backward``) for a launch on ``hidden``'s device: the
+    target's (`linear_config`, with ``tuning["allow_tf32"]`` or `tf32_allowed`), ``{}`` on CPU (the launcher's
+    defaults). `NoConfig` (no target, or none for this dtype) propagates, unless the caller gave a ``tuning`` of
+    its own: then the launcher's defaults and that tuning are used, and the caller answers for them."""
     try:
-        target = launch_target(tensor)
-        return {} if target is None else choose(target)
+        target = launch_target(hidden)
+        if target is None:
+            return {}
+        allow_tf32 = tuning.get("allow_tf32", tf32_allowed())
+        return linear_config(target, hidden.dtype, allow_tf32=allow_tf32)[int(backward)]
     except NoConfig:
         if tuning:
             return {}
@@ -256,7 +259,7 @@ __all__ = [
     "device_info",
     "launch_target",
     "linear_config",
-    "production_tuning",
+    "linear_tuning",
     "target_for",
     "tf32_allowed",
 ]

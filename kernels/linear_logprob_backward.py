@@ -370,20 +370,12 @@ def linear_logprob_backward(
     bias's dtype)``, None where not needed (``d_bias`` is None without a bias).
     """
     del deterministic  # every path is deterministic (see the module docstring)
-    cfg = resolve_tuning(DEFAULT_BACKWARD_TUNING, {**_production(hidden, tuning), **tuning})
+    cfg = resolve_tuning(DEFAULT_BACKWARD_TUNING, {**configs.linear_tuning(hidden, tuning, backward=True), **tuning})
     with launch.on_device(hidden):
         return _backward(
             hidden, weight, bias, labels, lse, grad_logprobs, entropy, grad_entropy, temperature, ignore_index, order,
             need_hidden, need_weight, need_bias and bias is not None, filter_eps, cfg,
         )  # fmt: skip
-
-
-def _production(hidden: torch.Tensor, tuning: dict) -> dict:
-    """The backward configuration of ``hidden``'s GPU target (`configs.linear_config`); ``{}`` on CPU."""
-    allow_tf32 = tuning.get("allow_tf32", configs.tf32_allowed())
-    return configs.production_tuning(
-        hidden, lambda target: configs.linear_config(target, hidden.dtype, allow_tf32=allow_tf32)[1], tuning
-    )
 
 
 def _backward(

@@ -313,17 +313,9 @@ def linear_logprob_forward(
     base-2 log-sum-exp (``lse2 * ln 2 = logsumexp(z)``), what `linear_logprob_backward` takes. Skipped rows
     hold 0 in all three.
     """
-    cfg = resolve_tuning(DEFAULT_FORWARD_TUNING, {**_production(hidden, tuning), **tuning})
+    cfg = resolve_tuning(DEFAULT_FORWARD_TUNING, {**configs.linear_tuning(hidden, tuning, backward=False), **tuning})
     with launch.on_device(hidden):
         return _forward(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, order, cfg)
-
-
-def _production(hidden: torch.Tensor, tuning: dict) -> dict:
-    """The forward configuration of ``hidden``'s GPU target (`configs.linear_config`); ``{}`` on CPU."""
-    allow_tf32 = tuning.get("allow_tf32", configs.tf32_allowed())
-    return configs.production_tuning(
-        hidden, lambda target: configs.linear_config(target, hidden.dtype, allow_tf32=allow_tf32)[0], tuning
-    )
 
 
 def _forward(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, order, cfg):
