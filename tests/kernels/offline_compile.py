@@ -66,16 +66,8 @@ class FakeDriver:
     def get_current_device(self) -> int:
         return self.device
 
-    def set_current_device(self, device: int) -> None:
-        self.device = device
-
     def get_current_stream(self, device=None) -> int:
         return 0
-
-    def get_active_torch_device(self):
-        import torch
-
-        return torch.device(META)
 
 
 @dataclass
