@@ -7,7 +7,7 @@ CONSTRAINTS ?= .ci/constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 export HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: setup bench bench-wheels bench-gpu-sweep bench-gpu-step test lint test-core test-kernels test-adapters test-gpu docs screenshots clean
+.PHONY: setup bench bench-wheels bench-gpu-sweep bench-gpu-step test lint test-core test-kernels test-offline-compile test-adapters test-gpu docs screenshots clean
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,8 +51,15 @@ test-core: setup
 test-kernels: setup
 	TRITON_INTERPRET=1 $(BIN)/pytest -q -m triton_interpreter --ignore=tests/adapters
 
+# No GPU needed: every production launch compiled for sm_75/80/86/89/90/100/120 and gfx942 with Triton's bundled
+# toolchain (shared memory per block, spills, code checks); two worker processes, a fresh Triton cache.
+test-offline-compile: setup
+	FLOWLOSS_OFFLINE_COMPILE=1 $(BIN)/pytest -q -p no:cacheprovider tests/kernels/test_offline_compile.py
+
 # On a CUDA machine: the kernel, op and loss tests on the GPU (the interpreter-marked tests run on CUDA there),
-# plus the GPU-only lane (realistic shapes, no host sync, CUDA-graph capture). Fails when no GPU is visible.
+# plus the GPU-only lane (realistic shapes, the fused lm_head with its production configurations, fp16, no bias, a
+# frozen weight and V*H > 2^31, the fused loss's bf16/fp16 gradient rounding, a second device, compute-sanitizer
+# where installed, no host sync, CUDA-graph capture). Fails when no GPU is visible.
 # GPU_PYTHON: a Python whose torch is a CUDA build (e.g. `make setup CONSTRAINTS=` then .venv/bin/python).
 GPU_PYTHON ?= python3
 test-gpu:
@@ -79,7 +86,7 @@ docs: setup
 screenshots: docs
 	$(BIN)/python docs/screenshots.py
 
-test: lint test-core test-kernels test-adapters
+test: lint test-core test-kernels test-offline-compile test-adapters
 
 clean:
 	rm -rf $(VENV) build dist site site-screenshots .pytest_cache .hypothesis

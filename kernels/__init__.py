@@ -1,36 +1,26 @@
-"""Triton kernels (no autograd, no loss logic). Importable as ``flowloss.kernels``.
+"""Triton kernels (no autograd, no loss logic). Importable as ``flowloss.kernels``; importing it needs triton.
 
 - ``logprob_forward``: per-row log-prob of the chosen token, log-sum-exp and entropy in one pass.
 - ``logprob_backward``: ``dlogits`` recomputed from the saved log-sum-exp (optionally in place).
 - ``linear_logprob_forward``: the same from hidden states and the ``lm_head`` weight, logits never stored.
-- ``linear_logprob_backward``: ``d_hidden``, ``d_weight``, ``d_bias`` of it, deterministic, bounded scratch.
+- ``linear_logprob_backward``: ``d_hidden``, ``d_weight``, ``d_bias`` of it, deterministic, bounded scratch
+  (its chunk plan: ``linear_logprob_plan``).
 - ``tb_forward`` / ``tb_backward``: the trajectory-balance loss's per-sequence part, one launch each way.
+- ``configs``: the launch configuration of each family per GPU target, and the device's target.
 
-Importing this package never needs triton; the launchers below are ``None`` when triton is missing
-(``HAS_TRITON`` tells which), and importing a kernel module directly raises ``ImportError`` then.
+Every launcher runs its kernels under the device of its tensors (``launch.on_device``). Whether triton can be
+used at all is decided in one place, ``flowloss.ops.dispatch.triton_available``, before anything here is imported.
 """
 
 from __future__ import annotations
 
-try:
-    from .linear_logprob_backward import linear_logprob_backward
-    from .linear_logprob_forward import linear_logprob_forward
-    from .logprob_backward import logprob_backward
-    from .logprob_forward import logprob_forward
-    from .tb_loss import tb_backward, tb_forward
-
-    HAS_TRITON = True
-except ImportError:  # triton not installed (e.g. macOS/Windows CPU builds)
-    logprob_forward = None
-    logprob_backward = None
-    linear_logprob_forward = None
-    linear_logprob_backward = None
-    tb_forward = None
-    tb_backward = None
-    HAS_TRITON = False
+from .linear_logprob_backward import linear_logprob_backward
+from .linear_logprob_forward import linear_logprob_forward
+from .logprob_backward import logprob_backward
+from .logprob_forward import logprob_forward
+from .tb_loss import tb_backward, tb_forward
 
 __all__ = [
-    "HAS_TRITON",
     "linear_logprob_backward",
     "linear_logprob_forward",
     "logprob_backward",

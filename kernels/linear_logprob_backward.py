@@ -8,107 +8,57 @@ With ``z = (h W^T + b) / T`` recomputed tile by tile, ``p = softmax(z)`` from th
 
 Skipped rows (``label < 0`` or ``== ignore_index``) have ``dz = 0`` and ``dH = 0`` and are never read.
 
-Why a recompute, and where the sums live. A per-token log-prob gets an arbitrary upstream ``g`` per row, so (unlike
-a mean cross-entropy) the gradient cannot be finished in the forward: the backward recomputes the logits. With
-``F = N_kept H V`` (1.0e13 at N = 16,384, H = 4096, V = 151,936): forward ``2F``, backward ``2F`` (recompute)
-+ ``2F`` (``dH``) + ``2F`` (``dW``) = ``8F`` in all, 103 ms at the ~790 TFLOP/s of dense bf16 on an H200. ``dH[n]``
-sums over all of ``V`` and ``dW[v]`` over all of ``N``, and an ``H = 4096`` wide fp32 row block does not fit on
-chip (128 x 4096 x 4 B = 2 MiB), so someone must hold partial sums:
+Kernels. ``_linear_logprob_dz_kernel`` recomputes ``[block_n, block_v]`` logit tiles (the forward's tiling, in
+grouped order: ``group_n`` row tiles share the hidden rows while they run), forms ``dz`` into a bounded chunk
+buffer, one int8 flag per tile (live or not) and, when ``db`` is wanted, the tile's fp32 column sums. The GEMM
+kernels (``_linear_logprob_dweight_kernel``, ``_linear_logprob_dhidden_kernel``) contract the chunk; one program
+owns each output tile, sums in fp32 in a fixed order and writes once (no atomics: deterministic). They loop over the
+live tiles only: with ``order`` (kept rows first) and no filter these are a prefix, counted on the device from the
+kept-row count; otherwise ``_live_tiles_kernel`` lists them (a prefix sum). How the chunks are sized (two passes
+or one): ``linear_logprob_plan.py``. The design, the FLOP and byte counts, and the gradient filter's error bound:
+``docs/kernels.md`` ("Fused linear: the backward").
 
-====================================  =====  =====================================  ==========================
-design                                FLOPs  extra memory (bytes)                   deterministic / precision
-====================================  =====  =====================================  ==========================
-fused tiles, fp32 atomics (CCE-like)  8F     ``4 (N + V) H``: 2.7 GiB, 2.1x dW + dH  no / fp32
-fused tiles, locked adds into bf16    8F     ~0                                     no / rounds every partial
-dz chunks, one pass, fp32 dH buffer   8F     ``4 N H`` + chunk: 256 MiB (0.19x)      yes / fp32, one rounding
-dz chunks, two passes (default)       10F    chunk only: ``(dW + dH) / 24``         yes / fp32, one rounding
-====================================  =====  =====================================  ==========================
-
-Chosen: materialized ``dz`` chunks and owned GEMMs. A chunk of ``dz`` is recomputed into a bounded buffer (the
-input dtype, like the naive path's ``dz``), then GEMM kernels contract it where one program owns each output tile,
-sums in fp32 registers in a fixed order and writes once. ``dW`` of a vocabulary chunk is owned when the chunk spans
-all rows, ``dH`` of a row chunk when it spans all columns, and one small chunk cannot span both, so:
-
-- pass W: vocabulary chunks of ``w_cols`` columns x all rows -> ``dW`` and ``db`` of the chunk, finished (rows are
-  split into sub-chunks, summed in an fp32 ``[w_cols, H]`` buffer, only when N is huge);
-- pass H: row chunks of ``h_rows`` rows x all columns, in sub-chunks of ``h_cols`` summed in an fp32 ``[h_rows, H]``
-  buffer -> ``dH`` of the chunk, finished. It recomputes only the tiles pass W found live.
-
-``10F`` (129 ms at 790 TFLOP/s; the goal of 100 ms is below even the ``8F`` floor without filtering), deterministic,
-scratch within a budget (``max_scratch_bytes``, default 1/24 of the requested gradients' bytes, at least 4 MiB:
-55 MiB, 4.2 %, at the shape above). When the budget holds an fp32 ``[N, H]`` buffer (at N = 4096, V = 262,144 by
-default; anywhere with a larger ``max_scratch_bytes``) pass W also sums ``dH`` chunk by chunk and pass H is dropped:
-``8F``, one recompute, same results bitwise. No atomics anywhere: ``deterministic`` changes nothing (accepted for
-PyTorch's convention; a non-deterministic variant would need the atomic designs above, which lose on memory or
-precision, and is not offered).
-
-Bytes (HBM), default plan at the shape above: pass W writes and reads ``dz`` once (2 N V bytes = 5 GB each way)
-and streams ``h`` (128 MiB) twice per vocabulary chunk (92 chunks: 24 GB); pass H the same ``dz`` traffic and ``W``
-(1.2 GB) twice per row chunk (16 chunks: 40 GB). About 80 GB, ~17 ms at 4.8 TB/s, overlapping ~130 ms of tensor-core
-work; larger chunks (``max_scratch_bytes``, ``h_rows``) trade memory for less traffic.
-
-Kernels. ``_linear_logprob_dz_kernel`` recomputes a ``[block_n, block_v]`` logit tile (the forward's tiling),
-forms ``dz``, writes it (live tiles only), one int8 flag per tile (live or not) and, when ``db`` is wanted, the
-tile's fp32 column sums (reduced in a fixed order). ``_live_tiles_kernel`` compacts the flags of a chunk into, per
-GEMM output tile, the increasing list of live tiles it sums over (a prefix sum, no atomics), so the GEMMs
-(``_linear_logprob_dweight_kernel``, ``_linear_logprob_dhidden_kernel``) loop over that list: tiles of skipped rows
-(and filtered tiles) cost no FLOPs with or without ``order``, and the loop keeps Triton's software pipelining (a
-branch around the loads in the loop would serialise them: the compile test checks for asynchronous copies). A GEMM
-that continues a partial sum starts from the stored fp32 value, so chunking never changes the summation order: a
-row's ``dH`` is bitwise independent of the batch and of the plan (tested); ``dW`` and ``db`` sum over the batch.
-
-Gradient filtering (``filter_eps``; ``None``, the default, is exact). Write ``dz = g onehot - q``. A tile is
-skipped by the GEMMs (and pass H's recompute) when it holds no label of its rows and, for every row in it,
-``sum_{v in tile} |q_nv| <= filter_eps (|g_n| + |g_Hn|) / T / cdiv(V, block_v)``. So each row loses at most
-``filter_eps (|g_n| + |g_Hn|) / T`` of ``dz`` in L1 over the whole vocabulary: ``|error of dH_nk| <= filter_eps
-(|g_n| + |g_Hn|) / T max_v |W_vk|``, and ``dW_vk`` loses at most ``filter_eps / cdiv(V, block_v) sum_n (|g_n| +
-|g_Hn|) |h_nk| / T``: sound bounds whatever the distribution. For comparison, rounding ``dz`` to bf16 (the naive
-path) moves a ``dH`` element by up to ``2^-8 sum_v |dz_nv| |W_vk|`` with ``sum_v |dz_nv| >= 2 |g_n| (1 - p_ny) / T``,
-so ``filter_eps = 2^-10`` stays within a quarter of bf16 rounding unless the label already holds nearly all the
-mass. Cut Cross-Entropy's rule (skip when every ``|p - onehot| < eps``) has no such bound: a distribution spread over
-more than ``1 / eps`` tokens loses most of its mass, and every tail row of ``dW`` becomes 0. Caveats: the recompute
-of pass W is never skipped (``2F``), so filtering saves at most the GEMMs and pass H's recompute (``10F -> 4F`` in
-the limit); on random inputs with logits of standard deviation 2-3 (the flowloss bench) every tile holds mass far
-above any sound threshold and nothing is skipped; it pays off on trained models, whose tails sit at ``p ~ 1e-8``
-and below. ``db`` is always exact (pass W computes every tile). A row's ``dH`` can then depend on its tile-mates
-(a tile is live if any row needs it).
+Gradient filtering (``filter_eps``; ``None``, the default, is exact): a tile is skipped by the GEMMs when it holds
+no label of its rows and, for every row in it, ``sum_{v in tile} |q_nv| <= filter_eps (|g_n| + |g_Hn|) / T /
+cdiv(V, block_v)`` with ``dz = g onehot - q``: each row loses at most ``filter_eps (|g_n| + |g_Hn|) / T`` of ``dz``
+in L1. ``db`` stays exact.
 
 Layout and limits: ``hidden [N, H]`` with any row stride (``stride(1) == 1``), ``W [V, H]`` with ``stride(1) == 1``;
-int64 offsets; grids put the long axis first; fp32 inputs use ``input_precision="ieee"`` (FMA units, not tensor
-cores: slow, for exactness) unless ``allow_tf32``. No host synchronisation: the launcher issues the same kernels
-whatever the labels hold (the kept-row count is only ever read on device), so it can be captured in a CUDA graph.
+int64 offsets; fp32 inputs need TF32 (``allow_tf32``) on a GPU (`configs`). No host synchronisation: the launcher
+issues the same kernels whatever the labels hold, so it can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from . import configs, launch
 from .linear_logprob_forward import (
     LN2_C,
     LOG2E,
     dot_precision,
+    grouped_tile,
     interpreting,
     logit_tile,
     resolve_tuning,
     row_tile,
 )
+from .linear_logprob_plan import default_scratch_bytes, plan_backward
 
-# Tiling (first guesses; to be tuned on the GPU). The recompute tile is the forward's (128 x 128, K steps of
-# 64). The GEMMs reuse its tiling on the summed axis (so a tile flag covers one GEMM step) and take 128 columns
-# of H per program: (w_cols / 128) x 32 programs for dW (416 at the 1664-column chunk the default budget gives at
-# N = 16,384, V = 151,936, H = 4096), 256 for a 1024-row dH chunk. h_rows = 1024 streams W (1.2 GB at V = 151,936)
-# twice per pass-H chunk (16 chunks at N = 16,384: 40 GB, ~8 ms at 4.8 TB/s, overlapping compute) and costs
-# 1024 x 4096 x 4 B = 16 MiB of fp32 dH accumulator. Measured for sm_90 (ptxas -v): no spills; 218 registers for
-# the recompute kernel with entropy and filter, 118-132 for the GEMMs.
+# Tiling (first guesses; to be tuned on the GPU; per target: configs.py). The recompute tile is the forward's
+# (128 x 128, K steps of 64), in groups of 8 row tiles. The GEMMs reuse its tiling on the summed axis (so a tile flag
+# covers one GEMM step) and take 128 columns of H per program: (w_cols / 128) x 32 programs for dW (512 at the
+# 2048-column chunk the default budget gives at N = 16,384, V = 151,936, H = 4096). h_rows = 1024: the rows per
+# pass-H chunk (two-pass plan) and per conversion block of the single pass's fp32 dH buffer. Register, shared memory
+# and spill figures per target: tests/kernels/test_offline_compile.py.
 DEFAULT_BACKWARD_TUNING = {
     "block_n": 128,
     "block_v": 128,
     "block_k": 64,
     "block_h": 128,
+    "group_n": 8,
     "num_warps": 8,
     "num_stages": 3,
     "gemm_num_warps": 8,
@@ -122,13 +72,11 @@ DEFAULT_BACKWARD_TUNING = {
     "compact_block": 1024,
     "allow_tf32": False,
 }
-# Default scratch budget: 1/24 of the requested gradients' bytes (4.2 %: the goal is a peak of at most 1.05x the
-# outputs, and the forward's O(N) buffers and the tile flags take a little more), at least 4 MiB.
-SCRATCH_FRACTION = 24
-MIN_SCRATCH_BYTES = 4 * 2**20
 
 
-@triton.jit
+# Chunk positions and sizes vary from launch to launch: not specialized on their values (which would compile one
+# variant per chunk offset class), so one backward compiles each kernel once.
+@triton.jit(do_not_specialize=["row_tile0", "col0", "n_tiles", "n_col_tiles"])
 def _linear_logprob_dz_kernel(
     hidden_ptr,  # [N, H]
     weight_ptr,  # [V, H]
@@ -144,6 +92,8 @@ def _linear_logprob_dz_kernel(
     colsum_ptr,  # [tiles_n, tiles_v * BLOCK_V] fp32 column sums of dz (unused unless WRITE_COLSUM)
     row_tile0,  # first row tile (global index) of this launch
     col0,  # first column of this launch (a multiple of BLOCK_V)
+    n_tiles,  # row tiles of this launch
+    n_col_tiles,  # column tiles of this launch
     n_rows,
     vocab_size,
     hidden_size,
@@ -168,10 +118,11 @@ def _linear_logprob_dz_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
-    """One ``[BLOCK_N, BLOCK_V]`` tile of ``dz``: recompute the logits, write ``dz``, its flag, its column sums."""
-    i = tl.program_id(0)
-    j = tl.program_id(1)
+    """One ``[BLOCK_N, BLOCK_V]`` tile of ``dz``: recompute the logits, write ``dz``, its flag, its column sums.
+    A 1-D grid over ``n_tiles x n_col_tiles`` tiles in grouped order (`grouped_tile`)."""
+    i, j = grouped_tile(tl.program_id(0), n_tiles, n_col_tiles, GROUP_N)
     tile = row_tile0 + i
     vtile = col0 // BLOCK_V + j
     rows, labels, kept = row_tile(labels_ptr, order_ptr, tile, n_rows, ignore_index, HAS_ORDER, BLOCK_N)
@@ -257,15 +208,16 @@ def _live_tiles_kernel(
     tl.store(count_ptr + m, count)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pos0", "n_tiles", "n_cols"])
 def _linear_logprob_dweight_kernel(
     dz_ptr,  # [rows of the chunk (padded), cols of the chunk (padded)], row stride stride_dz
     hidden_ptr,  # [N, H]
     row_index_ptr,  # [N] int64: hidden row of each position, -1 for a skipped row
     index_ptr,  # [vocabulary tiles of the chunk, row tiles of the chunk] int32: live row tiles per column tile
-    count_ptr,  # [vocabulary tiles of the chunk] int32
+    count_ptr,  # [vocabulary tiles of the chunk] int32 (PREFIX: [1] int32, the kept-row count of the batch)
     out_ptr,  # [cols of the chunk, H], row stride stride_out: fp32 accumulator or dW's slice (its dtype)
     pos0,  # first position of the chunk
+    n_tiles,  # row tiles of the chunk
     n_cols,  # valid columns of the chunk (rows of out)
     n_rows,
     hidden_size,
@@ -274,6 +226,7 @@ def _linear_logprob_dweight_kernel(
     stride_index,
     stride_out,
     ACCUMULATE: tl.constexpr,
+    PREFIX: tl.constexpr,  # the live row tiles are the first cdiv(kept - pos0, BLOCK_N) (kept rows first, no filter)
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -294,9 +247,14 @@ def _linear_logprob_dweight_kernel(
     acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
     if ACCUMULATE:
         acc = tl.load(out_ptrs, mask=mask, other=0.0)
-    n_live = tl.load(count_ptr + i)
+    if PREFIX:
+        n_live = tl.minimum(tl.maximum(tl.cdiv(tl.load(count_ptr) - pos0, BLOCK_N), 0), n_tiles)
+    else:
+        n_live = tl.load(count_ptr + i)
     for it in range(0, n_live):
-        r = tl.load(index_ptr + i.to(tl.int64) * stride_index + it)
+        r = it
+        if not PREFIX:
+            r = tl.load(index_ptr + i.to(tl.int64) * stride_index + it)
         local = r.to(tl.int64) * BLOCK_N + offs_n
         pos = pos0 + local
         rows = tl.load(row_index_ptr + pos, mask=pos < n_rows, other=-1)
@@ -313,16 +271,17 @@ def _linear_logprob_dweight_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pos0", "col0", "n_col_tiles", "n_out_rows"])
 def _linear_logprob_dhidden_kernel(
     dz_ptr,  # [rows of the chunk (padded), cols of the sub-chunk (padded)], row stride stride_dz
     weight_ptr,  # [V, H]
     row_index_ptr,  # [N] int64: hidden row of each position, -1 for a skipped row
     index_ptr,  # [row tiles of the chunk, vocabulary tiles of the sub-chunk] int32: live column tiles per row tile
-    count_ptr,  # [row tiles of the chunk] int32
+    count_ptr,  # [row tiles of the chunk] int32 (PREFIX: [1] int32, the kept-row count of the batch)
     out_ptr,  # [rows of the chunk, H] by position, row stride stride_out: fp32 accumulator or dH's dtype
     pos0,  # first position of the chunk
     col0,  # first column of the sub-chunk
+    n_col_tiles,  # column tiles of the sub-chunk
     n_out_rows,  # valid rows of out
     n_rows,
     vocab_size,
@@ -332,6 +291,7 @@ def _linear_logprob_dhidden_kernel(
     stride_index,
     stride_out,
     ACCUMULATE: tl.constexpr,
+    PREFIX: tl.constexpr,  # a row tile with a kept row has every column tile live (kept rows first, no filter)
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -350,9 +310,14 @@ def _linear_logprob_dhidden_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     if ACCUMULATE:  # continue from the partial sum: the order is that of one pass over all column tiles
         acc = tl.load(out_ptrs, mask=mask, other=0.0)
-    n_live = tl.load(count_ptr + i)
+    if PREFIX:  # noqa: SIM108 (a constexpr branch)
+        n_live = tl.where(pos0 + i * BLOCK_N < tl.load(count_ptr), n_col_tiles, 0)
+    else:
+        n_live = tl.load(count_ptr + i)
     for it in range(0, n_live):
-        c = tl.load(index_ptr + i.to(tl.int64) * stride_index + it)
+        c = it
+        if not PREFIX:
+            c = tl.load(index_ptr + i.to(tl.int64) * stride_index + it)
         cols = c * BLOCK_V + offs_v
         vs = col0 + cols
         a = tl.load(dz_ptr + local[:, None] * stride_dz + cols[None, :])  # [BLOCK_N, BLOCK_V]
@@ -369,126 +334,6 @@ def _linear_logprob_dhidden_kernel(
     kept = tl.load(row_index_ptr + pos, mask=pos < n_rows, other=-1) >= 0
     acc = tl.where(kept[:, None], acc, 0.0)  # exactly 0 for skipped rows, even against a NaN in W
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _round_down(x: float, m: int) -> int:
-    return max(0, int(x) // m * m)
-
-
-@dataclass(frozen=True)
-class BackwardPlan:
-    """How the backward walks the ``[N, V]`` gradient (all sizes multiples of the tiles, by padded extent).
-
-    Pass W (when ``dW`` is needed, or ``db`` alone): vocabulary chunks of ``w_cols`` columns, each in row
-    sub-chunks of ``w_rows`` rows; ``w_rows >= n_pad`` means one sub-chunk and no fp32 ``dW`` buffer. Pass H
-    (when ``dH`` is needed and not ``single_pass``): row chunks of ``h_rows`` rows, each in column sub-chunks of
-    ``h_cols``; ``h_cols >= v_pad`` means one sub-chunk and no fp32 ``dH`` buffer. ``single_pass``: ``dH`` is
-    summed into an fp32 ``[N, H]`` buffer during pass W (one recompute). ``scratch_bytes``: the largest pass's
-    buffers.
-    """
-
-    n_pad: int
-    v_pad: int
-    pass_w: bool
-    pass_h: bool
-    single_pass: bool
-    w_cols: int
-    w_rows: int
-    h_rows: int
-    h_cols: int
-    scratch_bytes: int
-
-
-def default_scratch_bytes(n_rows, vocab, hidden_size, itemsize, need_hidden, need_weight, need_bias) -> int:
-    """``max(4 MiB, (bytes of the requested gradients) / 24)``."""
-    outputs = itemsize * hidden_size * (vocab * need_weight + n_rows * need_hidden) + 4 * vocab * need_bias
-    return max(MIN_SCRATCH_BYTES, outputs // SCRATCH_FRACTION)
-
-
-def plan_backward(
-    n_rows: int,
-    vocab: int,
-    hidden_size: int,
-    itemsize: int,
-    *,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-    has_order: bool,
-    budget: int,
-    block_n: int,
-    block_v: int,
-    h_rows: int,
-    min_chunk_tiles: int,
-    min_split_row_tiles: int = 16,
-) -> BackwardPlan:
-    """Chunk sizes that keep the backward's scratch within ``budget`` bytes (pure arithmetic on shapes)."""
-    n_pad, v_pad = _round_up(n_rows, block_n), _round_up(vocab, block_v)
-    pass_w = need_weight or (need_bias and not need_hidden)
-    bias_in_w = need_bias and pass_w
-    fp32 = 4
-
-    def w_bytes(rows: int, cols: int) -> int:  # dz chunk + column sums + fp32 dW buffer if rows are split
-        acc = fp32 * cols * hidden_size if (need_weight and rows < n_pad) else 0
-        return itemsize * rows * cols + fp32 * (rows // block_n) * cols * bias_in_w + acc
-
-    def w_cols_for(rows: int, avail: int) -> int:
-        per_col = itemsize * rows + fp32 * (rows // block_n) * bias_in_w
-        return min(v_pad, _round_down(avail / per_col, block_v))
-
-    min_cols = min(v_pad, min_chunk_tiles * block_v)
-    convert_rows = min(n_pad, _round_up(h_rows, block_n))
-    single = False
-    w_rows = w_cols = 0
-    w_scratch = 0
-    if pass_w:
-        # Single pass if an fp32 [N, H] dH buffer (+ a conversion block) fits beside a pass-W chunk.
-        if need_hidden and need_weight:
-            extra = fp32 * n_pad * hidden_size + itemsize * convert_rows * hidden_size
-            cols = w_cols_for(n_pad, budget - extra)
-            single = cols >= min_cols
-            if single:
-                w_rows, w_cols = n_pad, cols
-                w_scratch = extra + w_bytes(w_rows, w_cols)
-        if not single:
-            cols = w_cols_for(n_pad, budget)
-            if cols >= min_cols:
-                w_rows, w_cols = n_pad, cols
-            else:  # too many rows for one sub-chunk: split them, summing dW in fp32 (8 w_cols H bytes of
-                # traffic per sub-chunk against 2 w_rows w_cols H FLOPs: keep w_rows large)
-                w_cols = min_cols
-                avail = budget - fp32 * w_cols * hidden_size
-                per_row = itemsize * w_cols + fp32 * w_cols * bias_in_w / block_n
-                w_rows = min(n_pad, max(min_split_row_tiles * block_n, _round_down(avail / per_row, block_n)))
-            w_scratch = w_bytes(w_rows, w_cols)
-
-    pass_h = need_hidden and not single
-    h_rows_, h_cols = 0, 0
-    h_scratch = 0
-    if pass_h:
-        bias_in_h = need_bias and not pass_w
-        rows = min(n_pad, _round_up(h_rows, block_n))
-        while True:
-            tmp = itemsize * rows * hidden_size if has_order else 0  # dtype copy scattered through `order`
-            per_col = itemsize * rows + fp32 * (rows // block_n) * bias_in_h
-            if per_col * v_pad + tmp <= budget:  # whole vocabulary at once: dH written directly
-                h_cols, acc = v_pad, 0
-                break
-            acc = fp32 * rows * hidden_size
-            h_cols = min(v_pad, _round_down((budget - tmp - acc) / per_col, block_v))
-            if h_cols >= min(v_pad, min_chunk_tiles * block_v) or rows == block_n:
-                h_cols = max(block_v, h_cols)
-                break
-            rows = max(block_n, _round_down(rows // 2, block_n))
-        h_rows_ = rows
-        h_scratch = per_col * h_cols + tmp + acc
-    return BackwardPlan(
-        n_pad, v_pad, pass_w, pass_h, single, w_cols, w_rows, h_rows_, h_cols, max(w_scratch, h_scratch)
-    )
 
 
 def linear_logprob_backward(
@@ -525,8 +370,18 @@ def linear_logprob_backward(
     bias's dtype)``, None where not needed (``d_bias`` is None without a bias).
     """
     del deterministic  # every path is deterministic (see the module docstring)
-    cfg = resolve_tuning(DEFAULT_BACKWARD_TUNING, tuning)
-    need_bias = need_bias and bias is not None
+    cfg = resolve_tuning(DEFAULT_BACKWARD_TUNING, {**configs.linear_tuning(hidden, tuning, backward=True), **tuning})
+    with launch.on_device(hidden):
+        return _backward(
+            hidden, weight, bias, labels, lse, grad_logprobs, entropy, grad_entropy, temperature, ignore_index, order,
+            need_hidden, need_weight, need_bias and bias is not None, filter_eps, cfg,
+        )  # fmt: skip
+
+
+def _backward(
+    hidden, weight, bias, labels, lse, grad_logprobs, entropy, grad_entropy, temperature, ignore_index, order,
+    need_hidden, need_weight, need_bias, filter_eps, cfg,
+):  # fmt: skip
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
@@ -546,8 +401,9 @@ def linear_logprob_backward(
     budget = cfg["max_scratch_bytes"]
     if budget is None:
         budget = default_scratch_bytes(
-            n_rows, vocab, hidden_size, hidden.element_size(), need_hidden, need_weight, need_bias
-        )
+            n_rows, vocab, hidden_size, hidden.element_size(), need_hidden, need_weight, need_bias, block_n=bn,
+            h_rows=cfg["h_rows"],
+        )  # fmt: skip
     plan = plan_backward(
         n_rows,
         vocab,
@@ -571,12 +427,17 @@ def linear_logprob_backward(
     # Position p of the walk reads hidden row row_index[p] (order[p], or p), -1 when that row is skipped.
     positions = order.to(torch.int64) if order is not None else torch.arange(n_rows, device=device)
     kept = (labels >= 0) & (labels != ignore_index)
-    row_index = torch.where(kept[positions], positions, torch.full_like(positions, -1))
+    row_index = torch.where(kept.index_select(0, positions), positions, torch.full_like(positions, -1))
     dot_prec = dot_precision(dtype, cfg["allow_tf32"])
     upcast = interpreting()
     filtering = filter_eps is not None
+    # Kept rows first and no filter: the live tiles of every GEMM are a prefix, counted from the kept rows on the
+    # device, so no tile lists are compacted (two launches fewer per chunk).
+    prefix = order is not None and not filtering
+    kept_count = kept.sum(dtype=torch.int32).reshape(1) if prefix else None
     h_grid = triton.cdiv(hidden_size, bh)
     gemm = {
+        "PREFIX": prefix,
         "DOT_PRECISION": dot_prec,
         "UPCAST": upcast,
         "BLOCK_N": bn,
@@ -588,7 +449,8 @@ def linear_logprob_backward(
 
     def recompute(dz, colsum, tile0, n_tiles, c0, n_cols, *, read_flags):
         """dz (and flags, column sums) of row tiles [tile0, tile0 + n_tiles) x columns [c0, c0 + n_cols)."""
-        _linear_logprob_dz_kernel[(n_tiles, triton.cdiv(n_cols, bv))](
+        n_col_tiles = triton.cdiv(n_cols, bv)
+        _linear_logprob_dz_kernel[(n_tiles * n_col_tiles,)](
             hidden,
             weight,
             bias if bias is not None else weight,
@@ -603,6 +465,8 @@ def linear_logprob_backward(
             colsum if colsum is not None else lse,
             tile0,
             c0,
+            n_tiles,
+            n_col_tiles,
             n_rows,
             vocab,
             hidden_size,
@@ -627,6 +491,7 @@ def linear_logprob_backward(
             BLOCK_N=bn,
             BLOCK_V=bv,
             BLOCK_K=cfg["block_k"],
+            GROUP_N=cfg["group_n"],
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
@@ -634,7 +499,10 @@ def linear_logprob_backward(
             db[c0 : c0 + n_cols] += colsum[:n_tiles, :n_cols].sum(dim=0)
 
     def live_tiles(block_flags, index, count, *, by_column):
-        """For each GEMM output tile, the live tiles it sums over: rows of index (+ count) from flags."""
+        """For each GEMM output tile, the live tiles it sums over: rows of index (+ count) from flags; with
+        ``prefix`` nothing to compact (the GEMMs count from ``kept_count``)."""
+        if prefix:
+            return
         n_m, n_k = (block_flags.shape[1], block_flags.shape[0]) if by_column else block_flags.shape
         stride_m, stride_k = (1, block_flags.stride(0)) if by_column else (block_flags.stride(0), 1)
         _live_tiles_kernel[(n_m,)](
@@ -649,9 +517,10 @@ def linear_logprob_backward(
             hidden,
             row_index,
             index,
-            count,
+            kept_count if prefix else count,
             out,
             tile0 * bn,
+            n_tiles,
             n_cols,
             n_rows,
             hidden_size,
@@ -671,10 +540,11 @@ def linear_logprob_backward(
             weight,
             row_index,
             index,
-            count,
+            kept_count if prefix else count,
             out,
             tile0 * bn,
             c0,
+            triton.cdiv(n_cols, bv),
             n_out_rows,
             n_rows,
             vocab,
@@ -726,7 +596,7 @@ def linear_logprob_backward(
             if acc_w is not None:
                 d_weight[c0 : c0 + n_cols].copy_(acc_w[:n_cols])
         if acc_h is not None:
-            step = _round_up(cfg["h_rows"], bn)
+            step = -(-cfg["h_rows"] // bn) * bn
             for p0 in range(0, n_rows, step):
                 store_hidden(acc_h[p0 : p0 + step], p0, step)
         del dz, colsum, acc_w, acc_h

@@ -9,9 +9,10 @@ For hidden states ``h [N, H]``, head ``W [V, H]``, optional bias ``b [V]``, labe
     logp_n   = z_n[y_n] - lse_n                                      [N] fp32
     H_n      = -sum_v p_nv log p_nv = lse_n - sum_v p_nv z_nv,  p_n = softmax(z_n)   [N] fp32 (optional)
 
-Work: ``2 N_kept H V`` FLOPs on tensor cores (``tl.dot`` on fp16/bf16 tiles, fp32 accumulation; fp32 inputs
-use ``input_precision="ieee"``, never TF32 unless asked). Bytes: the hidden rows and ``W`` are streamed through
-L2 like any GEMM's operands (``W`` once per row tile, ``N / BLOCK_N`` times from L2); HBM writes are O(N).
+Work: ``2 N_kept H V`` FLOPs on tensor cores (``tl.dot`` on fp16/bf16 tiles, fp32 accumulation; fp32 inputs as
+TF32, which a GPU target's configuration requires and only where the user allowed TF32, `configs`; IEEE fp32
+under the interpreter or with an explicit ``allow_tf32=False`` tuning). Bytes: the hidden rows and ``W`` are
+streamed through L2 like any GEMM's operands (``W`` once per row tile group); HBM writes are O(N).
 Nothing of size ``[N, V]`` exists, not even per tile outside registers.
 
 Schedule. ``partial`` kernel, grid ``(cdiv(N, BLOCK_N), cdiv(V, SPLIT_V))``: program ``(i, s)`` owns row tile
@@ -53,21 +54,26 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs, launch
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 LN2_C = tl.constexpr(LN2)
 
-# Tiling (first guesses for an H100/H200 at bf16; to be tuned on the GPU). A 128 x 128 fp32 logit tile is
-# 64 KiB of registers over 8 warps (64 per thread), leaving room for the online-softmax temporaries; 64-deep K
-# steps of bf16 are 16 KiB per operand and stage. SPLIT_V = 8192 columns gives 19 splits at V = 151,936, so
-# N = 4096 still launches 608 programs (4.6 waves on 132 SMs) and each program runs 64 tiles, long enough to
-# amortize its set-up. The combine kernel is O(N S): negligible. For sm_90 (ptxas -v): no spills, 213 registers
-# without entropy, 255 (the cap: one 8-warp program per SM) with it; block_v = 64 needs 128-148.
+# Tiling (first guesses for an H100/H200 at bf16; to be tuned on the GPU; per target: configs.py). A 128 x 128 fp32
+# logit tile is 64 KiB of registers over 8 warps (64 per thread), leaving room for the online-softmax temporaries;
+# 64-deep K steps of bf16 are 16 KiB per operand and stage. SPLIT_V = 8192 columns gives 19 splits at V = 151,936,
+# so N = 4096 still launches 608 programs (4.6 waves on 132 SMs) and each program runs 64 tiles, long enough to
+# amortize its set-up. Programs run in groups of GROUP_N = 8 row tiles across the splits (`grouped_tile`): the ~132
+# programs in flight read 8 row tiles of hidden states (8 MiB at H = 4096), which stay in L2, and 16 splits of W,
+# each shared by 8 programs, instead of all N rows (128 MiB at N = 16,384, more than the 50-60 MB L2) re-read from
+# HBM for every tile of one split. The combine kernel is O(N S): negligible.
 DEFAULT_FORWARD_TUNING = {
     "block_n": 128,
     "block_v": 128,
     "block_k": 64,
     "split_v": 8192,
+    "group_n": 8,
     "num_warps": 8,
     "num_stages": 3,
     "combine_block": 256,
@@ -92,6 +98,19 @@ def resolve_tuning(defaults: dict, tuning: dict) -> dict:
     if unknown:
         raise TypeError(f"unknown tuning option(s) {sorted(unknown)}; known: {sorted(defaults)}")
     return {**defaults, **tuning}
+
+
+@triton.jit
+def grouped_tile(pid, n_tiles, n_cols, GROUP_N: tl.constexpr):
+    """Program ``pid`` of a 1-D grid over ``n_tiles x n_cols`` tiles -> ``(row tile, column)``, in groups of
+    ``GROUP_N`` row tiles: consecutive programs walk the row tiles of a group first, then the next column, so the
+    programs in flight share ``GROUP_N`` row tiles of hidden states and a few columns (splits, or vocabulary tiles)
+    of ``W``. A bijection: every tile is computed once, whatever the order (results do not depend on it)."""
+    per_group = GROUP_N * n_cols
+    first = (pid // per_group) * GROUP_N
+    size = tl.minimum(n_tiles - first, GROUP_N)
+    local = pid % per_group
+    return first + local % size, local // size
 
 
 @triton.jit
@@ -156,6 +175,7 @@ def _linear_logprob_partial_kernel(
     order_ptr,  # [N] int32/int64 permutation, kept rows first (unused unless HAS_ORDER)
     partial_ptr,  # [4, S, N] fp32 out: m, s, t, u_label per (split, row); written for kept rows only
     n_rows,
+    n_splits,  # S = cdiv(vocab_size, SPLIT_V)
     vocab_size,
     hidden_size,
     stride_hidden,
@@ -171,10 +191,10 @@ def _linear_logprob_partial_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows, labels, kept = row_tile(labels_ptr, order_ptr, tl.program_id(0), n_rows, ignore_index, HAS_ORDER, BLOCK_N)
+    tile, split = grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), n_splits, GROUP_N)
+    rows, labels, kept = row_tile(labels_ptr, order_ptr, tile, n_rows, ignore_index, HAS_ORDER, BLOCK_N)
     start = split * SPLIT_V
     # A tile without kept rows loops zero times: nothing is read, nothing is written.
     stop = tl.where(tl.max(kept.to(tl.int32), axis=0) > 0, tl.minimum(start + SPLIT_V, vocab_size), start)
@@ -206,7 +226,7 @@ def _linear_logprob_partial_kernel(
         m = m_new
 
     out = partial_ptr + split * n_rows + rows
-    plane = n_splits.to(tl.int64) * n_rows
+    plane = tl.cast(n_splits, tl.int64) * n_rows  # n_splits may be specialized to a constexpr 1
     tl.store(out, m, mask=kept)
     tl.store(out + plane, s, mask=kept)
     if WITH_ENTROPY:
@@ -231,7 +251,7 @@ def _linear_logprob_combine_kernel(
     in_range = rows < n_rows
     labels = tl.load(labels_ptr + rows, mask=in_range, other=-1).to(tl.int64)
     kept = in_range & (labels >= 0) & (labels != ignore_index)
-    plane = n_splits.to(tl.int64) * n_rows
+    plane = tl.cast(n_splits, tl.int64) * n_rows  # n_splits may be specialized to a constexpr 1
 
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK,), tl.float32)
@@ -282,15 +302,23 @@ def linear_logprob_forward(
 
     ``hidden [N, H]`` (``stride(1) == 1``, any row stride), ``weight [V, H]`` (``stride(1) == 1``) and ``bias [V]``
     or None, one float dtype (fp32/bf16/fp16); ``labels [N]`` int32/int64 (negative or ``ignore_index`` = skip);
-    ``order`` an optional ``[N]`` int32/int64 permutation of the rows with the kept rows first. ``tuning``
-    overrides `DEFAULT_FORWARD_TUNING` (``block_n``, ``block_v``, ``block_k``, ``split_v`` (a multiple of
-    ``block_v``), ``num_warps``, ``num_stages``, ``combine_block``, ``allow_tf32``).
+    ``order`` an optional ``[N]`` int32/int64 permutation of the rows with the kept rows first. On a GPU the
+    target's configuration (`configs.linear_config`; `configs.NoConfig` where there is none, e.g. fp32 without
+    TF32) replaces the defaults; ``tuning`` overrides both (`DEFAULT_FORWARD_TUNING`: ``block_n``, ``block_v``,
+    ``block_k``, ``split_v`` (a multiple of ``block_v``), ``group_n``, ``num_warps``, ``num_stages``,
+    ``combine_block``, ``allow_tf32``, default ``torch.backends.cuda.matmul.allow_tf32``). Runs on ``hidden``'s
+    device.
 
     Returns fp32 ``(logprobs [N], lse2 [N], entropy [N] or None)`` in the original row order; ``lse2`` is the
     base-2 log-sum-exp (``lse2 * ln 2 = logsumexp(z)``), what `linear_logprob_backward` takes. Skipped rows
     hold 0 in all three.
     """
-    cfg = resolve_tuning(DEFAULT_FORWARD_TUNING, tuning)
+    cfg = resolve_tuning(DEFAULT_FORWARD_TUNING, {**configs.linear_tuning(hidden, tuning, backward=False), **tuning})
+    with launch.on_device(hidden):
+        return _forward(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, order, cfg)
+
+
+def _forward(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, order, cfg):
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     device = hidden.device
@@ -304,7 +332,7 @@ def linear_logprob_forward(
         raise ValueError(f"split_v={split_v} must be a multiple of block_v={cfg['block_v']}")
     n_splits = triton.cdiv(vocab_size, split_v)
     partial = torch.empty((4, n_splits, n_rows), dtype=torch.float32, device=device)
-    _linear_logprob_partial_kernel[(triton.cdiv(n_rows, cfg["block_n"]), n_splits)](
+    _linear_logprob_partial_kernel[(triton.cdiv(n_rows, cfg["block_n"]) * n_splits,)](
         hidden,
         weight,
         bias if bias is not None else weight,
@@ -312,6 +340,7 @@ def linear_logprob_forward(
         order if order is not None else labels,
         partial,
         n_rows,
+        n_splits,
         vocab_size,
         hidden_size,
         hidden.stride(0),
@@ -327,6 +356,7 @@ def linear_logprob_forward(
         BLOCK_N=cfg["block_n"],
         BLOCK_V=cfg["block_v"],
         BLOCK_K=cfg["block_k"],
+        GROUP_N=cfg["group_n"],
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

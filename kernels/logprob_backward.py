@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .logprob_forward import DEFAULT_BLOCK_V, DEFAULT_NUM_WARPS, LN2_C, LOG2E
 
 # Same tiling as the forward (see logprob_forward.py): 8 KiB (bf16) read + 8 KiB written per block and
@@ -106,24 +107,25 @@ def logprob_backward(
     has_grad_entropy = grad_entropy is not None
     if has_grad_entropy and entropy is None:
         raise ValueError("`entropy` (the forward's output) is needed when `grad_entropy` is given")
-    _logprob_backward_kernel[(n_rows,)](
-        logits,
-        dlogits,
-        labels,
-        lse2,
-        grad_logprobs if grad_logprobs is not None else lse2,
-        entropy if has_grad_entropy else lse2,
-        grad_entropy if has_grad_entropy else lse2,
-        logits.stride(0),
-        dlogits.stride(0),
-        n_cols,
-        vocab,
-        int(ignore_index),
-        float(LOG2E / float(temperature)),
-        float(1.0 / float(temperature)),
-        HAS_GRAD_LOGPROBS=grad_logprobs is not None,
-        HAS_GRAD_ENTROPY=has_grad_entropy,
-        BLOCK_V=block_v,
-        num_warps=num_warps,
-    )
+    with launch.on_device(logits):
+        _logprob_backward_kernel[(n_rows,)](
+            logits,
+            dlogits,
+            labels,
+            lse2,
+            grad_logprobs if grad_logprobs is not None else lse2,
+            entropy if has_grad_entropy else lse2,
+            grad_entropy if has_grad_entropy else lse2,
+            logits.stride(0),
+            dlogits.stride(0),
+            n_cols,
+            vocab,
+            int(ignore_index),
+            float(LOG2E / float(temperature)),
+            float(1.0 / float(temperature)),
+            HAS_GRAD_LOGPROBS=grad_logprobs is not None,
+            HAS_GRAD_ENTROPY=has_grad_entropy,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
     return dlogits

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs, launch
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Compiled kernels may only read globals that are constexpr (the interpreter does not enforce this).
@@ -48,8 +50,9 @@ LN2_C = tl.constexpr(LN2)
 # while few registers are live per thread (~16 fp32 values for x/u/e) and occupancy stays high. The block
 # reductions (max, s, t) cost shuffles + shared memory once per 4096 columns, small next to the 8-16 KiB
 # load. One program per row keeps the grid 1-D (N up to 2^31) and each row's result independent of N.
-DEFAULT_BLOCK_V = 4096
-DEFAULT_NUM_WARPS = 8
+# The same on every target (configs.LOGITS; checked per target by tests/kernels/test_offline_compile.py).
+DEFAULT_BLOCK_V = configs.LOGITS["block_v"]
+DEFAULT_NUM_WARPS = configs.LOGITS["num_warps"]
 
 
 @triton.jit
@@ -135,18 +138,19 @@ def logprob_forward(
     entropy = torch.empty(n_rows, dtype=torch.float32, device=logits.device) if with_entropy else None
     if n_rows == 0:
         return logprobs, lse2, entropy
-    _logprob_forward_kernel[(n_rows,)](
-        logits,
-        labels,
-        logprobs,
-        lse2,
-        entropy if entropy is not None else lse2,
-        logits.stride(0),
-        vocab,
-        int(ignore_index),
-        float(LOG2E / float(temperature)),
-        WITH_ENTROPY=with_entropy,
-        BLOCK_V=block_v,
-        num_warps=num_warps,
-    )
+    with launch.on_device(logits):
+        _logprob_forward_kernel[(n_rows,)](
+            logits,
+            labels,
+            logprobs,
+            lse2,
+            entropy if entropy is not None else lse2,
+            logits.stride(0),
+            vocab,
+            int(ignore_index),
+            float(LOG2E / float(temperature)),
+            WITH_ENTROPY=with_entropy,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
     return logprobs, lse2, entropy

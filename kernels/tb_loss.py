@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
 # Importance modes and penalties as compile-time integers.
 MODE_IDS = {"none": 0, "sequence_clipped": 1, "sequence_capped": 2, "sequence": 3, "geometric_clipped": 4}
 PENALTY_IDS = {"squared": 0, "shifted_cosh": 1, "linex": 2, "huber": 3}
@@ -403,42 +405,43 @@ def tb_forward(
     ro = _token_major(rollout_logprobs) if has_rollout else lp  # type: ignore[arg-type]
     log_cap = math.log(max_weight) if mode == "sequence_capped" else SEQUENCE_LOG_WEIGHT_LIMIT
     block, warps = block_and_warps(n_tokens, block_t)
-    _tb_forward_kernel[(n_rows,)](
-        lp,
-        ref,
-        old,
-        ro,
-        m,
-        rewards,
-        log_z,
-        per_seq,
-        stats,
-        n_rows,
-        n_tokens,
-        lp.stride(0),
-        ref.stride(0),
-        old.stride(0),
-        ro.stride(0),
-        m.stride(0),
-        rewards.stride(0),
-        log_z.stride(0),
-        float(beta),
-        math.log1p(-eps_low),
-        math.log1p(eps_high),
-        log_cap,
-        math.log(tis_cap),
-        float(linex_alpha),
-        float(linex_alpha) * float(linex_alpha),
-        float(huber_delta),
-        MODE=MODE_IDS[mode],
-        PENALTY=PENALTY_IDS[penalty],
-        HAS_OLD=has_old,
-        HAS_ROLLOUT=has_rollout and has_old,
-        TOKEN_CLIP=token_clip_mask and has_old,
-        LENGTH_NORM=length_normalization,
-        BLOCK_T=block,
-        num_warps=warps,
-    )
+    with launch.on_device(logprobs):
+        _tb_forward_kernel[(n_rows,)](
+            lp,
+            ref,
+            old,
+            ro,
+            m,
+            rewards,
+            log_z,
+            per_seq,
+            stats,
+            n_rows,
+            n_tokens,
+            lp.stride(0),
+            ref.stride(0),
+            old.stride(0),
+            ro.stride(0),
+            m.stride(0),
+            rewards.stride(0),
+            log_z.stride(0),
+            float(beta),
+            math.log1p(-eps_low),
+            math.log1p(eps_high),
+            log_cap,
+            math.log(tis_cap),
+            float(linex_alpha),
+            float(linex_alpha) * float(linex_alpha),
+            float(huber_delta),
+            MODE=MODE_IDS[mode],
+            PENALTY=PENALTY_IDS[penalty],
+            HAS_OLD=has_old,
+            HAS_ROLLOUT=has_rollout and has_old,
+            TOKEN_CLIP=token_clip_mask and has_old,
+            LENGTH_NORM=length_normalization,
+            BLOCK_T=block,
+            num_warps=warps,
+        )
     return per_seq, stats
 
 
@@ -472,29 +475,30 @@ def tb_backward(
     lp = _token_major(logprobs) if clip else m
     old = _token_major(old_logprobs) if clip else m  # type: ignore[arg-type]
     block, warps = block_and_warps(n_tokens, block_t)
-    _tb_backward_kernel[(n_rows,)](
-        grad_per_seq,
-        stats,
-        lp,
-        old,
-        m,
-        rewards,
-        dlp if need_logprobs else stats,
-        dz if need_log_z else stats,
-        n_rows,
-        n_tokens,
-        grad_per_seq.stride(0),
-        lp.stride(0),
-        old.stride(0),
-        m.stride(0),
-        rewards.stride(0),
-        math.log1p(-eps_low),
-        math.log1p(eps_high),
-        TOKEN_CLIP=clip,
-        LENGTH_NORM=length_normalization,
-        WRITE_DLP=need_logprobs,
-        WRITE_DZ=need_log_z,
-        BLOCK_T=block,
-        num_warps=warps,
-    )
+    with launch.on_device(logprobs):
+        _tb_backward_kernel[(n_rows,)](
+            grad_per_seq,
+            stats,
+            lp,
+            old,
+            m,
+            rewards,
+            dlp if need_logprobs else stats,
+            dz if need_log_z else stats,
+            n_rows,
+            n_tokens,
+            grad_per_seq.stride(0),
+            lp.stride(0),
+            old.stride(0),
+            m.stride(0),
+            rewards.stride(0),
+            math.log1p(-eps_low),
+            math.log1p(eps_high),
+            TOKEN_CLIP=clip,
+            LENGTH_NORM=length_normalization,
+            WRITE_DLP=need_logprobs,
+            WRITE_DZ=need_log_z,
+            BLOCK_T=block,
+            num_warps=warps,
+        )
     return dlp, dz

@@ -1,5 +1,7 @@
 """The GPU lane (``make test-gpu`` on a CUDA machine; skipped on CPU): realistic shapes, every tensor on the
-device, no host synchronisation in a whole FlowRL step, and capture of that step in a CUDA graph.
+device, no host synchronisation in a whole FlowRL step, capture of that step in a CUDA graph, every kernel family
+on a second device (when there is one) and under ``compute-sanitizer`` (when installed). The fused lm_head's
+production configurations and the fused loss's bf16 gradient rounding are checked in ``tests/kernels``.
 
 Tolerances (against float64 on the same rounded inputs): log-probs and entropies are accumulated in fp32, so
 their error is a few fp32 ulps of the largest ``|z|`` (``value_tol``); gradients are stored in the logits'
@@ -7,6 +9,11 @@ dtype, so the rounding to 24/8/11 mantissa bits dominates (``GRAD_RTOL``).
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -168,3 +175,66 @@ def test_a_full_step_is_captured_in_a_cuda_graph():
     torch.cuda.synchronize()
     for got, want in zip((leaf.grad for leaf in leaves), eager):
         torch.testing.assert_close(got, want)
+
+
+# --- device placement, the sanitizer ---------------------------------------------------------------------------
+
+
+def _every_family(device: str, seed: int = 3):
+    """The three Triton families forward and backward on ``device`` (impl='triton', small shapes): outputs and
+    input gradients, on the host."""
+    from flowloss.ops.fused_tb import fused_tb_sequence_terms
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(64, 3001, generator=gen) * 3).to(torch.bfloat16).to(device).requires_grad_()
+    labels = torch.randint(0, 3001, (64,), generator=gen).to(device)
+    labels[::5] = -100
+    hidden = torch.randn(64, 128, generator=gen).to(torch.bfloat16).to(device).requires_grad_()
+    weight = (torch.randn(3001, 128, generator=gen) / 11).to(torch.bfloat16).to(device).requires_grad_()
+    lp, ent = flowloss.token_logprobs(logits, labels, return_entropy=True, impl="triton", temperature=0.7)
+    lp_h = flowloss.token_logprobs_from_hidden(hidden, weight, labels, impl="triton")
+    lp_t = torch.randn(8, 40, generator=gen).to(device).requires_grad_()
+    mask = (torch.rand(8, 40, generator=gen) > 0.3).to(device)
+    log_z = torch.randn(8, generator=gen).to(device).requires_grad_()
+    terms = fused_tb_sequence_terms(
+        lp_t, -lp_t.detach().abs(), torch.randn(8, generator=gen).to(device), log_z, mask, lp_t.detach() * 0.9,
+        None, mode="sequence_clipped", token_clip_mask=False, length_normalization=True, penalty="squared",
+        eps_low=0.2, eps_high=0.28, max_weight=10.0, tis_cap=2.0, linex_alpha=1.0, huber_delta=1.0, beta=15.0,
+    )  # fmt: skip
+    outs = [lp, ent, lp_h, terms.per_sequence]
+    leaves = [logits, hidden, weight, lp_t, log_z]
+    grads = torch.autograd.grad([lp.sum() + ent.sum() + lp_h.sum() + terms.per_sequence.sum()], leaves)
+    return [t.detach().cpu() for t in (*outs, *grads)]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_every_family_runs_on_the_tensors_device_not_the_current_one():
+    """Inputs on cuda:1 while cuda:0 is current: the launchers switch to the tensors' device (a kernel launched on
+    the current device would read cuda:1's pointers on cuda:0: an illegal address or garbage). Bitwise equal to
+    the same run on cuda:0; the current device is left as it was."""
+    torch.cuda.set_device(0)
+    on_0 = _every_family("cuda:0")
+    on_1 = _every_family("cuda:1")
+    torch.cuda.synchronize(1)
+    assert torch.cuda.current_device() == 0
+    for a, b in zip(on_0, on_1):
+        assert torch.equal(a, b)
+
+
+_SANITIZED = """
+import torch
+from tests.ops.test_gpu import _every_family
+_every_family("cuda")
+torch.cuda.synchronize()
+print("ran")
+"""
+
+
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer is not installed")
+def test_every_family_passes_compute_sanitizer_memcheck():
+    """No out-of-bounds or misaligned access in any kernel (skipped rows, a vocabulary of 3001, masked tokens)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", sys.executable, "-c", _SANITIZED]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "ran" in out and "ERROR SUMMARY: 0 errors" in out, out[-4000:]

@@ -675,3 +675,38 @@ def test_triton_reads_a_non_viewable_slice_in_place_per_sequence(inplace):
         results[impl] = (logp.detach(), entropy.detach(), leaf.grad)
     for a, b, what in zip(results["triton"], results["chunked"], ("log-probs", "entropy", "dlogits")):
         close(a, b, atol=1e-5, rtol=1e-5, what=f"triton vs chunked on a strided slice: {what}")
+
+
+@pytest.mark.parametrize("layout", ["flat", "slice"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+def test_chunked_vocab_size_ignores_the_padded_columns_forward_and_backward(layout, inplace):
+    """``vocab_size=V`` on real tensors: log-probs and entropies are those of the first V columns (float64
+    reference on ``logits[..., :V]``), ``dlogits[..., :V]`` is their gradient and the padded columns get exactly
+    0. The padding holds large logits (+40): a path that reads or normalises over the wrong column count gives
+    log-probs ~40 off and a gradient ~1 in the padded columns. Blocks of 3 rows cross row and sequence ends."""
+    gen = torch.Generator().manual_seed(31)
+    vocab, padded, temperature = 37, 48, 0.8
+    full = torch.randn(4, 6, padded, generator=gen, dtype=torch.float64) * 2
+    full[..., vocab:] = 40.0
+    x = (full[:, :-1] if layout == "slice" else full.reshape(-1, padded)).float()
+    labels = torch.randint(0, vocab, x.shape[:-1], generator=gen)
+    labels.view(-1)[::4] = -100
+    g = torch.randn(labels.shape, generator=gen)
+    g_h = torch.randn(labels.shape, generator=gen)
+    leaf = x.detach().clone().requires_grad_()
+    inp = leaf * 1.0 if inplace else leaf  # in place: a non-leaf the backward may overwrite
+    lp, ent = token_logprobs(inp, labels, temperature=temperature, return_entropy=True, impl="chunked",
+                             chunk_size=3, vocab_size=vocab, inplace_backward=inplace)  # fmt: skip
+    (grad,) = torch.autograd.grad([lp, ent], [leaf], [g, g_h])
+    valid = labels.reshape(-1) != -100
+    r_lp, r_ent, r_grad = reference_with_grads(
+        x[..., :vocab], labels, valid, temperature, torch.where(valid, g.reshape(-1), 0.0),
+        torch.where(valid, g_h.reshape(-1), 0.0),
+    )  # fmt: skip
+    atol, rtol = value_tol(torch.float32, 8.0)
+    close(lp.reshape(-1), torch.where(valid, r_lp, 0.0), atol=atol, rtol=rtol, what="logp over V columns")
+    close(ent.reshape(-1), torch.where(valid, r_ent, 0.0), atol=atol, rtol=rtol, what="entropy over V columns")
+    grad = grad.reshape(-1, padded)
+    atol, rtol = grad_tol(torch.float32, 8.0, 4.0)
+    close(grad[:, :vocab], r_grad, atol=atol, rtol=rtol, what="dlogits over the first V columns")
+    assert bool((grad[:, vocab:] == 0).all()), "padded columns must get a zero gradient"

@@ -107,6 +107,18 @@ def block_backward(
         coef.masked_fill_(dead.unsqueeze(1), 0.0)
     coef[torch.arange(rows, device=z.device), labels] -= g
     torch.mul(coef, -1.0 / temperature, out=out)
-    # Skipped rows may hold anything (even inf/NaN); their gradient is exactly 0.
-    out.masked_fill_(~kept.unsqueeze(1), 0.0)
+    zero_skipped_rows(out, kept)
     return out
+
+
+def zero_skipped_rows(out: torch.Tensor, kept: torch.Tensor) -> None:
+    """``out[~kept] = 0``: skipped rows may hold anything (even inf/NaN); their gradient is exactly 0.
+
+    On CPU the skipped rows are read on the host (free there) and zeroed one contiguous row at a time: a
+    broadcast ``masked_fill_`` over ``[r, V]`` costs as much as the softmax pass itself. Elsewhere one
+    ``masked_fill_`` (no synchronisation)."""
+    if out.device.type != "cpu":
+        out.masked_fill_(~kept.unsqueeze(1), 0.0)
+        return
+    for i in (~kept).nonzero().flatten().tolist():
+        out[i].zero_()

@@ -12,9 +12,10 @@ Backward, with ``dz = [g (onehot(y) - p) - g_H p (log p + H)] / T`` recomputed f
     dh = dz @ W            dW = dz^T @ h            db = sum_rows dz
 
 The full ``[N, V]`` logits never exist. This module validates and resolves the labels (on the device, without
-synchronising) and calls the custom op ``flowloss::linear_logprobs`` (`flowloss.ops.library`): the fused
-Triton kernels on CUDA when available (`flowloss.ops.triton_linear`), else the chunked PyTorch path
-(`flowloss.ops.chunked`: block matmuls, 8 N H V FLOPs in all).
+synchronising) and calls the operator ``flowloss::linear_logprobs`` (`flowloss.ops.library`): the chunked PyTorch
+path (`flowloss.ops.chunked`: block matmuls, 8 N H V FLOPs in all), or with ``impl="triton"`` the fused Triton
+kernels (`flowloss.ops.triton_linear`), which ``impl="auto"`` does not pick until they have run on a GPU
+(`flowloss.ops.dispatch`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from flowloss._validation import (
 )
 from flowloss.ops.chunked import default_fused_chunk_rows
 from flowloss.ops.dispatch import LINEAR_IMPLS, resolve_impl
+from flowloss.ops.library import linear_logprobs_op
 from flowloss.ops.token_logprobs import resolve_labels
 from flowloss.strict import is_strict
 
@@ -98,8 +100,9 @@ def token_logprobs_from_hidden(
             skipped too.
         return_entropy: also return the per-token entropy of ``softmax(z / T)`` (differentiable).
         bias: optional ``[V]`` output bias (most LLM heads have none).
-        impl: ``"auto"`` (the Triton kernels for CUDA inputs when available, else chunked), ``"triton"`` or
-            ``"chunked"``.
+        impl: ``"auto"`` (today ``"chunked"``: the fused Triton kernels have not run on a GPU yet;
+            `flowloss.ops.dispatch` decides), ``"triton"`` (the fused kernels: CUDA bf16/fp16, fp32 where TF32 is
+            allowed, on a GPU with a checked configuration) or ``"chunked"``.
         strict: also refuse, with the position, a kept label outside ``[0, V)`` (reads device memory);
             default: the global setting (`flowloss.strict`).
 
@@ -127,8 +130,6 @@ def token_logprobs_from_hidden(
         labels, bool_mask, ignore_index=ignore_index, vocab=lm_head_weight.shape[0], strict=strict
     )
     rows = chunk_size if chunk_size is not None else default_fused_chunk_rows(lm_head_weight.shape[0], hidden.device)
-    from flowloss.ops.library import linear_logprobs_op
-
     logp, entropy, _ = linear_logprobs_op(
         hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, bias, effective, temperature, return_entropy, chosen,
         rows,

@@ -13,6 +13,12 @@ op                                     computes
 ``linear_logprobs_backward``           ``(d hidden, d weight, d bias)`` (empty where not needed)
 =====================================  =========================================================================
 
+The ops are defined with ``torch.library.define`` and registered for every backend
+(``CompositeExplicitAutograd``), with a fake (meta) implementation and ``register_autograd``: the same operator
+Dynamo and the dispatcher see as with ``torch.library.custom_op``, without its wrapper, whose first call imports
+``torch._dynamo`` (and with it Inductor, sympy and triton: ~190 MB of resident memory and seconds on the first
+call of an eager CPU run).
+
 Labels reach the ops already resolved: ``[N]`` int64, negative = skipped row (ignored, masked, or out of the
 vocabulary: the caller marks those NaN). ``aux`` is what the backward reuses (the Triton path's base-2
 log-sum-exp). Dynamo treats each op as one node (their fake implementations give the shapes), so
@@ -24,14 +30,38 @@ full ``[N, V]`` logits (memory-hungry but exact), so Hessian-vector products thr
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
 from flowloss.ops import chunked
 from flowloss.ops._block_math import compute_dtype_for
-from flowloss.ops.dispatch import triton_module
 
-_OUT_DTYPE_DOC = "fp32 (fp64 for fp64 inputs on the chunked path)"
+
+def triton_module(kind: str = "logits") -> ModuleType:
+    """The module holding the Triton implementation of ``kind`` (imported on first use: it imports triton)."""
+    if kind == "logits":
+        from flowloss.ops import triton_logprobs
+
+        return triton_logprobs
+    from flowloss.ops import triton_linear
+
+    return triton_linear
+
+
+def _define(schema: str):
+    """Decorator: define the operator ``flowloss::<schema>`` and make the function its kernel on every backend;
+    returns the ``OpOverload`` (called like the function)."""
+    name, args = schema.split("(", 1)
+    qualname = f"flowloss::{name}"
+
+    def register(fn):
+        torch.library.define(qualname, "(" + args)
+        torch.library.impl(qualname, "CompositeExplicitAutograd")(fn)
+        return getattr(torch.ops.flowloss, name).default
+
+    return register
 
 
 def _out_dtype(dtype: torch.dtype, impl: str) -> torch.dtype:
@@ -42,7 +72,10 @@ def _out_dtype(dtype: torch.dtype, impl: str) -> torch.dtype:
 # Logits path
 
 
-@torch.library.custom_op("flowloss::token_logprobs", mutates_args=())
+@_define(
+    "token_logprobs(Tensor logits, Tensor labels, float temperature, bool return_entropy, str impl, "
+    "SymInt chunk_rows, SymInt vocab_size, SymInt block_v, bool inplace_backward) -> (Tensor, Tensor, Tensor)"
+)
 def token_logprobs_op(
     logits: Tensor,
     labels: Tensor,
@@ -66,7 +99,7 @@ def token_logprobs_op(
     return logp, entropy, logp.new_empty(0)
 
 
-@token_logprobs_op.register_fake
+@torch.library.register_fake("flowloss::token_logprobs")
 def _(logits, labels, temperature, return_entropy, impl, chunk_rows, vocab_size, block_v, inplace_backward):
     n = labels.shape[0]
     dtype = _out_dtype(logits.dtype, impl)
@@ -91,7 +124,11 @@ def _logits_backward_into(logits, labels, entropy, aux, grad_logp, grad_entropy,
     )
 
 
-@torch.library.custom_op("flowloss::token_logprobs_backward", mutates_args=())
+@_define(
+    "token_logprobs_backward(Tensor logits, Tensor labels, Tensor entropy, Tensor aux, Tensor? grad_logp, "
+    "Tensor? grad_entropy, float temperature, str impl, SymInt chunk_rows, SymInt vocab_size, SymInt block_v) "
+    "-> Tensor"
+)
 def token_logprobs_backward_op(
     logits: Tensor,
     labels: Tensor,
@@ -110,12 +147,15 @@ def token_logprobs_backward_op(
                                  chunk_rows, vocab_size, block_v, out)
 
 
-@token_logprobs_backward_op.register_fake
+@torch.library.register_fake("flowloss::token_logprobs_backward")
 def _(logits, labels, entropy, aux, grad_logp, grad_entropy, temperature, impl, chunk_rows, vocab_size, block_v):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-@torch.library.custom_op("flowloss::token_logprobs_backward_", mutates_args=("logits",))
+@_define(
+    "token_logprobs_backward_(Tensor(a0!) logits, Tensor labels, Tensor entropy, Tensor aux, Tensor? grad_logp, "
+    "Tensor? grad_entropy, float temperature, str impl, SymInt chunk_rows, SymInt vocab_size, SymInt block_v) -> ()"
+)
 def token_logprobs_backward_inplace_op(
     logits: Tensor,
     labels: Tensor,
@@ -131,9 +171,12 @@ def token_logprobs_backward_inplace_op(
 ) -> None:
     _logits_backward_into(logits, labels, entropy, aux, grad_logp, grad_entropy, temperature, impl, chunk_rows,
                           vocab_size, block_v, logits)
+    # The kernels' stores are invisible to autograd: bump the version counter so that another node that saved
+    # the logits raises instead of reading their gradient (the chunked path's out= writes bump it as well).
+    torch.autograd.graph.increment_version(logits)
 
 
-@token_logprobs_backward_inplace_op.register_fake
+@torch.library.register_fake("flowloss::token_logprobs_backward_")
 def _(logits, labels, entropy, aux, grad_logp, grad_entropy, temperature, impl, chunk_rows, vocab_size, block_v):
     return None
 
@@ -188,14 +231,17 @@ def _logits_backward(ctx, grad_logp, grad_entropy, _grad_aux):
     return (dlogits, *nones)
 
 
-token_logprobs_op.register_autograd(_logits_backward, setup_context=_logits_setup)
+torch.library.register_autograd("flowloss::token_logprobs", _logits_backward, setup_context=_logits_setup)
 
 
 # ------------------------------------------------------------------------------------------------------
 # lm_head path
 
 
-@torch.library.custom_op("flowloss::linear_logprobs", mutates_args=())
+@_define(
+    "linear_logprobs(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature, "
+    "bool return_entropy, str impl, SymInt chunk_rows) -> (Tensor, Tensor, Tensor)"
+)
 def linear_logprobs_op(
     hidden: Tensor,
     weight: Tensor,
@@ -216,7 +262,7 @@ def linear_logprobs_op(
     return logp, entropy, logp.new_empty(0)
 
 
-@linear_logprobs_op.register_fake
+@torch.library.register_fake("flowloss::linear_logprobs")
 def _(hidden, weight, bias, labels, temperature, return_entropy, impl, chunk_rows):
     n = labels.shape[0]
     dtype = _out_dtype(torch.promote_types(hidden.dtype, weight.dtype), impl)
@@ -228,7 +274,11 @@ def _(hidden, weight, bias, labels, temperature, return_entropy, impl, chunk_row
     )
 
 
-@torch.library.custom_op("flowloss::linear_logprobs_backward", mutates_args=())
+@_define(
+    "linear_logprobs_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor entropy, "
+    "Tensor aux, Tensor? grad_logp, Tensor? grad_entropy, float temperature, str impl, SymInt chunk_rows, "
+    "bool need_hidden, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)"
+)
 def linear_logprobs_backward_op(
     hidden: Tensor,
     weight: Tensor,
@@ -258,7 +308,7 @@ def linear_logprobs_backward_op(
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)  # type: ignore[return-value]
 
 
-@linear_logprobs_backward_op.register_fake
+@torch.library.register_fake("flowloss::linear_logprobs_backward")
 def _(hidden, weight, bias, labels, entropy, aux, grad_logp, grad_entropy, temperature, impl, chunk_rows,
       need_hidden, need_weight, need_bias):
     return (
@@ -307,4 +357,4 @@ def _linear_backward(ctx, grad_logp, grad_entropy, _grad_aux):
     return (dh if need_h else None, dw if need_w else None, db if need_b else None, *nones)
 
 
-linear_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+torch.library.register_autograd("flowloss::linear_logprobs", _linear_backward, setup_context=_linear_setup)

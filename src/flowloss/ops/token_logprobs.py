@@ -14,10 +14,11 @@ and the gradients ``d logp_n / d z_nv = (1[v = y_n] - p_nv) / T``,
 V=151936), keeps it for backward and builds two more ``[N, V]`` tensors in backward. Here the forward keeps
 O(N) state and the backward writes one ``dlogits`` buffer (or the logits themselves, in place).
 
-This module validates and resolves the labels (on the device, without synchronising), then calls the custom op
+This module validates and resolves the labels (on the device, without synchronising), then calls the operator
 ``flowloss::token_logprobs`` (`flowloss.ops.library`), which runs the fused Triton kernels
-(`flowloss.ops.triton_logprobs`, the default for CUDA logits) or the chunked PyTorch path
-(`flowloss.ops.chunked`, the CPU default); ``impl="reference"`` is the float64 oracle (slow, for tests).
+(`flowloss.ops.triton_logprobs`, the default for CUDA logits on a GPU with a checked launch configuration:
+`flowloss.ops.dispatch`) or the chunked PyTorch path (`flowloss.ops.chunked`, the CPU default);
+``impl="reference"`` is the float64 oracle (slow, for tests).
 """
 
 from __future__ import annotations
@@ -38,10 +39,8 @@ from flowloss._validation import (
 from flowloss.ops._rows import flat_view
 from flowloss.ops.chunked import default_chunk_rows
 from flowloss.ops.dispatch import IMPLS, resolve_impl
+from flowloss.ops.library import token_logprobs_op
 from flowloss.strict import is_strict
-
-# Default ignore label: PyTorch's `cross_entropy(ignore_index=-100)` and the Hugging Face convention.
-DEFAULT_IGNORE_INDEX = -100
 
 
 def _optional_positive_int(name: str, value: object) -> int | None:
@@ -177,8 +176,6 @@ def run_token_logprobs(
         if chosen == "triton" and x.stride(-1) != 1:
             x = x.contiguous()
         rows = chunk_size if chunk_size is not None else default_chunk_rows(vocab)
-        from flowloss.ops.library import token_logprobs_op
-
         logp, entropy, _ = token_logprobs_op(
             x, effective, temperature, return_entropy, chosen, rows, vocab, block_v, inplace_backward
         )
@@ -225,8 +222,9 @@ def token_logprobs(
         return_entropy: also return ``H = -sum_v p_v log p_v`` per token (differentiable).
         ignore_index: label marking positions to skip (default -100, as in ``F.cross_entropy``).
         mask: optional ``[B, T]``/``[N]`` bool tensor (numbers read as ``mask != 0``); 0 positions are skipped.
-        impl: ``"auto"`` (Triton on CUDA when available, else chunked), ``"triton"``, ``"chunked"`` (the
-            PyTorch row-block path) or ``"reference"`` (float64 oracle, slow).
+        impl: ``"auto"`` (Triton for CUDA logits on a GPU with a checked launch configuration, else chunked,
+            with a one-time `FallbackWarning` when only the GPU stood in the way), ``"triton"``, ``"chunked"``
+            (the PyTorch row-block path) or ``"reference"`` (float64 oracle, slow).
         chunk_size: rows per block on the chunked path; default ~4 MiB of fp32 per block.
         inplace_backward: write ``dlogits`` into ``logits``' own storage in backward (saves one ``[.., V]``
             buffer). Only when nothing else reads the logits afterwards: autograd's version counter raises if
@@ -261,3 +259,38 @@ def token_logprobs(
         strict=strict,
     )
     return (logp, entropy) if return_entropy else logp
+
+
+def triton_token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    inplace_backward: bool = False,
+    vocab_size: int | None = None,
+    block_v: int | None = None,
+    strict: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[`token_logprobs`][flowloss.token_logprobs] with ``impl="triton"`` and the kernels' tuning knob
+    ``block_v`` (vocabulary columns per block, a power of two >= 16; None: the kernels' 4096): flat ``labels [N]``
+    (with ``[N, V]`` or a non-flattenable ``[B, T, V]``), and always a ``(logprobs, entropy or None)`` pair. One
+    validation path: the public function's."""
+    logp, entropy = run_token_logprobs(
+        logits,
+        labels,
+        temperature=temperature,
+        return_entropy=return_entropy,
+        ignore_index=ignore_index,
+        mask=mask,
+        impl="triton",
+        chunk_size=None,
+        inplace_backward=inplace_backward,
+        vocab_size=vocab_size,
+        block_v=block_v,
+        strict=strict,
+        flat_labels=True,
+    )
+    return logp, (entropy if return_entropy else None)

@@ -102,41 +102,4 @@ def backward(
     return out
 
 
-def triton_token_logprobs(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-    ignore_index: int = -100,
-    mask: torch.Tensor | None = None,
-    inplace_backward: bool = False,
-    vocab_size: int | None = None,
-    block_v: int = DEFAULT_BLOCK_V,
-    strict: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[`token_logprobs`][flowloss.token_logprobs] with ``impl="triton"`` and the kernels' tuning knob
-    ``block_v`` (vocabulary columns per block, a power of two >= 16): flat ``labels [N]`` (with ``[N, V]`` or a
-    non-flattenable ``[B, T, V]``), and always a ``(logprobs, entropy or None)`` pair. One validation path:
-    the public function's."""
-    from flowloss.ops.token_logprobs import run_token_logprobs
-
-    logp, entropy = run_token_logprobs(
-        logits,
-        labels,
-        temperature=temperature,
-        return_entropy=return_entropy,
-        ignore_index=ignore_index,
-        mask=mask,
-        impl="triton",
-        chunk_size=None,
-        inplace_backward=inplace_backward,
-        vocab_size=vocab_size,
-        block_v=block_v,
-        strict=strict,
-        flat_labels=True,
-    )
-    return logp, (entropy if return_entropy else None)
-
-
-__all__ = ["backward", "forward", "triton_token_logprobs"]
+__all__ = ["backward", "forward"]

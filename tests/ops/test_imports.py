@@ -1,0 +1,93 @@
+"""Import structure of the log-prob ops and the kernels: no import circle, one Triton availability check.
+
+The graph counts every import statement, at module level or inside a function (a lazy import is still an edge
+a reader and a tool must follow): an edge ``a -> b`` when module ``a`` imports ``b`` or a name from it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = {"flowloss.ops": ROOT / "src" / "flowloss" / "ops", "flowloss.kernels": ROOT / "kernels"}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.glob("*.py")):
+            mods[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return mods
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            # `from pkg import sub` imports the submodule; `from mod import name` imports mod
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        out |= {t for t in targets if t in known and t != name}
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    return {name: _imports(name, path, set(mods)) for name, path in mods.items()}
+
+
+def test_no_import_circle_among_the_ops_and_kernels():
+    graph = _graph()
+    assert "flowloss.ops.library" in graph["flowloss.ops.token_logprobs"], "the graph must see lazy imports"
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = [*stack[stack.index(nxt) :], nxt]
+                raise AssertionError("import circle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_kernels_import_nothing_from_the_ops():
+    """Dependencies point one way: ops -> kernels."""
+    graph = _graph()
+    for name, deps in graph.items():
+        if name.startswith("flowloss.kernels"):
+            assert not {d for d in deps if d.startswith("flowloss.ops")}, name
+
+
+def test_one_triton_availability_check():
+    """Only `flowloss.ops.dispatch.triton_available` tries to import triton (``except ImportError``) or looks
+    for it (``find_spec``); everything else asks it."""
+    found = []
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                for h in node.handlers
+            ):
+                found.append(name)
+            if isinstance(node, ast.Attribute) and node.attr == "find_spec":
+                found.append(name)
+    assert found == ["flowloss.ops.dispatch"], found
