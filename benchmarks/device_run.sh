@@ -41,7 +41,8 @@ declare -A ARGS=(
     [logprobs]="--op logprobs --n 16384 --v 151936 --dtype bf16 fp32 --warmup 5 --reps 20
         --impl naive compile flowloss-triton flowloss-chunked liger flash-attn"
     [fused_linear]="--op fused_linear --n 16384 --v 151936 --h 4096 --dtype bf16 --warmup 2 --reps 10
-        --impl naive flowloss-fused flowloss-fused-onepass flowloss-fused-filter trl-chunked liger-fused cce-fused"
+        --impl naive flowloss-fused-triton flowloss-fused-onepass liger-fused cce-fused trl-chunked
+        flowloss-fused-filter flowloss-fused"  # the Triton kernels and their peers first; auto (chunked) last
     [loss]="--op loss --n 16384 --warmup 5 --reps 20"
     [step]="--op step --preset qwen2-0.5b --sequences 8 --group-size 4 --seq-len 2048 --warmup 2 --reps 5"
 )

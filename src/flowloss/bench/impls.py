@@ -144,10 +144,14 @@ def _flowloss_logits(impl: str) -> Callable[[torch.device], Fn]:
     return build
 
 
-def _flowloss_fused(device: torch.device) -> Fn:
-    from flowloss.ops.fused_linear import token_logprobs_from_hidden
+def _flowloss_fused(impl: str) -> Callable[[torch.device], Fn]:
+    def build(device: torch.device) -> Fn:
+        from flowloss.ops.fused_linear import token_logprobs_from_hidden
 
-    return lambda h, w, case: token_logprobs_from_hidden(h, w, case.labels, temperature=case.temperature)
+        return lambda h, w, case: token_logprobs_from_hidden(h, w, case.labels, temperature=case.temperature,
+                                                             impl=impl)
+
+    return build
 
 
 class _LaunchedLinearLogprobs(torch.autograd.Function):
@@ -356,8 +360,13 @@ IMPLS: tuple[Impl, ...] = (
     Impl("naive", "fused_linear", "naive log-prob of hidden @ W^T", lambda d: naive_fused),
     Impl("compile", "fused_linear", "torch.compile of the naive expression", _compiled(naive_fused),
          check=_compile_skip),
-    Impl("flowloss-fused", "fused_linear", "flowloss.ops.fused_linear.token_logprobs_from_hidden", _flowloss_fused,
-         needs=("flowloss.ops.fused_linear",)),
+    Impl("flowloss-fused", "fused_linear", "flowloss.token_logprobs_from_hidden, impl='auto' (what a user gets)",
+         _flowloss_fused("auto"), needs=("flowloss.ops.fused_linear",)),
+    Impl("flowloss-fused-triton", "fused_linear", "flowloss.token_logprobs_from_hidden(impl='triton'): the fused "
+         "Triton kernels, exact plan", _flowloss_fused("triton"), needs=("flowloss.ops.fused_linear",),
+         check=_launchers_skip),
+    Impl("flowloss-fused-chunked", "fused_linear", "flowloss.token_logprobs_from_hidden(impl='chunked'): block "
+         "GEMMs in PyTorch", _flowloss_fused("chunked"), needs=("flowloss.ops.fused_linear",)),
     Impl("flowloss-fused-onepass", "fused_linear",
          "flowloss.kernels launchers, scratch budget raised so the fp32 [N, H] dH buffer fits: one recompute",
          _flowloss_plan(max_scratch_bytes=lambda h, w: 4 * h.numel() + 512 * 2**20), check=_launchers_skip),
