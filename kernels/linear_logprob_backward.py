@@ -255,7 +255,7 @@ def _linear_logprob_dweight_kernel(
         r = it
         if not PREFIX:
             r = tl.load(index_ptr + i.to(tl.int64) * stride_index + it)
-        local = r.to(tl.int64) * BLOCK_N + offs_n
+        local = r.to(tl.int64) * BLOCK_N + offs_n  # type: ignore[attr-defined]  # a Triton scalar under @triton.jit
         pos = pos0 + local
         rows = tl.load(row_index_ptr + pos, mask=pos < n_rows, other=-1)
         a = tl.load(dz_ptr + offs_v[:, None] + local[None, :] * stride_dz)  # [BLOCK_V, BLOCK_N] = dz^T
@@ -496,6 +496,7 @@ def _backward(
             num_stages=cfg["num_stages"],
         )
         if colsum is not None:  # fixed-order fp32 sum over the row tiles of this launch
+            assert db is not None  # colsum exists only when the bias gradient is asked for
             db[c0 : c0 + n_cols] += colsum[:n_tiles, :n_cols].sum(dim=0)
 
     def live_tiles(block_flags, index, count, *, by_column):
@@ -562,6 +563,7 @@ def _backward(
         n_pos = min(n_pos, n_rows - p0)
         if n_pos <= 0:
             return
+        assert d_hidden is not None  # only called when dH is asked for
         if order is None:
             d_hidden[p0 : p0 + n_pos].copy_(src[:n_pos])
         else:
@@ -587,13 +589,13 @@ def _backward(
             for p0 in range(0, plan.n_pad, plan.w_rows):
                 tile0, n_tiles = p0 // bn, min(plan.w_rows, plan.n_pad - p0) // bn
                 recompute(dz, colsum, tile0, n_tiles, c0, n_cols, read_flags=False)
-                if need_weight:
+                if d_weight is not None:
                     out = acc_w if acc_w is not None else d_weight[c0 : c0 + n_cols]
                     dweight(dz, out, index_w, count_w, tile0, n_tiles, c0, n_cols, accumulate=p0 > 0)
                 if acc_h is not None:
                     dhidden(dz, acc_h[p0:], index_h, count_h, tile0, n_tiles, c0, n_cols, n_tiles * bn,
                             accumulate=c0 > 0)  # fmt: skip
-            if acc_w is not None:
+            if acc_w is not None and d_weight is not None:
                 d_weight[c0 : c0 + n_cols].copy_(acc_w[:n_cols])
         if acc_h is not None:
             step = -(-cfg["h_rows"] // bn) * bn
@@ -617,6 +619,7 @@ def _backward(
         for p0 in range(0, plan.n_pad, plan.h_rows):
             tile0, n_tiles = p0 // bn, min(plan.h_rows, plan.n_pad - p0) // bn
             if acc is None:  # no order, whole vocabulary at once: write dH in place
+                assert d_hidden is not None  # pass H runs only for dH
                 out, n_out = d_hidden[p0:], n_rows - p0
             else:
                 out, n_out = acc, n_tiles * bn
@@ -627,6 +630,6 @@ def _backward(
             if acc is not None:
                 store_hidden(acc, p0, n_tiles * bn)
 
-    if need_bias:
+    if db is not None and bias is not None:
         d_bias = db.to(bias.dtype)
     return d_hidden, d_weight, d_bias

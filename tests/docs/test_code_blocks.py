@@ -1,16 +1,12 @@
 """Every Python block of the README and of the docs pages runs as written (adapter pages: in their framework's
-venv, `tests/adapters/<framework>/test_docs_blocks.py`); the README's example also type-checks with mypy."""
+venv, `tests/adapters/<framework>/test_docs_blocks.py`); tests/test_typing.py type-checks the README's example."""
 
 from __future__ import annotations
-
-import shutil
-import subprocess
-import sys
 
 import pytest
 
 import flowloss
-from tests.docs.code_blocks import ROOT, pages, python_blocks, run_page
+from tests.docs.code_blocks import pages, python_blocks, run_page
 
 CORE_PAGES = ["README.md", *pages("docs/*.md")]
 # Deliberately partial blocks stay few: at most this many over all the pages above.
@@ -37,13 +33,3 @@ def test_partial_blocks_are_marked_and_few():
 def test_the_readme_runs_a_whole_update():
     (block,) = python_blocks("README.md")
     assert "optimizer.step()" in block.code and "LogZHead(" in block.code and block.sketch is None
-
-
-@pytest.mark.skipif(shutil.which("mypy") is None and not (ROOT / ".venv/bin/mypy").exists(), reason="no mypy")
-def test_the_readme_example_type_checks(tmp_path):
-    (block,) = python_blocks("README.md")
-    script = tmp_path / "readme_example.py"
-    script.write_text(block.code)
-    out = subprocess.run([sys.executable, "-m", "mypy", "--no-error-summary", "--ignore-missing-imports",
-                          str(script)], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stdout + out.stderr

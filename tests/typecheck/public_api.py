@@ -20,7 +20,6 @@ from flowloss import (
 )
 
 Stats = dict[str, torch.Tensor]
-Either = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # token_logprobs' return type for either return_entropy
 B, T, H, V = 4, 6, 8, 11  # sequences, response tokens, hidden size, vocabulary
 
 
@@ -65,18 +64,24 @@ def main() -> None:
     head = LogZHead(H)
     assert_type(head, LogZHead)
 
-    # token_logprobs / token_logprobs_from_hidden: one return type for both values of return_entropy (no overload
-    # on it yet; tests/typecheck/pending_overloads.py holds the precise types): a Tensor or a (logp, H) pair.
+    # token_logprobs / token_logprobs_from_hidden: a Tensor, or a (log-probs, entropy) pair with return_entropy=True;
+    # a bool known only at run time gives the union.
     logits, labels = torch.randn(B, T, V), torch.randint(0, V, (B, T))
     hidden, weight = torch.randn(B, T, H), torch.randn(V, H)
-    lp: Either = token_logprobs(logits, labels, temperature=0.7)
-    lp_h: Either = token_logprobs(logits, labels, temperature=0.7, return_entropy=True)
-    fused: Either = token_logprobs_from_hidden(hidden, weight, labels, temperature=0.7)
-    fused_h: Either = token_logprobs_from_hidden(hidden, weight, labels, temperature=0.7, return_entropy=True)
-    assert isinstance(lp, torch.Tensor) and lp.shape == (B, T)
-    assert isinstance(fused, torch.Tensor) and fused.shape == (B, T)
-    for pair in (lp_h, fused_h):
-        assert isinstance(pair, tuple) and [t.shape for t in pair] == [(B, T), (B, T)]
+    lp = token_logprobs(logits, labels, temperature=0.7)
+    assert_type(lp, torch.Tensor)
+    lp_h, entropy = token_logprobs(logits, labels, temperature=0.7, return_entropy=True)
+    assert_type(entropy, torch.Tensor)
+    fused = token_logprobs_from_hidden(hidden, weight, labels, temperature=0.7)
+    assert_type(fused, torch.Tensor)
+    fused_h, fused_entropy = token_logprobs_from_hidden(hidden, weight, labels, temperature=0.7, return_entropy=True)
+    assert_type(fused_entropy, torch.Tensor)
+    decided_later = bool(torch.rand(()) < 2.0)
+    either = token_logprobs(logits, labels, return_entropy=decided_later)
+    assert_type(either, torch.Tensor | tuple[torch.Tensor, torch.Tensor])
+    for t in (lp, lp_h, entropy, fused, fused_h, fused_entropy):
+        assert isinstance(t, torch.Tensor) and t.shape == (B, T)
+    assert isinstance(either, tuple)
 
 
 if __name__ == "__main__":

@@ -159,8 +159,6 @@ def flowloss_logits(m: StepModels, b: StepBatch, s: StepSettings) -> PathOutput:
         del ref_logits
     out = m.policy(**model_inputs(b), logits_to_keep=keep, output_hidden_states=True)
     logprobs = token_logprobs(out.logits[:, :-1], b.labels, temperature=s.temperature, inplace_backward=True)
-    # without return_entropy a single tensor (token_logprobs has no overload on return_entropy to say so)
-    assert isinstance(logprobs, torch.Tensor) and isinstance(ref_logprobs, torch.Tensor)
     return _flowrl(m, b, s, logprobs, ref_logprobs, out.hidden_states[-1])
 
 
@@ -171,7 +169,6 @@ def hidden_logprobs(model: Qwen2ForCausalLM, b: StepBatch, s: StepSettings) -> t
     hidden = model.model(**model_inputs(b)).last_hidden_state
     weight = model.lm_head.weight
     lp = token_logprobs_from_hidden(response_hidden(hidden, b), weight, b.labels, temperature=s.temperature)
-    assert isinstance(lp, torch.Tensor)  # without return_entropy (no overload on it says so)
     return lp, hidden
 
 

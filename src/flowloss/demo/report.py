@@ -149,7 +149,7 @@ def write_plot(result: DemoResult, path: str | Path, *, dpi: int = 100) -> Path:
             if k % cols == 0:
                 ax.set_ylabel("mass of the mode")
         ax_kl = fig.add_subplot(grid[rows, :])
-        last_step, top = 0, 0.0
+        last_step, top = 0.0, 0.0
         for k, row in enumerate(methods):
             color = METHOD_COLORS.get(row.method, f"C{k}")
             ax_kl.plot(row.history["step"], row.history["kl_pi_target"], color=color, linewidth=2, label=row.label)

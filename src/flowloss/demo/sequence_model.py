@@ -16,7 +16,7 @@ flowloss (the ``step`` extra); `transformers_missing` says why it cannot be impo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -120,9 +120,8 @@ def answer_logprobs(model: torch.nn.Module, sequences: torch.Tensor) -> tuple[to
     hidden = out.hidden_states[-1]  # after the final norm: logits = hidden @ W^T
     start = PROMPT_LENGTH - 1
     labels = sequences[:, PROMPT_LENGTH:]
-    logprobs = flowloss.token_logprobs_from_hidden(
-        hidden[:, start : start + labels.shape[1]], model.lm_head.weight, labels
-    )
+    lm_head = cast(torch.nn.Linear, model.lm_head)  # a Qwen2ForCausalLM's (nn.Module attributes type as Any)
+    logprobs = flowloss.token_logprobs_from_hidden(hidden[:, start : start + labels.shape[1]], lm_head.weight, labels)
     return logprobs, hidden
 
 

@@ -157,8 +157,8 @@ def write_plot(results: list[SequenceDemoResult], path: str | Path, *, dpi: int 
     config = results[0].config
     n = config.distinct_samples
     several = len(results) > 1
-    style = {"font.size": 10, "axes.titlesize": 10, "axes.spines.top": False, "axes.spines.right": False}
-    with plt.rc_context(style):
+    with plt.rc_context({"font.size": 10, "axes.titlesize": 10, "axes.spines.top": False,
+                         "axes.spines.right": False}):
         fig, axes = plt.subplots(2, 2, figsize=(7.2, 5.6), layout="constrained", sharex=True)
         for ax, (key, title) in zip(axes.flat, PANELS):
             for res in results:

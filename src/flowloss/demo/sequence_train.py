@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any, cast
 
 import torch
 
@@ -241,6 +242,7 @@ def flowrl_step_loss(
     mask = torch.ones_like(logprobs, dtype=torch.bool)
     r_hat = rewards if config.raw_rewards else flowloss.group_normalize_rewards(rewards, k)
     if config.log_z == "head":
+        assert head is not None, "log_z='head' trains a LogZHead"
         prompt_mask = torch.zeros(sequences.shape, dtype=torch.bool)
         prompt_mask[:, :PROMPT_LENGTH] = True
         log_z = head(flowloss.pool_prompt_hidden_states(hidden, prompt_mask))
@@ -301,9 +303,10 @@ def _train_method(
     task = setup.task
     policy = copy.deepcopy(setup.reference).train().requires_grad_(True)
     head = None
-    groups = [{"params": list(policy.parameters()), "lr": config.lr}]
+    groups: list[dict[str, Any]] = [{"params": list(policy.parameters()), "lr": config.lr}]
     if method == "flowrl" and config.log_z == "head":
-        head = flowloss.LogZHead(policy.config.hidden_size).train()
+        hidden_size = int(cast(Any, policy).config.hidden_size)  # a transformers model: its config is untyped here
+        head = flowloss.LogZHead(hidden_size).train()
         lr = config.lr if config.lr_log_z is None else config.lr_log_z
         groups.append({"params": list(head.parameters()), "lr": lr})
     optimizer = torch.optim.Adam(groups)

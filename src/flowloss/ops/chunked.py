@@ -104,7 +104,7 @@ def logits_backward(
     flat_ok = flat is not None and gflat is not None
     if not flat_ok:
         flat = gflat = None
-    use_entropy = grad_entropy is not None and entropy.numel() > 0
+    g_entropy = grad_entropy if entropy.numel() > 0 else None  # the entropy term needs both
     narrow = vocab_size < logits.shape[-1]
     for lo, hi, index, kept in row_blocks(logits.shape, flat_ok, chunk_rows, _host_kept(labels)):
         target = pick(out, gflat, index)
@@ -119,8 +119,8 @@ def logits_backward(
             y.clamp_min(0),
             y >= 0,
             grad_logp[lo:hi] if grad_logp is not None else None,
-            entropy[lo:hi] if use_entropy else None,
-            grad_entropy[lo:hi] if use_entropy else None,
+            entropy[lo:hi] if g_entropy is not None else None,
+            g_entropy[lo:hi] if g_entropy is not None else None,
             temperature=temperature,
             out=target[:, :vocab_size] if narrow else target,
         )
@@ -228,12 +228,11 @@ def linear_backward(
     gdtype = _gemm_dtype(hidden, weight)
     weight_g = weight.to(gdtype)
     bias_c = bias.to(cdtype) if bias is not None else None
-    use_entropy = grad_entropy is not None and entropy.numel() > 0
     rows_h, rows_y, index = _kept_rows(hidden, labels)
     pick_rows = (lambda t: t) if index is None else (lambda t: t.index_select(0, index))
     g_lp = pick_rows(grad_logp) if grad_logp is not None else None
-    g_h = pick_rows(grad_entropy) if use_entropy else None
-    ent = pick_rows(entropy) if use_entropy else None
+    g_h = pick_rows(grad_entropy) if grad_entropy is not None and entropy.numel() > 0 else None
+    ent = pick_rows(entropy) if g_h is not None else None
     grad_rows = torch.zeros_like(rows_h) if need_hidden else None
     # dW accumulates in fp32 where the GEMMs do (CPU), in W's dtype on CUDA (no fp32 copy of a V x H matrix).
     grad_w = torch.zeros(weight.shape, dtype=gdtype, device=weight.device) if need_weight else None
@@ -249,8 +248,8 @@ def linear_backward(
             y.clamp_min(0),
             kept,
             g_lp[lo:hi] if g_lp is not None else None,
-            ent[lo:hi] if use_entropy else None,
-            g_h[lo:hi] if use_entropy else None,
+            ent[lo:hi] if ent is not None else None,
+            g_h[lo:hi] if g_h is not None else None,
             temperature=temperature,
             out=z,
         )

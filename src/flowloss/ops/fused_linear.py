@@ -20,6 +20,8 @@ kernels (`flowloss.ops.triton_linear`), which ``impl="auto"`` does not pick unti
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 
 from flowloss._validation import (
@@ -70,6 +72,57 @@ def _check(hidden, weight, bias, labels, mask, impl, chunk_size, strict) -> torc
         [("hidden", hidden), ("lm_head_weight", weight), ("bias", bias), ("labels", labels), ("mask", bool_mask)]
     )
     return bool_mask
+
+
+@overload
+def token_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = ...,
+    chunk_size: int | None = ...,
+    ignore_index: int = ...,
+    mask: torch.Tensor | None = ...,
+    return_entropy: Literal[False] = ...,
+    bias: torch.Tensor | None = ...,
+    impl: str = ...,
+    strict: bool | None = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def token_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = ...,
+    chunk_size: int | None = ...,
+    ignore_index: int = ...,
+    mask: torch.Tensor | None = ...,
+    return_entropy: Literal[True],
+    bias: torch.Tensor | None = ...,
+    impl: str = ...,
+    strict: bool | None = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def token_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = ...,
+    chunk_size: int | None = ...,
+    ignore_index: int = ...,
+    mask: torch.Tensor | None = ...,
+    return_entropy: bool = ...,
+    bias: torch.Tensor | None = ...,
+    impl: str = ...,
+    strict: bool | None = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def token_logprobs_from_hidden(

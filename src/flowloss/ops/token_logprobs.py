@@ -23,6 +23,8 @@ This module validates and resolves the labels (on the device, without synchronis
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 
 from flowloss._validation import (
@@ -195,6 +197,57 @@ def _run_reference(logits, effective, temperature, vocab):
     logp, entropy = reference.token_logprobs(flat, effective, temperature=temperature, ignore_index=-1)
     out = compute_dtype_for(logits.dtype)
     return logp.to(out), entropy.to(out)
+
+
+@overload
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = ...,
+    return_entropy: Literal[False] = ...,
+    ignore_index: int = ...,
+    mask: torch.Tensor | None = ...,
+    impl: str = ...,
+    chunk_size: int | None = ...,
+    inplace_backward: bool = ...,
+    vocab_size: int | None = ...,
+    strict: bool | None = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = ...,
+    return_entropy: Literal[True],
+    ignore_index: int = ...,
+    mask: torch.Tensor | None = ...,
+    impl: str = ...,
+    chunk_size: int | None = ...,
+    inplace_backward: bool = ...,
+    vocab_size: int | None = ...,
+    strict: bool | None = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = ...,
+    return_entropy: bool = ...,
+    ignore_index: int = ...,
+    mask: torch.Tensor | None = ...,
+    impl: str = ...,
+    chunk_size: int | None = ...,
+    inplace_backward: bool = ...,
+    vocab_size: int | None = ...,
+    strict: bool | None = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def token_logprobs(

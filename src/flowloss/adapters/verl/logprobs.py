@@ -70,7 +70,7 @@ def logprobs_from_logits(
                          inplace_backward=inplace)
     if entropy:
         return out[0], out[1]
-    assert isinstance(out, torch.Tensor)  # without return_entropy (token_logprobs has no overload saying so)
+    assert isinstance(out, torch.Tensor)  # return_entropy is a run-time bool here: narrow the union
     return out, None
 
 
@@ -83,7 +83,7 @@ def logprobs_from_hidden(
                                      temperature=_scalar_temperature(temperature), return_entropy=entropy)
     if entropy:
         return out[0], out[1]
-    assert isinstance(out, torch.Tensor)  # without return_entropy (no overload saying so)
+    assert isinstance(out, torch.Tensor)  # return_entropy is a run-time bool here: narrow the union
     return out, None
 
 
