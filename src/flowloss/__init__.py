@@ -14,6 +14,8 @@ The whole public API::
     token_logprobs  token_logprobs_from_hidden
     # value checks that read device memory (off by default; FLOWLOSS_STRICT=1 turns them on)
     strict_mode  set_strict  is_strict
+    # warned once when impl="auto" falls back from a Triton kernel for want of a checked GPU configuration
+    FallbackWarning
 
 ``flowloss.reference`` holds the float64 oracle; ``flowloss.adapters.{trl,verl,openrlhf}`` the framework
 adapters (imported on demand, never by ``import flowloss``). ``length_normalize`` and ``sequence_logprobs``
@@ -25,6 +27,7 @@ from flowloss.importance import clipped_importance_weights, ratio_clip_token_mas
 from flowloss.log_partition import LogZHead, LogZTable, pool_prompt_hidden_states, vargrad_log_z
 from flowloss.losses import reverse_kl_surrogate, trajectory_balance_loss
 from flowloss.modules import ReverseKLSurrogate, TrajectoryBalanceLoss
+from flowloss.ops.dispatch import FallbackWarning
 from flowloss.ops.fused_linear import token_logprobs_from_hidden
 from flowloss.ops.token_logprobs import token_logprobs
 from flowloss.options import FlowRLOptions, ReverseKLOptions
@@ -41,6 +44,7 @@ from flowloss.strict import is_strict, set_strict, strict_mode
 __version__ = "0.2.0"
 
 __all__ = [
+    "FallbackWarning",
     "FlowRLOptions",
     "LogZHead",
     "LogZTable",
