@@ -104,6 +104,7 @@ _PROBE = textwrap.dedent(
     import flowloss
     from flowloss import reference
     from flowloss.adapters.common import AdapterConfig
+    from flowloss.adapters.verl.config import FlowRLConfig as VerlConfig  # imports no framework
 
     def default(fn, name):
         return inspect.signature(fn).parameters[name].default
@@ -119,13 +120,19 @@ _PROBE = textwrap.dedent(
         "reference.trajectory_balance_loss": default(reference.trajectory_balance_loss, "beta"),
         "reference.reverse_kl_surrogate": default(reference.reverse_kl_surrogate, "beta"),
         "AdapterConfig": AdapterConfig().loss.beta,
+        "verl FlowRLConfig": VerlConfig().loss.beta,
     }))
     """
 )
 
 
-def test_a_new_beta_default_is_one_line_that_every_layer_sees(tmp_path):
-    """Copy the package, change `beta`'s default in one line of options.py, and read it back from every layer."""
+NEW_BETA = 7.25
+
+
+def beta_seen_with_a_new_default(tmp_path: Path, probe: str) -> dict[str, float]:
+    """Copy the package, change `beta`'s default in its one line of options.py to `NEW_BETA`, and run ``probe``
+    (Python printing a JSON ``{layer: beta}`` as its last line) against the copy; returns what it printed. The
+    framework venvs' tests call this with a probe of their adapter's config."""
     copy = tmp_path / "src"
     shutil.copytree(SRC, copy / "flowloss", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "kernels", copy / "flowloss" / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
@@ -133,12 +140,18 @@ def test_a_new_beta_default_is_one_line_that_every_layer_sees(tmp_path):
     text = options.read_text()
     line = "    beta: float = 15.0\n"
     assert text.count(line) == 1, "the beta default should be written exactly once"
-    options.write_text(text.replace(line, "    beta: float = 7.25\n"))
+    options.write_text(text.replace(line, f"    beta: float = {NEW_BETA}\n"))
     env = {**os.environ, "PYTHONPATH": str(copy)}
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=tmp_path, capture_output=True, text=True,
-                         check=True)
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen == dict.fromkeys(seen, 7.25), seen
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_new_beta_default_is_one_line_that_every_layer_sees(tmp_path):
+    """Change `beta`'s default in one line of a copy of options.py and read it back from every layer (the TRL and
+    OpenRLHF configs: in their venvs, tests/adapters/<framework>/test_one_default.py)."""
+    seen = beta_seen_with_a_new_default(tmp_path, _PROBE)
+    assert len(seen) == 11 and seen == dict.fromkeys(seen, NEW_BETA), seen
 
 
 def _weighted_batch():
