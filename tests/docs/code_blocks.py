@@ -9,11 +9,13 @@ reader following the page); every other block runs alone, in a fresh namespace.
 from __future__ import annotations
 
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-_FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
+# A fence at the start of a line, or indented inside a list item (its code is dedented).
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>\w*)[^\n]*\n(?P<code>.*?)^(?P=indent)```", re.S | re.M)
 _SKETCH = re.compile(r"<!--\s*sketch:\s*(.+?)\s*-->\s*$")
 _CONTINUES = re.compile(r"<!--\s*continues\s*-->\s*$")
 
@@ -35,18 +37,28 @@ def python_blocks(page: str) -> list[Block]:
     text = (ROOT / page).read_text()
     blocks = []
     for match in _FENCE.finditer(text):
-        if match.group(1) not in ("python", "py"):
+        if match["lang"] not in ("python", "py"):
             continue
         line = text.count("\n", 0, match.start()) + 1
         before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
         sketch = _SKETCH.search(before)
-        blocks.append(Block(page, line, match.group(2), sketch.group(1) if sketch else None,
+        blocks.append(Block(page, line, textwrap.dedent(match["code"]), sketch.group(1) if sketch else None,
                             bool(_CONTINUES.search(before))))
     return blocks
 
 
 def pages(pattern: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
+
+
+def check_framework_page(page: str, *, max_sketches: int = 1) -> None:
+    """An adapter page, in its framework's venv: every block that is not a sketch runs, and sketches stay few."""
+    blocks = python_blocks(page)
+    sketches = [f"{b.name}: {b.sketch}" for b in blocks if b.sketch]
+    assert len(sketches) <= max_sketches, sketches
+    ran = run_page(page)
+    assert ran, f"no runnable Python block on {page}"
+    assert len(ran) + len(sketches) == len(blocks)
 
 
 def run_page(page: str) -> list[str]:
