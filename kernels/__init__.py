@@ -14,17 +14,24 @@ used at all is decided in one place, ``flowloss.ops.dispatch.triton_available``,
 
 from __future__ import annotations
 
-from .linear_logprob_backward import linear_logprob_backward
-from .linear_logprob_forward import linear_logprob_forward
-from .logprob_backward import logprob_backward
-from .logprob_forward import logprob_forward
-from .tb_loss import tb_backward, tb_forward
+__all__: list[str] = []
 
-__all__ = [
-    "linear_logprob_backward",
-    "linear_logprob_forward",
-    "logprob_backward",
-    "logprob_forward",
-    "tb_backward",
-    "tb_forward",
-]
+# Installed, this folder is `flowloss.kernels`. From the root of a flowloss checkout (a script's or pytest's path)
+# it is also reachable as a top-level `kernels`, the import name of Hugging Face's `kernels` package, which
+# transformers probes for by importing it: under that name it stays empty, so the probe finds no usable package
+# (no version) instead of failing on a missing triton or picking up these launchers.
+if __name__ == "flowloss.kernels":
+    from .linear_logprob_backward import linear_logprob_backward
+    from .linear_logprob_forward import linear_logprob_forward
+    from .logprob_backward import logprob_backward
+    from .logprob_forward import logprob_forward
+    from .tb_loss import tb_backward, tb_forward
+
+    __all__ = [
+        "linear_logprob_backward",
+        "linear_logprob_forward",
+        "logprob_backward",
+        "logprob_forward",
+        "tb_backward",
+        "tb_forward",
+    ]

@@ -7,6 +7,8 @@ a reader and a tool must follow): an edge ``a -> b`` when module ``a`` imports `
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,3 +93,17 @@ def test_one_triton_availability_check():
             if isinstance(node, ast.Attribute) and node.attr == "find_spec":
                 found.append(name)
     assert found == ["flowloss.ops.dispatch"], found
+
+
+def test_the_kernels_folder_does_not_break_a_probe_for_hugging_faces_kernels_package():
+    """From a checkout's root, `import kernels` finds this folder (the import name of HF's `kernels` package, which
+    transformers imports to probe for it). Without triton that import raised ModuleNotFoundError and took
+    `import transformers.modeling_utils` down with it (the OpenRLHF venv has no triton): it must import, empty."""
+    probe = (
+        "import sys; sys.modules['triton'] = None\n"  # as where triton is not installed
+        "import kernels\n"
+        "assert kernels.__all__ == [] and not hasattr(kernels, '__version__'), dir(kernels)\n"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
