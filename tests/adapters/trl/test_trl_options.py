@@ -84,6 +84,17 @@ def test_log_z_dtype_none_from_the_command_line(adapter, spelling):
     assert args.flowrl_log_z_head.lr == 0.01 and args.flowrl_log_z_head.zero_init is True
 
 
+@pytest.mark.parametrize("spelling", ["none", "None"])
+def test_log_z_lr_none_from_the_command_line(adapter, spelling):
+    """``--flowrl_log_z_lr none`` is the default (the head shares the policy's learning rate), not a parse error."""
+    from trl import TrlParser
+
+    (args,) = TrlParser((adapter.FlowRLConfig,)).parse_args_and_config(
+        ["--output_dir", os.devnull, "--use_cpu", "true", "--report_to", "none", "--flowrl_log_z_lr", spelling]
+    )
+    assert args.flowrl_log_z_lr is None and args.flowrl_log_z_head.lr is None
+
+
 @pytest.mark.parametrize("dtype,policy_dtype,expected", [("float64", torch.float32, torch.float64),
                                                          (None, torch.bfloat16, torch.bfloat16),
                                                          ("float32", torch.bfloat16, torch.float32)])
