@@ -9,23 +9,12 @@ apart through their position ids, so each log Z is checked against the sequence 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from framework_required import require_framework
 
-
-def _require_framework(module: str):
-    path = Path(__file__).parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_adapters_conftest", path)
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
-    return helpers.require_framework(module)
-
-
-_require_framework("verl")
-_require_framework("transformers")
+require_framework("verl")
+require_framework("transformers")
 
 import verl.workers.engine.fsdp.transformer_impl as transformer_impl  # noqa: E402
 from test_verl_loss import _actor_config, _batch, _micro_batch  # noqa: E402

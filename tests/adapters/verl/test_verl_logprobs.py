@@ -10,24 +10,13 @@ weights after the steps, with temperature != 1, an lm_head bias, tied embeddings
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from framework_required import require_framework
 
-
-def _require_framework(module: str):
-    path = Path(__file__).parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_adapters_conftest", path)
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
-    return helpers.require_framework(module)
-
-
-_require_framework("verl")
-_require_framework("transformers")
-_require_framework("peft")
+require_framework("verl")
+require_framework("transformers")
+require_framework("peft")
 
 from test_verl_loss import _actor_config  # noqa: E402
 from verl_engines import (  # noqa: E402

@@ -8,23 +8,13 @@ reproduces the whole-batch gradient; the registered policy-loss name resolves th
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from framework_required import require_framework
 
-
-def _require_framework(module: str):
-    path = Path(__file__).parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_adapters_conftest", path)
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
-    return helpers.require_framework(module)
-
-
-_require_framework("verl")
+require_framework("verl")
 
 from tensordict import TensorDict  # noqa: E402
 from verl.trainer.ppo.core_algos import get_policy_loss_fn  # noqa: E402
