@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -239,6 +240,27 @@ def test_sweep_script_writes_a_small_csv(tmp_path):
     assert all(float(r["max_abs_err"]) < 1e-5 for r in rows if r["status"] == "ok")
     assert (tmp_path / "t.csv").stat().st_size < 4096
     assert json.loads((tmp_path / "t.json").read_text())["schema"] == "flowloss-bench/1"
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads Linux's /proc/self peak RSS")
+def test_first_call_rss_script_measures_both_ops_both_ways():
+    """benchmarks/first_call_rss.py: four rows (fwd, fwd+bwd x naive, flowloss); at 2,048 x 4,096 fp32 (32 MiB of
+    logits) naive's fwd+bwd keeps >= 2 logits-sized fp32 buffers alive, flowloss's only the gradient."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "first_call_rss.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--n", "2048", "--v", "4096", "--reps", "1", "--warm-small"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    row = r"^\s+(fwd\+bwd|fwd)\s+(naive|flowloss)\s.*?RSS\s+([\d.]+) MiB \(([\d.]+)x logits"
+    rows = re.findall(row, proc.stdout, re.M)
+    assert [(op, impl) for op, impl, *_ in rows] == [
+        ("fwd", "naive"), ("fwd", "flowloss"), ("fwd+bwd", "naive"), ("fwd+bwd", "flowloss")
+    ], proc.stdout
+    peak = {(op, impl): float(x) for op, impl, _, x in rows}
+    assert peak[("fwd+bwd", "naive")] >= 1.9 and peak[("fwd+bwd", "flowloss")] < 1.5, proc.stdout
 
 
 def test_impl_subset_leaves_out_ops_without_a_chosen_implementation(tmp_path):
