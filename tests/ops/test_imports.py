@@ -7,9 +7,12 @@ a reader and a tool must follow): an edge ``a -> b`` when module ``a`` imports `
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"flowloss.ops": ROOT / "src" / "flowloss" / "ops", "flowloss.kernels": ROOT / "kernels"}
@@ -107,3 +110,41 @@ def test_the_kernels_folder_does_not_break_a_probe_for_hugging_faces_kernels_pac
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_no_operator_is_a_custom_op_wrapper():
+    """Every ``flowloss::`` operator is defined with `flowloss.ops._define.define_op`: ``torch.library.custom_op``'s
+    wrapper imports ``torch._dynamo`` (Inductor, sympy, triton: ~190 MB) on its first call."""
+    found = []
+    for path in [*sorted((ROOT / "src" / "flowloss").rglob("*.py")), *sorted((ROOT / "kernels").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "custom_op":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == [], found
+
+
+_FIRST_CALLS = r"""
+import sys, torch, flowloss
+import flowloss.kernels.tb_loss as tb
+calls = []
+forward = tb.tb_forward
+tb.tb_forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+logits = torch.randn(4, 7, requires_grad=True)
+flowloss.token_logprobs(logits, torch.tensor([0, 1, 2, 3])).sum().backward()
+lp, lz = torch.randn(3, 5, requires_grad=True), torch.zeros(3, requires_grad=True)
+mask = torch.ones(3, 5, dtype=torch.bool)
+flowloss.trajectory_balance_loss(lp, torch.randn(3, 5), torch.randn(3), lz, mask, impl="triton").backward()
+assert calls == [1], calls  # the fused kernel ran
+assert lp.grad is not None and lz.grad is not None
+print("dynamo" if "torch._dynamo" in sys.modules else "no dynamo")
+"""
+
+
+def test_first_calls_of_the_operators_do_not_import_dynamo():
+    """The log-prob op (CPU) and the fused loss op (under Triton's interpreter) forward + backward, in a fresh
+    process: ``torch._dynamo`` stays unimported (the fused op's custom_op wrapper imported it)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALLS], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "no dynamo", out.stdout

@@ -1,4 +1,4 @@
-"""The per-sequence part of the trajectory-balance loss as one fused custom op (two Triton launches in all).
+"""The per-sequence part of the trajectory-balance loss as one fused operator (two Triton launches in all).
 
 For ``[B, T]`` token log-probs ``logprobs`` (with gradient), ``ref_logprobs``, optional ``old_logprobs`` /
 ``rollout_logprobs``, a bool ``mask [B, T]``, ``rewards [B]`` and ``log_z [B]`` (with gradient), and the
@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from flowloss.ops._define import define_op
 from flowloss.ops.dispatch import interpreter_on, triton_available, unsupported_reason
 from flowloss.options import FlowRLOptions
 from flowloss.reductions import normalizer_value
@@ -74,10 +75,15 @@ def fused_tb_supported(*tensors: Tensor | None) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Custom ops
+# The operators (`flowloss.ops._define.define_op`: no torch.library.custom_op wrapper)
 
 
-@torch.library.custom_op("flowloss::tb_sequence_terms", mutates_args=())
+@define_op(
+    "tb_sequence_terms(Tensor logprobs, Tensor ref_logprobs, Tensor rewards, Tensor log_z, Tensor mask, "
+    "Tensor? old_logprobs, Tensor? rollout_logprobs, str mode, float eps_low, float eps_high, float max_weight, "
+    "float tis_cap, bool token_clip_mask, bool length_normalization, str penalty, float linex_alpha, "
+    "float huber_delta, float beta, SymInt block_t) -> (Tensor, Tensor)"
+)
 def tb_sequence_terms_op(
     logprobs: Tensor,
     ref_logprobs: Tensor,
@@ -125,7 +131,7 @@ def tb_sequence_terms_op(
     )
 
 
-@tb_sequence_terms_op.register_fake
+@torch.library.register_fake("flowloss::tb_sequence_terms")
 def _(logprobs, ref_logprobs, rewards, log_z, mask, old_logprobs, rollout_logprobs, mode, eps_low, eps_high,
       max_weight, tis_cap, token_clip_mask, length_normalization, penalty, linex_alpha, huber_delta, beta, block_t):
     n = logprobs.shape[0]
@@ -135,7 +141,11 @@ def _(logprobs, ref_logprobs, rewards, log_z, mask, old_logprobs, rollout_logpro
     )
 
 
-@torch.library.custom_op("flowloss::tb_sequence_terms_backward", mutates_args=())
+@define_op(
+    "tb_sequence_terms_backward(Tensor grad_per_sequence, Tensor stats, Tensor logprobs, Tensor mask, "
+    "Tensor rewards, Tensor? old_logprobs, Tensor log_z, float eps_low, float eps_high, bool token_clip_mask, "
+    "bool length_normalization, bool need_logprobs, bool need_log_z, SymInt block_t) -> (Tensor, Tensor)"
+)
 def tb_sequence_terms_backward_op(
     grad_per_sequence: Tensor,
     stats: Tensor,
@@ -173,7 +183,7 @@ def tb_sequence_terms_backward_op(
     )
 
 
-@tb_sequence_terms_backward_op.register_fake
+@torch.library.register_fake("flowloss::tb_sequence_terms_backward")
 def _(grad_per_sequence, stats, logprobs, mask, rewards, old_logprobs, log_z, eps_low, eps_high, token_clip_mask,
       length_normalization, need_logprobs, need_log_z, block_t):
     return (
@@ -212,7 +222,7 @@ def _backward(ctx, grad_per_sequence, _grad_stats):
     return (dlp if need_logprobs else None, None, None, dz if need_log_z else None, *nones)
 
 
-tb_sequence_terms_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("flowloss::tb_sequence_terms", _backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -248,7 +258,7 @@ def fused_tb_sequence_terms(
         `TBSequenceTerms`: ``per_sequence [B]`` fp32 (gradient to ``logprobs`` and ``log_z``) and detached
         ``[B]`` diagnostics, all computed by the same forward launch.
     """
-    o = options  # a custom op takes plain values: the options are unpacked here, once
+    o = options  # an operator takes plain values: the options are unpacked here, once
     per_sequence, stats = tb_sequence_terms_op(
         logprobs, ref_logprobs, rewards, log_z, mask, old_logprobs, rollout_logprobs, mode, o.eps_low, o.eps_high,
         o.max_weight, o.tis_cap, o.token_clip_mask, o.length_normalization, o.penalty, o.linex_alpha, o.huber_delta,

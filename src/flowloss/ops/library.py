@@ -13,11 +13,9 @@ op                                     computes
 ``linear_logprobs_backward``           ``(d hidden, d weight, d bias)`` (empty where not needed)
 =====================================  =========================================================================
 
-The ops are defined with ``torch.library.define`` and registered for every backend
-(``CompositeExplicitAutograd``), with a fake (meta) implementation and ``register_autograd``: the same operator
-Dynamo and the dispatcher see as with ``torch.library.custom_op``, without its wrapper, whose first call imports
-``torch._dynamo`` (and with it Inductor, sympy and triton: ~190 MB of resident memory and seconds on the first
-call of an eager CPU run).
+The ops are defined with `flowloss.ops._define.define_op` (``torch.library.define``, registered for every backend)
+with a fake (meta) implementation and ``register_autograd``: the operator Dynamo and the dispatcher see with
+``torch.library.custom_op``, without the cost of its first call (see there).
 
 Labels reach the ops already resolved: ``[N]`` int64, negative = skipped row (ignored, masked, or out of the
 vocabulary: the caller marks those NaN). ``aux`` is what the backward reuses (the Triton path's base-2
@@ -37,6 +35,7 @@ from torch import Tensor
 
 from flowloss.ops import chunked
 from flowloss.ops._block_math import compute_dtype_for
+from flowloss.ops._define import define_op
 
 
 def triton_module(kind: str = "logits") -> ModuleType:
@@ -50,20 +49,6 @@ def triton_module(kind: str = "logits") -> ModuleType:
     return triton_linear
 
 
-def _define(schema: str):
-    """Decorator: define the operator ``flowloss::<schema>`` and make the function its kernel on every backend;
-    returns the ``OpOverload`` (called like the function)."""
-    name, args = schema.split("(", 1)
-    qualname = f"flowloss::{name}"
-
-    def register(fn):
-        torch.library.define(qualname, "(" + args)
-        torch.library.impl(qualname, "CompositeExplicitAutograd")(fn)
-        return getattr(torch.ops.flowloss, name).default
-
-    return register
-
-
 def _out_dtype(dtype: torch.dtype, impl: str) -> torch.dtype:
     return torch.float32 if impl == "triton" else compute_dtype_for(dtype)
 
@@ -72,7 +57,7 @@ def _out_dtype(dtype: torch.dtype, impl: str) -> torch.dtype:
 # Logits path
 
 
-@_define(
+@define_op(
     "token_logprobs(Tensor logits, Tensor labels, float temperature, bool return_entropy, str impl, "
     "SymInt chunk_rows, SymInt vocab_size, SymInt block_v, bool inplace_backward) -> (Tensor, Tensor, Tensor)"
 )
@@ -124,7 +109,7 @@ def _logits_backward_into(logits, labels, entropy, aux, grad_logp, grad_entropy,
     )
 
 
-@_define(
+@define_op(
     "token_logprobs_backward(Tensor logits, Tensor labels, Tensor entropy, Tensor aux, Tensor? grad_logp, "
     "Tensor? grad_entropy, float temperature, str impl, SymInt chunk_rows, SymInt vocab_size, SymInt block_v) "
     "-> Tensor"
@@ -152,7 +137,7 @@ def _(logits, labels, entropy, aux, grad_logp, grad_entropy, temperature, impl, 
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-@_define(
+@define_op(
     "token_logprobs_backward_(Tensor(a0!) logits, Tensor labels, Tensor entropy, Tensor aux, Tensor? grad_logp, "
     "Tensor? grad_entropy, float temperature, str impl, SymInt chunk_rows, SymInt vocab_size, SymInt block_v) -> ()"
 )
@@ -238,7 +223,7 @@ torch.library.register_autograd("flowloss::token_logprobs", _logits_backward, se
 # lm_head path
 
 
-@_define(
+@define_op(
     "linear_logprobs(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature, "
     "bool return_entropy, str impl, SymInt chunk_rows) -> (Tensor, Tensor, Tensor)"
 )
@@ -274,7 +259,7 @@ def _(hidden, weight, bias, labels, temperature, return_entropy, impl, chunk_row
     )
 
 
-@_define(
+@define_op(
     "linear_logprobs_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor entropy, "
     "Tensor aux, Tensor? grad_logp, Tensor? grad_entropy, float temperature, str impl, SymInt chunk_rows, "
     "bool need_hidden, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)"
