@@ -62,6 +62,7 @@ __all__ = [
     "log_z_head_detached",
     "log_z_param_groups",
     "save_log_z_head",
+    "split_log_z_head_groups",
     "split_log_z_head_state",
     "unwrap_model",
     "without_log_z_head",
@@ -495,18 +496,42 @@ def log_z_param_groups(
     larger rate helps when log Z must travel far (raw rewards: the optimum is near ``beta * E[r]``); see
     ``docs/math.md``.
     """
-    head_ids = {id(p) for p in find_log_z_head(model).parameters()}
+    find_log_z_head(model)  # attached, whatever the rate
     trainable = [p for p in model.parameters() if p.requires_grad]
     if log_z_lr is None:
         return [{"params": trainable, **group_options}]
     if isinstance(log_z_lr, bool) or not isinstance(log_z_lr, (int, float)) or not math.isfinite(log_z_lr) \
             or log_z_lr <= 0:
         raise ValueError(f"`log_z_lr` must be None or a finite number > 0, got {log_z_lr!r}")
-    rest = [p for p in trainable if id(p) not in head_ids]
-    head = [p for p in trainable if id(p) in head_ids]
-    if not head:
+    rest, head = split_log_z_head_groups([{"params": trainable, **group_options}], model, log_z_lr)
+    return rest + head
+
+
+def split_log_z_head_groups(
+    groups: Sequence[Mapping[str, Any]], model: nn.Module, log_z_lr: float | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Optimizer groups split around the attached log-Z head's trainable parameters: ``(rest, head)``.
+
+    Each group ``{"params": ps, **options}`` gives, in order, ``{"params": ps without the head's, **options}`` in
+    ``rest`` (possibly empty) and, when ``ps`` holds head parameters, ``{"params": those, **options, "lr":
+    log_z_lr}`` in ``head`` (``log_z_lr=None``: the group's own rate; an LR scheduler's ``initial_lr`` is not
+    copied). Raises when the head has no trainable parameter (nothing to put in a group of its own).
+    """
+    head_ids = {id(p) for p in find_log_z_head(model).parameters() if p.requires_grad}
+    if not head_ids:
         raise ValueError("the log-Z head has no trainable parameter: nothing to put in its own group")
-    return [{"params": rest, **group_options}, {"params": head, **group_options, "lr": float(log_z_lr)}]
+    lr = {} if log_z_lr is None else {"lr": float(log_z_lr)}
+    rest: list[dict[str, Any]] = []
+    head: list[dict[str, Any]] = []
+    for group in groups:
+        params = list(group["params"])
+        options = {k: v for k, v in group.items() if k != "params"}
+        rest.append({**options, "params": [p for p in params if id(p) not in head_ids]})
+        mine = [p for p in params if id(p) in head_ids]
+        if mine:
+            options.pop("initial_lr", None)
+            head.append({**options, "params": mine, **lr})
+    return rest, head
 
 
 def find_log_z_head(model: nn.Module) -> LogZHead:

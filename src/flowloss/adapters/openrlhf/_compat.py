@@ -30,7 +30,12 @@ from typing import Any
 
 from torch import nn
 
-from flowloss.adapters.common import attach_log_z_head, find_log_z_head, log_z_head_detached
+from flowloss.adapters.common import (
+    attach_log_z_head,
+    find_log_z_head,
+    log_z_head_detached,
+    split_log_z_head_groups,
+)
 
 __all__ = [
     "GPU_ONLY_PACKAGES",
@@ -197,25 +202,15 @@ def split_log_z_param_groups(groups: list[Any], model: nn.Module, log_z_lr: floa
 
     Each group ``{"params": ps, **options}`` becomes ``{"params": ps without the head, **options}`` plus, when it
     held head parameters, ``{"params": those, **options, "lr": log_z_lr}`` (so OpenRLHF's weight-decay split is
-    kept for the head too). A plain list of parameters is one group. Empty groups are left out.
+    kept for the head too: `flowloss.adapters.common.split_log_z_head_groups`). A plain list of parameters is one
+    group. Empty groups are left out.
     """
-    head = {id(p) for p in find_log_z_head(model).parameters()}
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": list(groups)}]
-    out: list[dict[str, Any]] = []
-    moved: list[dict[str, Any]] = []
-    for group in groups:
-        params = list(group["params"])
-        options = {k: v for k, v in group.items() if k != "params"}
-        rest = [p for p in params if id(p) not in head]
-        mine = [p for p in params if id(p) in head]
-        if rest:
-            out.append({"params": rest, **options})
-        if mine:
-            moved.append({"params": mine, **options, "lr": float(log_z_lr)})
+    rest, moved = split_log_z_head_groups(groups, model, log_z_lr)
     if not moved:
         raise ValueError("the log-Z head's parameters are in none of OpenRLHF's optimizer groups (are they frozen?)")
-    return out + moved
+    return [group for group in rest if group["params"]] + moved
 
 
 @contextlib.contextmanager

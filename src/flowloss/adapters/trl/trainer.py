@@ -21,8 +21,8 @@ from flowloss.adapters.common import (
     attach_log_z_head,
     global_normalizer,
     load_log_z_head,
-    log_z_param_groups,
     save_log_z_head,
+    split_log_z_head_groups,
     split_log_z_head_state,
     unwrap_model,
 )
@@ -54,21 +54,15 @@ def _give_head_its_own_group(optimizer: torch.optim.Optimizer, model: nn.Module,
     """Move the log-Z head's parameters out of ``optimizer``'s groups into groups of their own at ``lr``.
 
     Each group that held head parameters gives them to a new group with the same options (weight decay, betas,
-    ...) and ``lr``; the head's parameters are those of `flowloss.adapters.common.log_z_param_groups`. A head that
-    is in no group yet (an optimizer built before the head existed) gets one group with the optimizer's defaults.
+    ...) and ``lr`` (`flowloss.adapters.common.split_log_z_head_groups`). A head that is in no group yet (an
+    optimizer built before the head existed) gets one group with the optimizer's defaults.
     """
-    head = log_z_param_groups(model, lr if lr is not None else 1.0)[1]["params"]
-    head_ids = {id(p) for p in head}
-    new_groups = []
-    for group in optimizer.param_groups:
-        moved = [p for p in group["params"] if id(p) in head_ids]
-        if moved:
-            group["params"] = [p for p in group["params"] if id(p) not in head_ids]
-            options = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
-            new_groups.append({**options, "params": moved, **({"lr": lr} if lr is not None else {})})
-    if not new_groups:
-        new_groups.append({"params": head, **({"lr": lr} if lr is not None else {})})
-    for group in new_groups:
+    rest, head = split_log_z_head_groups(optimizer.param_groups, model, lr)
+    for group, kept in zip(optimizer.param_groups, rest):
+        group["params"] = kept["params"]
+    if not head:  # the head's trainable parameters, split off a group of every parameter without options
+        head = split_log_z_head_groups([{"params": model.parameters()}], model, lr)[1]
+    for group in head:
         optimizer.add_param_group(group)
 
 
